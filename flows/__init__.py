@@ -1,0 +1,1 @@
+"""tapeline orchestration: Prefect tasks, the flow and the CLI."""

@@ -1,0 +1,1 @@
+"""tapeline stages: pure stage logic (no Prefect) for data, model, train, evaluate and export."""

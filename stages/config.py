@@ -1,0 +1,218 @@
+"""Typed pipeline configuration: one frozen pydantic section per stage, defaults in code.
+
+A config comes from the defaults, an optional YAML file and `section.key=value` overrides, in that
+order. Unknown keys and invalid values fail before any work starts, naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.errors import ConfigError
+
+SOURCE_SCHEMES = ("idx:", "tfds:", "parquet:")
+NAMED_SOURCES = ("fashion_mnist", "mnist")
+EXPORT_FORMATS = ("saved_model", "keras", "tflite")
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are split, batched and sharded."""
+
+    source: str = Field(
+        "fashion_mnist",
+        description="fashion_mnist | mnist | idx:DIR | tfds:NAME[:VERSION] | parquet:PATH (file, dir or glob)",
+    )
+    extra: str | None = Field(
+        None, description="directory (or glob) of extra labelled Parquet files appended to the training data"
+    )
+    limit: int | None = Field(None, gt=0, description="cap on training examples (none = all)")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training data held out for early stopping")
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share held out as the test split when the source has no test split"
+    )
+    batch_size: int = Field(32, gt=0, description="global batch size")
+    shuffle_buffer: int = Field(10000, gt=0, description="tf.data shuffle buffer for training")
+    shards: int = Field(4, gt=0, le=1024, description="TFRecord files per split")
+    tfds_data_dir: str | None = Field(None, description="TFDS data_dir for tfds: sources")
+    retries: int = Field(2, ge=0, le=10, description="retries of the data stage (downloads) in the flow")
+    timeout_seconds: float | None = Field(None, gt=0, description="data stage time limit in the flow")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in NAMED_SOURCES or (value.startswith(SOURCE_SCHEMES) and value.split(":", 1)[1]):
+            return value
+        raise ValueError(
+            f"unknown source {value!r}: use one of {', '.join(NAMED_SOURCES)}, "
+            "idx:DIR, tfds:NAME[:VERSION] or parquet:PATH"
+        )
+
+
+class ModelConfig(Section):
+    """The CNN: the tutorial's architecture by default."""
+
+    conv_filters: tuple[int, ...] = Field((32, 64, 64), min_length=1, description="filters of each 3x3 conv layer")
+    dense_units: int = Field(64, gt=0, description="units of the hidden dense layer")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the logits layer")
+    batch_norm: bool = Field(False, description="batch normalization after each conv layer")
+
+    @field_validator("conv_filters")
+    @classmethod
+    def _positive_filters(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(f <= 0 for f in value):
+            raise ValueError("every filter count must be > 0")
+        return value
+
+
+class TrainConfig(Section):
+    """The GradientTape loop, early stopping (Keras semantics), checkpoints and performance switches."""
+
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate")
+    max_epochs: int = Field(100, gt=0, description="upper bound on epochs")
+    monitor: str = Field("val_loss", description="loss | accuracy | val_loss | val_accuracy")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="direction of improvement")
+    min_delta: float = Field(0.0, description="minimum change that counts as an improvement (absolute value)")
+    patience: int = Field(5, gt=0, description="epochs without improvement before stopping")
+    baseline: float | None = Field(None, description="value the monitor must beat")
+    restore_best_weights: bool = Field(True, description="end with the best epoch's weights")
+    start_from_epoch: int = Field(0, ge=0, description="epochs to wait before early stopping starts")
+    checkpoints_to_keep: int = Field(3, gt=0, description="last N epoch checkpoints kept")
+    steps_per_execution: int = Field(32, gt=0, description="training steps per tf.function call")
+    deterministic: bool = Field(False, description="TF op determinism (slower)")
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field("auto", description="tf.distribute strategy")
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field("float32", description="compute precision")
+    jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
+    retries: int = Field(0, ge=0, le=10, description="retries of the train stage in the flow")
+    timeout_seconds: float | None = Field(None, gt=0, description="train stage time limit in the flow")
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, value: str) -> str:
+        allowed = ("loss", "accuracy", "val_loss", "val_accuracy")
+        if value not in allowed:
+            raise ValueError(f"unknown monitor {value!r}: use one of {', '.join(allowed)}")
+        return value
+
+
+class EvalConfig(Section):
+    """Test-split evaluation and its pictures."""
+
+    worst_examples: int = Field(25, ge=0, le=400, description="misclassified test images in the grid")
+    timeout_seconds: float | None = Field(None, gt=0, description="evaluate stage time limit in the flow")
+
+
+class ExportConfig(Section):
+    """Export formats, the verification tolerance and the promotion gate."""
+
+    formats: tuple[Literal["saved_model", "keras", "tflite"], ...] = Field(
+        EXPORT_FORMATS, min_length=1, description="saved_model, keras, tflite"
+    )
+    tolerance: float = Field(1e-4, gt=0, description="max |difference| in probabilities of a reloaded export")
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="test accuracy a model needs to be promoted")
+    promote_min_delta: float = Field(0.0, ge=0, description="margin over the production model needed to promote")
+    lock_timeout_seconds: float = Field(600, gt=0, description="wait for another run's promotion at most this long")
+    timeout_seconds: float | None = Field(None, gt=0, description="export stage time limit in the flow")
+
+
+class PipelineConfig(Section):
+    """The whole pipeline's configuration; also the Prefect flow's one parameter."""
+
+    seed: int = Field(0, ge=0, description="seed for splits, shuffling and initialization")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (example: --set train.max_epochs=3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of a nested dict with each `a.b=value` override set."""
+    result = _deep_copy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with an error naming the file when it is unusable."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def validate_config(tree: dict[str, Any]) -> PipelineConfig:
+    """Validate a nested dict into a PipelineConfig, raising ConfigError naming each bad key."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `key.path: message (got value)`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {message} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the optional YAML file, then `--set` overrides; validated."""
+    tree = read_config_file(path) if path is not None else {}
+    return validate_config(apply_overrides(tree, overrides or []))
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """Every config key as (dotted key, default, description), for `--help`."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in PipelineConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            for key, sub in annotation.model_fields.items():
+                rows.append((f"{name}.{key}", repr(sub.default), sub.description or ""))
+        else:
+            rows.append((name, repr(field.default), field.description or ""))
+    return rows

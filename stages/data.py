@@ -1,0 +1,281 @@
+"""The data stage: source -> split -> sharded uint8 TFRecords + manifest; and the tf.data readers.
+
+Images are stored as raw uint8 bytes (4x smaller than float32) and normalized to float32 in [0, 1]
+inside the batched reader map, which measured faster than storing floats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.cache import cached_build, describe_files, fingerprint, package_versions, read_manifest, require_valid
+from stages.config import DataConfig, PipelineConfig
+from stages.errors import DataSourceError
+from stages.results import DataResult, InputSpec
+from stages.sources import ParquetSource, RawData, Source, resolve_source
+
+CODE_VERSION = "data-1"
+SPLITS = ("train", "validation", "test")
+ENCODING = "uint8"
+log = logging.getLogger("tapeline.data")
+
+
+def data_dir(artifacts: Path, fp: str) -> Path:
+    """Where the data stage output with fingerprint `fp` lives."""
+    return artifacts / "data" / fp
+
+
+def data_sources(config: DataConfig) -> list[Source]:
+    """The main source, then the optional extra Parquet data."""
+    sources = [resolve_source(config.source, config.tfds_data_dir)]
+    if config.extra:
+        sources.append(ParquetSource(config.extra))
+    return sources
+
+
+def data_fingerprint(config: PipelineConfig, sources: list[Source]) -> str:
+    """Hash of the source identities, the data config (minus orchestration knobs), the seed and code version."""
+    return fingerprint({
+        "sources": [s.identity() for s in sources],
+        "config": config.data.model_dump(exclude={"retries", "timeout_seconds", "batch_size", "shuffle_buffer"}),
+        "seed": config.seed,
+        "code": CODE_VERSION,
+    })
+
+
+# ---------------------------------------------------------------- splitting
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) sorted indices; each class gives round(fraction * n) (at least 1 when it has 2+)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        if n == 0 and len(idx) >= 2:
+            n = 1
+        held.append(idx[:n])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    kept_idx = np.setdiff1d(np.arange(len(labels)), held_idx, assume_unique=True)
+    return kept_idx, held_idx
+
+
+def limited(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of at most `limit` of `n` examples."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def merge(parts: list[tuple[np.ndarray | None, np.ndarray | None]], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate (images, labels) pairs of equal image shape."""
+    present = [(x, y) for x, y in parts if x is not None and y is not None and len(y)]
+    shapes = {x.shape[1:] for x, _ in present}
+    if len(shapes) > 1:
+        raise DataSourceError(f"{where}: sources have different image shapes {sorted(shapes)}")
+    return np.concatenate([x for x, _ in present]), np.concatenate([y for _, y in present])
+
+
+def split_arrays(raws: list[RawData], config: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train / validation / test arrays: test from the source (or carved), limit, then a stratified validation."""
+    main = raws[0]
+    train_x, train_y = merge([(r.train_images, r.train_labels) for r in raws], config.source)
+    if main.test_images is None:
+        keep, test = stratified_holdout(train_y, config.test_fraction, seed + 1)
+        test_x, test_y = train_x[test], train_y[test]
+        train_x, train_y = train_x[keep], train_y[keep]
+        extra_test = [(r.test_images, r.test_labels) for r in raws[1:]]
+        test_x, test_y = merge([(test_x, test_y), *extra_test], config.source)
+    else:
+        test_x, test_y = merge([(r.test_images, r.test_labels) for r in raws], config.source)
+    pool = limited(len(train_y), config.limit, seed + 2)
+    train_x, train_y = train_x[pool], train_y[pool]
+    keep, val = stratified_holdout(train_y, config.validation_fraction, seed)
+    if len(val) == 0 or len(keep) == 0:
+        raise DataSourceError(
+            f"{config.source}: {len(train_y)} training examples leave an empty train or validation split; "
+            "provide more data or change data.validation_fraction"
+        )
+    order = np.random.default_rng(seed + 3).permutation(len(keep))
+    return {
+        "train": (train_x[keep][order], train_y[keep][order]),
+        "validation": (train_x[val], train_y[val]),
+        "test": (test_x, test_y),
+    }
+
+
+# ---------------------------------------------------------------- writing
+
+def shard_name(split: str, index: int, shards: int) -> str:
+    """`train-00000-of-00004.tfrecord`."""
+    return f"{split}-{index:05d}-of-{shards:05d}.tfrecord"
+
+
+def serialize_example(image: np.ndarray, label: int) -> bytes:
+    """One image as a tf.train.Example: raw uint8 bytes and an int64 label."""
+    import tensorflow as tf
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    })).SerializeToString()
+
+
+def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, shards: int) -> list[str]:
+    """Write a split as `shards` contiguous TFRecord files; returns their names."""
+    import tensorflow as tf
+
+    count = max(1, min(shards, len(labels)))
+    names = []
+    for index, chunk in enumerate(np.array_split(np.arange(len(labels)), count)):
+        name = shard_name(split, index, count)
+        with tf.io.TFRecordWriter(str(directory / name)) as writer:
+            for i in chunk:
+                writer.write(serialize_example(images[i], labels[i]))
+        names.append(name)
+    return names
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Examples per class."""
+    return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+
+
+def build_data(staging: Path, config: PipelineConfig, sources: list[Source], identity: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load the sources, split, write every split's shards; returns the manifest body."""
+    started = time.perf_counter()
+    raws = [s.load() for s in sources]
+    names = max((r.class_names for r in raws), key=len)
+    loaded = time.perf_counter()
+    splits = split_arrays(raws, config.data, config.seed)
+    shard_files = {split: write_shards(staging, split, x, y, config.data.shards) for split, (x, y) in splits.items()}
+    files = {f["name"]: f for f in describe_files(staging)}
+    shape = tuple(int(d) for d in splits["train"][0].shape[1:])
+    body = {
+        "stage": "data",
+        "code_version": CODE_VERSION,
+        "config": config.data.model_dump(mode="json"),
+        "seed": config.seed,
+        "source": {"spec": config.data.source, "extra": config.data.extra, "identity": identity},
+        "input_spec": {"shape": shape, "class_names": list(names)},
+        "encoding": ENCODING,
+        "normalization": "float32 = uint8 / 255, in the reader after batching",
+        "splits": {
+            split: {
+                "records": len(y),
+                "class_counts": class_counts(y, len(names)),
+                "files": [files[n] for n in shard_files[split]],
+            }
+            for split, (_, y) in splits.items()
+        },
+        "files": list(files.values()),
+        "seconds": {"load": round(loaded - started, 3), "split_and_write": round(time.perf_counter() - loaded, 3)},
+        "versions": package_versions(),
+    }
+    for split, (_, y) in splits.items():
+        log.info("%s: %d records, class counts %s", split, len(y), class_counts(y, len(names)))
+    log.info("wrote %.1f MB of TFRecords in %.2f s", sum(f["bytes"] for f in files.values()) / 1e6,
+             time.perf_counter() - loaded)
+    return body
+
+
+def data_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> DataResult:
+    """A DataResult from a data manifest."""
+    spec = manifest["input_spec"]
+    return DataResult(
+        stage="data", fingerprint=manifest["fingerprint"], path=path, cached=cached, seconds=seconds,
+        input_spec=InputSpec(shape=tuple(spec["shape"]), class_names=tuple(spec["class_names"])),
+        records={s: manifest["splits"][s]["records"] for s in SPLITS},
+    )
+
+
+def run_data(config: PipelineConfig, artifacts: Path, *, verify: bool = False) -> DataResult:
+    """Run the data stage: reuse a valid cached output for this fingerprint or build it."""
+    started = time.perf_counter()
+    sources = data_sources(config.data)
+    identity = [s.identity() for s in sources]
+    fp = data_fingerprint(config, sources)
+    manifest, cached = cached_build(
+        artifacts / "data", fp, lambda staging: build_data(staging, config, sources, identity), verify=verify
+    )
+    seconds = time.perf_counter() - started
+    log.info("data %s %s in %.2f s", fp, "reused from cache" if cached else "built", seconds)
+    return data_result(data_dir(artifacts, fp), manifest, cached, seconds)
+
+
+def find_data(config: PipelineConfig, artifacts: Path, verify: bool = False) -> DataResult:
+    """The cached data output for this config, or an error saying to run the data stage first."""
+    sources = data_sources(config.data)
+    path = data_dir(artifacts, data_fingerprint(config, sources))
+    manifest = require_valid(path, "data", verify)
+    return data_result(path, manifest, True, 0.0)
+
+
+# ---------------------------------------------------------------- reading
+
+def split_files(data_path: Path, split: str) -> list[str]:
+    """The shard paths of a split, in order, from the manifest."""
+    return [str(data_path / f["name"]) for f in read_manifest(data_path)["splits"][split]["files"]]
+
+
+def parse_batch(serialized: Any, shape: tuple[int, int, int], normalize: bool) -> tuple[Any, Any]:
+    """Vectorized parse of a batch of serialized Examples into (images, labels)."""
+    import tensorflow as tf
+
+    features = tf.io.parse_example(serialized, {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    })
+    images = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), (-1, *shape))
+    if normalize:
+        images = tf.cast(images, tf.float32) / 255.0
+    return images, features["label"]
+
+
+def make_dataset(
+    data_path: Path,
+    split: str,
+    batch_size: int,
+    *,
+    training: bool = False,
+    shuffle_buffer: int = 10000,
+    seed: int = 0,
+    epoch: int = 0,
+    normalize: bool = True,
+) -> Any:
+    """A batched tf.data.Dataset of (float32 images in [0, 1], int64 labels) from a split's TFRecords.
+
+    For training the shard order and the shuffle are seeded by (seed, epoch), so a resumed run sees
+    exactly the batches an uninterrupted run would have seen in that epoch.
+    """
+    import tensorflow as tf
+
+    manifest = read_manifest(data_path)
+    shape = tuple(manifest["input_spec"]["shape"])
+    files = split_files(data_path, split)
+    if training:
+        epoch_seed = seed * 100_003 + epoch
+        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=epoch_seed)
+        ds = ds.interleave(
+            tf.data.TFRecordDataset, cycle_length=len(files), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    else:
+        ds = tf.data.TFRecordDataset(files)
+    ds = ds.batch(batch_size).map(lambda s: parse_batch(s, shape, normalize), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def load_split(data_path: Path, split: str, normalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as numpy arrays (uint8 images unless `normalize`), in record order."""
+    batches = list(make_dataset(data_path, split, 4096, normalize=normalize).as_numpy_iterator())
+    if not batches:
+        shape = tuple(read_manifest(data_path)["input_spec"]["shape"])
+        return np.zeros((0, *shape), np.float32 if normalize else np.uint8), np.zeros(0, np.int64)
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])

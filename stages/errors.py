@@ -1,0 +1,39 @@
+"""The project's own error types: each names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class TapelineError(Exception):
+    """Base class of every error tapeline raises on purpose."""
+
+
+class ConfigError(TapelineError):
+    """The configuration is invalid (unknown key, bad value)."""
+
+
+class DataSourceError(TapelineError):
+    """A data source cannot be read: missing, malformed or inconsistent files."""
+
+
+class CacheError(TapelineError):
+    """A cached stage output is missing, incomplete or corrupt."""
+
+
+class MissingUpstreamError(TapelineError):
+    """A stage was asked to run before the stage it depends on."""
+
+
+class TrainingError(TapelineError):
+    """Training cannot continue (for example, a non-finite loss)."""
+
+
+class ExportError(TapelineError):
+    """An exported artifact does not reproduce the trained model."""
+
+
+class PredictError(TapelineError):
+    """An input given to `tapeline predict` cannot be used."""
+
+
+class LockTimeoutError(TapelineError):
+    """Another tapeline process holds a lock for longer than we may wait."""

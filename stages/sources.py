@@ -1,0 +1,428 @@
+"""Data sources: local IDX files, Keras downloads, TFDS and Parquet, read into uint8 arrays.
+
+Every source has a cheap `identity()` (file checksums, or a dataset name and version) used in the
+data fingerprint, and an expensive `load()` that is only called when the cache misses.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from stages.cache import sha256_file
+from stages.errors import DataSourceError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+KNOWN_CLASS_NAMES = {"fashion_mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MAX_CLASSES = 1000
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Images as uint8 [N, H, W, C] and int64 labels; `test_*` is None when the source has no test split."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: tuple[str, ...]
+
+
+class Source(Protocol):
+    """What the data stage needs of a source."""
+
+    def identity(self) -> dict[str, Any]:
+        """A cheap description that changes whenever the data changes."""
+        ...
+
+    def load(self) -> RawData:
+        """Read the whole dataset."""
+        ...
+
+
+def with_channels(images: np.ndarray) -> np.ndarray:
+    """[N, H, W] -> [N, H, W, 1]; [N, H, W, C] unchanged."""
+    return images[..., np.newaxis] if images.ndim == 3 else images
+
+
+def class_names_for(labels: list[np.ndarray], known: tuple[str, ...] | None, where: str) -> tuple[str, ...]:
+    """Class names covering every label: the known names, else "0".."K-1"; rejects bad labels."""
+    present = [lab for lab in labels if lab is not None and lab.size]
+    if not present:
+        raise DataSourceError(f"{where}: no labelled examples")
+    low = min(int(lab.min()) for lab in present)
+    high = max(int(lab.max()) for lab in present)
+    if low < 0 or high >= MAX_CLASSES:
+        raise DataSourceError(f"{where}: label values must be in 0..{MAX_CLASSES - 1}, found {low}..{high}")
+    if known is not None:
+        if high >= len(known):
+            raise DataSourceError(f"{where}: label {high} is out of range for {len(known)} classes")
+        return known
+    return tuple(str(i) for i in range(high + 1))
+
+
+# ---------------------------------------------------------------- IDX
+
+def read_idx_bytes(path: Path) -> bytes:
+    """The decompressed bytes of an IDX file (`.gz` or raw), with errors naming the file."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataSourceError(f"{path}: cannot read ({exc})") from exc
+
+
+def parse_idx(data: bytes, where: str) -> np.ndarray:
+    """Parse an IDX buffer: magic (0, 0, dtype, ndim), big-endian dims, then the values."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES or not 1 <= data[3] <= 4:
+        raise DataSourceError(
+            f"{where}: bad IDX magic number {data[:4].hex() or '(empty)'}; expected 0000 + dtype code + ndim "
+            "(for example 00000803 for uint8 images): is this an MNIST-format IDX file?"
+        )
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataSourceError(f"{where}: truncated IDX header ({len(data)} bytes)")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    # Compare sizes before allocating anything: a lying header must not cost memory.
+    if len(data) - header != expected:
+        raise DataSourceError(
+            f"{where}: header declares dims {dims} ({expected} bytes of data) but the file holds "
+            f"{len(data) - header}; the file is truncated or corrupt: fetch it again"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def find_idx_file(directory: Path, stem: str) -> Path | None:
+    """`stem` or `stem.gz` in `directory` (also the `stem` with '-idx' written as '.idx')."""
+    for name in (stem, f"{stem}.gz", stem.replace("-idx", ".idx"), f"{stem.replace('-idx', '.idx')}.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def idx_paths(directory: Path) -> dict[str, Path]:
+    """The four MNIST-format files in `directory`, or an error listing the missing ones."""
+    if not directory.is_dir():
+        raise DataSourceError(f"idx source {directory} is not a directory")
+    found = {key: find_idx_file(directory, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[k] for k, p in found.items() if p is None]
+    if missing:
+        raise DataSourceError(f"{directory}: missing {', '.join(missing)} (raw or .gz)")
+    return {k: p for k, p in found.items() if p is not None}
+
+
+def load_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, H, W, C] and labels int64 [N] from two IDX files, cross-checked."""
+    images = parse_idx(read_idx_bytes(images_path), str(images_path))
+    labels = parse_idx(read_idx_bytes(labels_path), str(labels_path))
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataSourceError(
+            f"{images_path}: expected uint8 images of 3 or 4 dims, got {images.dtype} with dims {list(images.shape)}"
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataSourceError(f"{labels_path}: expected 1-D integer labels, got dims {list(labels.shape)}")
+    if len(images) != len(labels):
+        raise DataSourceError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+        )
+    return with_channels(images.astype(np.uint8)), labels.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """A directory with the four MNIST-format IDX files."""
+
+    directory: Path
+    known_classes: tuple[str, ...] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """Checksums of the four files."""
+        return {"kind": "idx", "files": {p.name: sha256_file(p) for p in idx_paths(self.directory).values()}}
+
+    def load(self) -> RawData:
+        """Parse the four files."""
+        paths = idx_paths(self.directory)
+        train_x, train_y = load_idx_pair(paths["train_images"], paths["train_labels"])
+        test_x, test_y = load_idx_pair(paths["test_images"], paths["test_labels"])
+        if train_x.shape[1:] != test_x.shape[1:]:
+            raise DataSourceError(
+                f"{self.directory}: train images are {train_x.shape[1:]} but test images are {test_x.shape[1:]}"
+            )
+        names = class_names_for([train_y, test_y], self.known_classes, str(self.directory))
+        return RawData(train_x, train_y, test_x, test_y, names)
+
+
+# ---------------------------------------------------------------- Keras download
+
+@dataclass(frozen=True)
+class KerasSource:
+    """`tf.keras.datasets.<name>.load_data()`, for users who are online."""
+
+    name: str
+
+    def identity(self) -> dict[str, Any]:
+        """The Keras dataset name (its files are fixed upstream)."""
+        return {"kind": "keras", "name": self.name}
+
+    def load(self) -> RawData:
+        """Download (or read Keras's own cache) through tf.keras.datasets."""
+        import tensorflow as tf
+
+        try:
+            (train_x, train_y), (test_x, test_y) = getattr(tf.keras.datasets, self.name).load_data()
+        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+            raise DataSourceError(
+                f"{self.name}: no local copy and the download failed ({type(exc).__name__}: {exc}). Fix either way: "
+                f"put the four IDX files in $TAPELINE_DATA_DIR/{self.name}/"
+                + (" or run `apt-get install dataset-fashion-mnist` (Debian)" if self.name == "fashion_mnist" else "")
+                + ", or connect to the internet so tf.keras.datasets can download it"
+            ) from exc
+        return RawData(
+            with_channels(np.asarray(train_x, np.uint8)), np.asarray(train_y, np.int64).reshape(-1),
+            with_channels(np.asarray(test_x, np.uint8)), np.asarray(test_y, np.int64).reshape(-1),
+            KNOWN_CLASS_NAMES[self.name],
+        )
+
+
+def named_source(name: str) -> Source:
+    """fashion_mnist / mnist: local IDX files when present, else a Keras download."""
+    candidates = []
+    if os.environ.get("TAPELINE_DATA_DIR"):
+        candidates.append(Path(os.environ["TAPELINE_DATA_DIR"]) / name)
+    if name == "fashion_mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    for directory in candidates:
+        if directory.is_dir() and all(find_idx_file(directory, s) for s in IDX_FILES.values()):
+            return IdxSource(directory, KNOWN_CLASS_NAMES[name])
+    return KerasSource(name)
+
+
+# ---------------------------------------------------------------- TFDS
+
+def tfds_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A supervised TFDS split as (images, labels) numpy arrays, read in large batches."""
+    import tensorflow_datasets as tfds
+
+    batches = list(tfds.as_numpy(dataset.batch(4096)))
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+@dataclass(frozen=True)
+class TfdsSource:
+    """A TFDS image-classification dataset with train/test splits: `tfds:NAME[:VERSION]`."""
+
+    spec: str
+    data_dir: str | None = None
+
+    def _name(self) -> str:
+        name, _, version = self.spec.partition(":")
+        return f"{name}:{version}" if version else name
+
+    def identity(self) -> dict[str, Any]:
+        """Dataset name and version, from the builder (no download)."""
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(self._name(), data_dir=self.data_dir)
+        except Exception as exc:  # noqa: BLE001 - TFDS raises many types for unknown names
+            raise DataSourceError(f"tfds:{self.spec}: unknown dataset or version ({exc})") from exc
+        return {"kind": "tfds", "name": builder.name, "version": str(builder.version)}
+
+    def load(self) -> RawData:
+        """tfds.load both splits as numpy arrays."""
+        import tensorflow_datasets as tfds
+
+        try:
+            (train, test), info = tfds.load(
+                self._name(), split=["train", "test"], as_supervised=True, data_dir=self.data_dir, with_info=True
+            )
+            train_x, train_y = tfds_arrays(train)
+            test_x, test_y = tfds_arrays(test)
+        except Exception as exc:  # noqa: BLE001
+            raise DataSourceError(
+                f"tfds:{self.spec}: cannot load ({type(exc).__name__}: {exc}); prepare it with "
+                "`tfds build` online, or set data.tfds_data_dir to where it is prepared"
+            ) from exc
+        if train_x.dtype != np.uint8 or train_x.ndim != 4:
+            raise DataSourceError(f"tfds:{self.spec}: expected uint8 images [N, H, W, C], got {train_x.dtype} {train_x.shape}")
+        label = info.features["label"]
+        known = tuple(label.names) if getattr(label, "names", None) else None
+        names = class_names_for([train_y, test_y], known, f"tfds:{self.spec}")
+        return RawData(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), names)
+
+
+# ---------------------------------------------------------------- Parquet
+
+def parquet_files(pattern: str) -> list[Path]:
+    """Files named by a path: a file, every *.parquet under a directory, or a glob."""
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataSourceError(f"parquet:{pattern}: no Parquet files found (give a file, a directory or a glob)")
+    return files
+
+
+def decode_image_cell(cell: Any, shape: tuple[int, int, int] | None, where: str) -> np.ndarray:
+    """A Parquet image cell (PNG/JPEG bytes or a flat list of uint8) as uint8 [H, W, C]."""
+    if isinstance(cell, bytes | bytearray):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(cell)) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise DataSourceError(f"{where}: image of {img.width}x{img.height} pixels is too large")
+                array = np.asarray(img.convert("L") if img.mode in ("1", "P", "I", "I;16", "F") else img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataSourceError(f"{where}: image bytes cannot be decoded ({exc})") from exc
+        if array.dtype != np.uint8:
+            raise DataSourceError(f"{where}: image is {array.dtype}, expected 8-bit pixels")
+        return with_channels(array[np.newaxis])[0]
+    if isinstance(cell, list | np.ndarray):
+        values = np.asarray(cell)
+        if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 255)):
+            raise DataSourceError(f"{where}: image list must hold integers in 0..255")
+        if shape is None:
+            side = math.isqrt(values.size)
+            if side * side != values.size or side == 0:
+                raise DataSourceError(
+                    f"{where}: a list of {values.size} pixels is not square; add height/width/channels columns"
+                )
+            shape = (side, side, 1)
+        if math.prod(shape) != values.size:
+            raise DataSourceError(f"{where}: {values.size} pixels do not fill shape {list(shape)}")
+        return values.astype(np.uint8).reshape(shape)
+    raise DataSourceError(f"{where}: column 'image' must hold PNG bytes or a list of uint8, got {type(cell).__name__}")
+
+
+def row_shape(table: Any, row: int) -> tuple[int, int, int] | None:
+    """(height, width, channels) from optional columns, or None."""
+    names = table.column_names
+    if "height" not in names or "width" not in names:
+        return None
+    channels = table.column("channels")[row].as_py() if "channels" in names else 1
+    return (table.column("height")[row].as_py(), table.column("width")[row].as_py(), channels)
+
+
+def read_parquet_file(path: Path) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Images, labels and split names ("train" when absent) of one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataSourceError(f"{path}: not a readable Parquet file ({exc})") from exc
+    missing = [c for c in ("image", "label") if c not in table.column_names]
+    if missing:
+        raise DataSourceError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected 'image' (PNG bytes or list of uint8), "
+            "'label' (int) and optionally 'split'"
+        )
+    if not pa.types.is_integer(table.schema.field("label").type):
+        raise DataSourceError(f"{path}: column 'label' must be integers, got {table.schema.field('label').type}")
+    labels = table.column("label").to_pylist()
+    if any(v is None for v in labels):
+        raise DataSourceError(f"{path}: column 'label' has missing values")
+    splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * len(labels)
+    bad = sorted({s for s in splits if s not in ("train", "test")}, key=str)
+    if bad:
+        raise DataSourceError(f"{path}: column 'split' must be 'train' or 'test', found {bad}")
+    images = [
+        decode_image_cell(cell, row_shape(table, i), f"{path} row {i}")
+        for i, cell in enumerate(table.column("image").to_pylist())
+    ]
+    return images, labels, splits
+
+
+def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
+    """Stack equally sized images, naming the first that differs."""
+    if not images:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    first = images[0].shape
+    for i, img in enumerate(images):
+        if img.shape != first:
+            raise DataSourceError(f"{where}: mixed image sizes: image {i} is {list(img.shape)}, the first is {list(first)}")
+    return np.stack(images)
+
+
+def load_parquet(files: list[Path], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) from Parquet files."""
+    parts = {"train": ([], []), "test": ([], [])}
+    for path in files:
+        images, labels, splits = read_parquet_file(path)
+        for img, lab, split in zip(images, labels, splits, strict=True):
+            parts[split][0].append(img)
+            parts[split][1].append(lab)
+    train_x = stack_images(parts["train"][0], where)
+    test_x = stack_images(parts["test"][0], where)
+    if len(parts["train"][0]) and len(parts["test"][0]) and train_x.shape[1:] != test_x.shape[1:]:
+        raise DataSourceError(f"{where}: train images are {train_x.shape[1:]}, test images {test_x.shape[1:]}")
+    return train_x, np.asarray(parts["train"][1], np.int64), test_x, np.asarray(parts["test"][1], np.int64)
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    """Labelled images in Parquet: `image`, `label`, optional `split` (train/test)."""
+
+    pattern: str
+
+    def identity(self) -> dict[str, Any]:
+        """Checksums of every matched file."""
+        return {"kind": "parquet", "files": {str(p): sha256_file(p) for p in parquet_files(self.pattern)}}
+
+    def load(self) -> RawData:
+        """Read and decode every row."""
+        train_x, train_y, test_x, test_y = load_parquet(parquet_files(self.pattern), f"parquet:{self.pattern}")
+        if not len(train_y):
+            raise DataSourceError(f"parquet:{self.pattern}: no training rows")
+        names = class_names_for([train_y, test_y], None, f"parquet:{self.pattern}")
+        has_test = len(test_y) > 0
+        return RawData(train_x, train_y, test_x if has_test else None, test_y if has_test else None, names)
+
+
+def resolve_source(source: str, tfds_data_dir: str | None = None) -> Source:
+    """The Source object for a `data.source` string."""
+    scheme, _, rest = source.partition(":")
+    if source in KNOWN_CLASS_NAMES:
+        return named_source(source)
+    if scheme == "idx":
+        path = Path(rest).expanduser()
+        if not path.is_dir():
+            raise DataSourceError(f"data.source idx:{rest}: directory does not exist")
+        return IdxSource(path)
+    if scheme == "tfds":
+        return TfdsSource(rest, tfds_data_dir)
+    if scheme == "parquet":
+        parquet_files(rest)
+        return ParquetSource(rest)
+    raise DataSourceError(f"data.source {source!r}: unknown source (fashion_mnist, mnist, idx:, tfds:, parquet:)")

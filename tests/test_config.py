@@ -1,0 +1,84 @@
+"""Config: defaults, YAML file, --set overrides, and named errors for bad keys and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.config import PipelineConfig, config_keys, load_config
+from stages.errors import ConfigError
+
+
+def test_defaults_match_the_documented_values() -> None:
+    config = load_config()
+    assert config.seed == 0
+    assert config.data.source == "fashion_mnist"
+    assert config.data.limit is None
+    assert config.data.validation_fraction == 0.1
+    assert config.data.batch_size == 32
+    assert config.data.shuffle_buffer == 10000
+    assert config.train.learning_rate == 1e-3
+    assert config.train.patience == 5
+    assert config.train.max_epochs == 100
+    assert config.train.restore_best_weights is True
+    assert config.model.conv_filters == (32, 64, 64)
+    assert config.export.formats == ("saved_model", "keras", "tflite")
+
+
+def test_file_then_overrides_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 4\ntrain:\n  max_epochs: 7\n  patience: 3\n")
+    config = load_config(path, ["train.max_epochs=2", "data.limit=500", "model.conv_filters=[4, 8]"])
+    assert (config.seed, config.train.max_epochs, config.train.patience) == (4, 2, 3)
+    assert config.data.limit == 500
+    assert config.model.conv_filters == (4, 8)
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(Exception, match="frozen"):
+        load_config().train.max_epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_epochs=0", "train.max_epochs: Input should be greater than 0"),
+        ("train.patience=-1", "train.patience: Input should be greater than 0"),
+        ("data.batch_size=0", "data.batch_size: Input should be greater than 0"),
+        ("data.validation_fraction=1.5", "data.validation_fraction: Input should be less than 1"),
+        ("data.validation_fraction=0", "data.validation_fraction: Input should be greater than 0"),
+        ("train.epochs=3", "train.epochs: unknown key"),
+        ("trian.max_epochs=3", "trian: unknown key"),
+        ("train.max_epochs=many", "train.max_epochs: Input should be a valid integer"),
+        ("data.source=s3://bucket", "data.source: Value error, unknown source 's3://bucket'"),
+        ("train.precision=fp8", "train.precision: Input should be"),
+        ("seed=-2", "seed: Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_config(None, ["train.max_epochs"])
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_key_is_listed_for_help() -> None:
+    keys = {k for k, _, _ in config_keys()}
+    assert {"seed", "data.source", "data.limit", "data.shards", "train.patience", "export.min_accuracy"} <= keys
+    sections = {name for name in PipelineConfig.model_fields if name != "seed"}
+    assert sections == {"data", "model", "train", "evaluate", "export"}
+
+
+def test_partial_json_config_validates() -> None:
+    config = PipelineConfig.model_validate({"train": {"max_epochs": 1}})
+    assert config.train.max_epochs == 1 and config.train.patience == 5
