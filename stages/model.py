@@ -1,0 +1,123 @@
+"""The model stage: build the CNN from the config and the data's input spec, save its seeded init."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.cache import cached_build, fingerprint, package_versions, require_valid
+from stages.config import ModelConfig, PipelineConfig
+from stages.errors import ConfigError
+from stages.results import DataResult, InputSpec, ModelResult
+
+CODE_VERSION = "model-1"
+MODEL_FILE = "model.keras"
+WEIGHTS_FILE = "initial.weights.h5"
+log = logging.getLogger("tapeline.model")
+
+
+def build_model(config: ModelConfig, spec: InputSpec) -> Any:
+    """The tutorial's CNN, generalized: 3x3 ReLU convs with 2x2 max-pooling after all but the last,
+    Flatten, a hidden Dense, optional dropout, and float32 logits (also under mixed precision)."""
+    import keras
+
+    check_fits(config, spec)
+    inputs = keras.Input(shape=spec.shape, name="image")
+    x = inputs
+    last = len(config.conv_filters) - 1
+    for i, filters in enumerate(config.conv_filters):
+        if config.batch_norm:
+            x = keras.layers.Conv2D(filters, 3, use_bias=False, name=f"conv{i + 1}")(x)
+            x = keras.layers.BatchNormalization(name=f"bn{i + 1}")(x)
+            x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
+        else:
+            x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{i + 1}")(x)
+        if i < last:
+            x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
+    if config.dropout > 0:
+        x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(spec.num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name="tapeline_cnn")
+
+
+def check_fits(config: ModelConfig, spec: InputSpec) -> None:
+    """Reject a conv stack that shrinks the image below one pixel, naming the key to change."""
+    side = min(spec.shape[:2])
+    last = len(config.conv_filters) - 1
+    for i in range(len(config.conv_filters)):
+        side -= 2
+        if side < 1:
+            raise ConfigError(
+                f"model.conv_filters: {len(config.conv_filters)} conv layers do not fit {spec.shape[0]}x"
+                f"{spec.shape[1]} images; use fewer layers"
+            )
+        if i < last:
+            side //= 2
+
+
+def model_summary(model: Any) -> dict[str, Any]:
+    """Parameter count and a layer table."""
+    return {
+        "parameters": int(model.count_params()),
+        "layers": [
+            {"name": layer.name, "type": type(layer).__name__, "output_shape": list(layer.output.shape[1:]),
+             "parameters": int(layer.count_params())}
+            for layer in model.layers
+        ],
+    }
+
+
+def model_fingerprint(config: PipelineConfig, data: DataResult) -> str:
+    """Model config + input spec + seed + code version."""
+    return fingerprint({
+        "model": config.model.model_dump(mode="json"), "input_spec": data.input_spec.model_dump(mode="json"),
+        "seed": config.seed, "code": CODE_VERSION,
+    })
+
+
+def build_model_dir(staging: Path, config: PipelineConfig, data: DataResult) -> dict[str, Any]:
+    """Build the seeded model and save it, its initial weights and its summary."""
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.model, data.input_spec)
+    model.save(staging / MODEL_FILE)
+    model.save_weights(staging / WEIGHTS_FILE)
+    summary = model_summary(model)
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    (staging / "summary.txt").write_text("\n".join(lines) + "\n")
+    log.info("built %s with %d parameters", model.name, summary["parameters"])
+    return {
+        "stage": "model", "code_version": CODE_VERSION, "config": config.model.model_dump(mode="json"),
+        "seed": config.seed, "input_spec": data.input_spec.model_dump(mode="json"),
+        "upstream": {"data": data.fingerprint}, "parameters": summary["parameters"], "versions": package_versions(),
+    }
+
+
+def model_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> ModelResult:
+    """A ModelResult from a model manifest."""
+    return ModelResult(stage="model", fingerprint=manifest["fingerprint"], path=path, cached=cached,
+                       seconds=seconds, parameters=manifest["parameters"])
+
+
+def run_model(config: PipelineConfig, data: DataResult, artifacts: Path, *, verify: bool = False) -> ModelResult:
+    """Run the model stage: reuse the cached initialization for this fingerprint or build it."""
+    started = time.perf_counter()
+    fp = model_fingerprint(config, data)
+    manifest, cached = cached_build(
+        artifacts / "model", fp, lambda staging: build_model_dir(staging, config, data), verify=verify
+    )
+    return model_result(artifacts / "model" / fp, manifest, cached, time.perf_counter() - started)
+
+
+def find_model(config: PipelineConfig, data: DataResult, artifacts: Path, verify: bool = False) -> ModelResult:
+    """The cached model output for this config, or an error saying to run the model stage first."""
+    path = artifacts / "model" / model_fingerprint(config, data)
+    return model_result(path, require_valid(path, "model", verify), True, 0.0)

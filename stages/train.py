@@ -1,0 +1,491 @@
+"""The train stage: the tutorial's GradientTape loop, made correct, resumable, distributed and observable.
+
+Shape of the tutorial (tape inside, gradient and update outside), with its fixes: the loss metric uses
+`from_logits=True`; early stopping watches the validation split with Keras's exact semantics; step
+functions come from a factory (no globals) and run several steps per `tf.function` call; every epoch
+checkpoints model, optimizer, epoch, early-stopping state, history and RNG state so a killed run
+resumes and ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.cache import cached_build, fingerprint, package_versions, require_valid
+from stages.config import PipelineConfig, TrainConfig
+from stages.data import make_dataset
+from stages.early_stopping import EarlyStopping
+from stages.errors import TrainingError
+from stages.model import WEIGHTS_FILE, build_model
+from stages.results import DataResult, ModelResult, TrainResult
+
+CODE_VERSION = "train-1"
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
+                   "images_per_second")
+log = logging.getLogger("tapeline.train")
+EpochCallback = Callable[[dict[str, float], int], None]
+
+
+# ---------------------------------------------------------------- metrics and step functions
+
+class EpochMetrics:
+    """Loss (mean per-example cross-entropy from logits) and accuracy over an epoch.
+
+    Keras-like `update_state` / `result` / `reset_state`, fed with sums already reduced across
+    replicas, so it behaves the same under every tf.distribute strategy.
+    """
+
+    def __init__(self, name: str) -> None:
+        import tensorflow as tf
+
+        self.name = name
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"{name}_loss_sum")
+        self.correct = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"{name}_correct")
+        self.count = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"{name}_count")
+
+    def update_state(self, loss_sum: Any, correct: Any, count: Any) -> None:
+        """Add a batch's summed loss, correct predictions and example count."""
+        import tensorflow as tf
+
+        self.loss_sum.assign_add(tf.cast(loss_sum, tf.float64))
+        self.correct.assign_add(tf.cast(correct, tf.float64))
+        self.count.assign_add(tf.cast(count, tf.float64))
+
+    def result(self) -> tuple[float, float]:
+        """(mean loss, accuracy) so far."""
+        count = max(float(self.count.numpy()), 1.0)
+        return float(self.loss_sum.numpy()) / count, float(self.correct.numpy()) / count
+
+    def reset_state(self) -> None:
+        """Zero the sums for a new epoch."""
+        for variable in (self.loss_sum, self.correct, self.count):
+            variable.assign(0.0)
+
+
+@dataclass
+class StepFunctions:
+    """Compiled multi-step functions: each runs `steps` batches from an iterator in one call."""
+
+    train: Any
+    evaluate: Any
+    nonfinite_step: Any
+
+
+def batch_statistics(per_example_loss: Any, logits: Any, labels: Any) -> tuple[Any, Any, Any]:
+    """(summed loss, correct predictions, examples) of one batch on one replica."""
+    import tensorflow as tf
+
+    predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+    return (
+        tf.reduce_sum(per_example_loss),
+        tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32)),
+        tf.cast(tf.size(labels), tf.float32),
+    )
+
+
+def make_step_functions(
+    model: Any,
+    optimizer: Any,
+    loss_fn: Any,
+    train_metrics: EpochMetrics,
+    val_metrics: EpochMetrics,
+    strategy: Any,
+    *,
+    jit_compile: bool = False,
+) -> StepFunctions:
+    """Build the train and evaluate functions for this model, optimizer, loss and metrics.
+
+    `loss_fn` must return per-example losses (reduction=None); the step averages them over the
+    global batch. Batch shapes are left unknown, so the last partial batch does not retrace.
+    """
+    import keras
+    import tensorflow as tf
+
+    nonfinite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="nonfinite_step")
+    scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    @tf.function(jit_compile=jit_compile)
+    def replica_train_step(images: Any, labels: Any) -> tuple[Any, Any, Any]:
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            per_example = loss_fn(labels, logits)
+            loss = tf.nn.compute_average_loss(per_example)
+            scaled = optimizer.scale_loss(loss) if scales_loss else loss
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return batch_statistics(per_example, logits, labels)
+
+    def replica_eval_step(images: Any, labels: Any) -> tuple[Any, Any, Any]:
+        logits = tf.cast(model(images, training=False), tf.float32)
+        return batch_statistics(loss_fn(labels, logits), logits, labels)
+
+    def reduced(per_replica: tuple[Any, Any, Any]) -> list[Any]:
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
+
+    @tf.function
+    def train(iterator: Any, steps: Any) -> None:
+        for _ in tf.range(steps):
+            images, labels = next(iterator)
+            loss_sum, correct, count = reduced(strategy.run(replica_train_step, (images, labels)))
+            train_metrics.update_state(loss_sum, correct, count)
+            if not tf.math.is_finite(loss_sum) and nonfinite_step < 0:
+                nonfinite_step.assign(optimizer.iterations)
+
+    @tf.function
+    def evaluate(iterator: Any, steps: Any) -> None:
+        for _ in tf.range(steps):
+            images, labels = next(iterator)
+            val_metrics.update_state(*reduced(strategy.run(replica_eval_step, (images, labels))))
+
+    return StepFunctions(train=train, evaluate=evaluate, nonfinite_step=nonfinite_step)
+
+
+# ---------------------------------------------------------------- environment
+
+def make_strategy(name: str) -> Any:
+    """The tf.distribute strategy for `train.strategy`."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@contextlib.contextmanager
+def precision_policy(name: str) -> Iterator[None]:
+    """Set Keras's global dtype policy for the block, restoring the previous one after."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def make_optimizer(config: TrainConfig) -> Any:
+    """Adam, wrapped for loss scaling under mixed_float16."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def make_early_stopping(config: TrainConfig) -> EarlyStopping:
+    """EarlyStopping from the train config."""
+    return EarlyStopping(
+        monitor=config.monitor, min_delta=config.min_delta, patience=config.patience, mode=config.mode,
+        baseline=config.baseline, restore_best_weights=config.restore_best_weights,
+        start_from_epoch=config.start_from_epoch,
+    )
+
+
+def seed_generator_states(model: Any) -> list[Any]:
+    """The RNG state variables of the model's layers (dropout), which Keras does not checkpoint itself."""
+    return [v.value for v in model.variables if "seed_generator" in v.path]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores besides model and optimizer variables."""
+
+    epoch: int
+    history: list[dict[str, float]]
+    early_stopping: dict[str, Any] | None
+    wall_seconds: float
+
+
+class Checkpointer:
+    """Per-epoch checkpoints of model, optimizer, RNG state, early-stopping state and history."""
+
+    def __init__(self, directory: Path, model: Any, optimizer: Any, keep: int) -> None:
+        import tensorflow as tf
+
+        self.state = tf.Variable("", dtype=tf.string, trainable=False)
+        self.best_weights = [tf.Variable(w, trainable=False) for w in model.get_weights()]
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, state=self.state, best_weights=self.best_weights,
+            rng=seed_generator_states(model),
+        )
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=keep)
+
+    def save(self, state: TrainingState, early_stopping: EarlyStopping) -> str:
+        """Write a checkpoint for the epoch just finished."""
+        if early_stopping.best_weights is not None:
+            for variable, value in zip(self.best_weights, early_stopping.best_weights, strict=True):
+                variable.assign(value)
+        self.state.assign(json.dumps(state.__dict__))
+        return self.manager.save(checkpoint_number=state.epoch)
+
+    def restore_latest(self, early_stopping: EarlyStopping) -> TrainingState | None:
+        """Restore the newest checkpoint into the model, optimizer and `early_stopping`; None if none."""
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return None
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        state = TrainingState(**json.loads(self.state.numpy().decode()))
+        if state.early_stopping is not None:
+            early_stopping.load_state(state.early_stopping, [v.numpy() for v in self.best_weights])
+        log.info("resumed from %s after epoch %d", latest, state.epoch)
+        return state
+
+
+# ---------------------------------------------------------------- the loop
+
+def steps_for(records: int, batch_size: int) -> int:
+    """Batches in an epoch, the last partial one included."""
+    return math.ceil(records / batch_size)
+
+
+def epoch_log_line(row: dict[str, float]) -> str:
+    """One line per epoch, for logs."""
+    return (f"epoch {int(row['epoch'])}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f} "
+            f"({row['seconds']:.1f} s, {row['images_per_second']:.0f} img/s)")
+
+
+def progress_bar(steps: int) -> Any | None:
+    """A Keras progress bar on an interactive terminal, else None (logs get one line per epoch)."""
+    if not sys.stdout.isatty():
+        return None
+    import keras
+
+    return keras.utils.Progbar(steps, unit_name="step")
+
+
+@dataclass
+class Trainer:
+    """The model, optimizer, step functions and checkpointer of one training run."""
+
+    config: PipelineConfig
+    data: DataResult
+    strategy: Any
+    model: Any
+    optimizer: Any
+    steps: StepFunctions
+    train_metrics: EpochMetrics
+    val_metrics: EpochMetrics
+    checkpointer: Checkpointer
+
+    def distributed(self, split: str, epoch: int) -> Any:
+        """An iterator over a split, distributed over the strategy's replicas."""
+        data = self.config.data
+        ds = make_dataset(self.data.path, split, data.batch_size, training=split == "train",
+                          shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch)
+        return iter(self.strategy.experimental_distribute_dataset(ds))
+
+    def check_finite(self, epoch: int) -> None:
+        """Raise TrainingError naming the epoch and step of the first non-finite loss."""
+        step = int(self.steps.nonfinite_step.numpy())
+        if step >= 0:
+            per_epoch = steps_for(self.data.records["train"], self.config.data.batch_size)
+            raise TrainingError(
+                f"non-finite loss at epoch {epoch + 1}, step {step - epoch * per_epoch + 1} "
+                f"(global step {step + 1}); the last good checkpoint is "
+                f"{self.checkpointer.manager.latest_checkpoint or 'none (it failed in the first epoch)'}. "
+                "Lower train.learning_rate, or check the data for corrupt images"
+            )
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        """One pass over the training split, `steps_per_execution` batches per call; (loss, acc, seconds)."""
+        import tensorflow as tf
+
+        total = steps_for(self.data.records["train"], self.config.data.batch_size)
+        chunk = self.config.train.steps_per_execution
+        bar = progress_bar(total)
+        iterator = self.distributed("train", epoch)
+        self.train_metrics.reset_state()
+        started = time.perf_counter()
+        done = 0
+        while done < total:
+            steps = min(chunk, total - done)
+            self.steps.train(iterator, tf.constant(steps, tf.int64))
+            done += steps
+            self.check_finite(epoch)
+            if bar is not None:
+                bar.update(done, values=[("loss", self.train_metrics.result()[0])])
+        loss, accuracy = self.train_metrics.result()
+        return loss, accuracy, time.perf_counter() - started
+
+    def validate(self) -> tuple[float, float]:
+        """(val_loss, val_accuracy) over the whole validation split."""
+        import tensorflow as tf
+
+        self.val_metrics.reset_state()
+        steps = steps_for(self.data.records["validation"], self.config.data.batch_size)
+        self.steps.evaluate(self.distributed("validation", 0), tf.constant(steps, tf.int64))
+        return self.val_metrics.result()
+
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate."""
+        return float(np.asarray(self.optimizer.learning_rate))
+
+
+def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelResult, checkpoints: Path) -> Trainer:
+    """Model (from the model stage's seeded weights), optimizer and step functions under the strategy."""
+    import keras
+
+    strategy = make_strategy(config.train.strategy)
+    with strategy.scope():
+        model = build_model(config.model, data.input_spec)
+        model.load_weights(model_result.path / WEIGHTS_FILE)
+        optimizer = make_optimizer(config.train)
+        optimizer.build(model.trainable_variables)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    train_metrics, val_metrics = EpochMetrics("train"), EpochMetrics("val")
+    steps = make_step_functions(model, optimizer, loss_fn, train_metrics, val_metrics, strategy,
+                                jit_compile=config.train.jit_compile)
+    checkpointer = Checkpointer(checkpoints, model, optimizer, config.train.checkpoints_to_keep)
+    return Trainer(config, data, strategy, model, optimizer, steps, train_metrics, val_metrics, checkpointer)
+
+
+def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
+        on_epoch_end: EpochCallback | None = None) -> TrainingState:
+    """Train from the last checkpoint (or the start) until early stopping or `max_epochs`."""
+    import tensorflow as tf
+
+    config = trainer.config.train
+    early_stopping.on_train_begin()
+    state = trainer.checkpointer.restore_latest(early_stopping) or TrainingState(0, [], None, 0.0)
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+    stopped = bool(state.history) and early_stopping.stopped_epoch > 0
+    epoch = state.epoch
+    while epoch < config.max_epochs and not stopped:
+        loss, accuracy, seconds = trainer.train_epoch(epoch)
+        val_loss, val_accuracy = trainer.validate()
+        row = {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
+               "val_accuracy": val_accuracy, "learning_rate": trainer.learning_rate(), "seconds": seconds,
+               "images_per_second": trainer.data.records["train"] / seconds}
+        stopped = early_stopping.on_epoch_end(epoch, row, trainer.model.get_weights)
+        epoch += 1
+        state = TrainingState(epoch, [*state.history, row], early_stopping.state(), state.wall_seconds + seconds)
+        trainer.checkpointer.save(state, early_stopping)
+        with writer.as_default(step=epoch):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):
+                tf.summary.scalar(key, row[key])
+        writer.flush()
+        log.info(epoch_log_line(row))
+        if on_epoch_end is not None:
+            on_epoch_end(row, config.max_epochs)
+    restore = early_stopping.weights_to_restore()
+    if restore is not None:
+        trainer.model.set_weights(restore)
+    return state
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """history.parquet: one row per epoch with HISTORY_COLUMNS."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {c: [row[c] for row in history] for c in HISTORY_COLUMNS}
+    columns["epoch"] = pa.array(columns["epoch"], pa.int32())
+    pq.write_table(pa.table(columns), path)
+
+
+def best_epoch_summary(state: TrainingState, early_stopping: EarlyStopping, config: TrainConfig) -> dict[str, Any]:
+    """Epochs run, stop and best epochs (1-based) and the best monitored value."""
+    history = state.history
+    best = history[early_stopping.best_epoch] if history else {}
+    return {
+        "epochs_run": len(history),
+        "stopped_early": early_stopping.stopped_epoch > 0,
+        "stopped_epoch": early_stopping.stopped_epoch + 1 if early_stopping.stopped_epoch > 0 else None,
+        "best_epoch": early_stopping.best_epoch + 1,
+        "monitor": config.monitor,
+        "best_value": early_stopping.best,
+        "restored_best_weights": early_stopping.weights_to_restore() is not None,
+        "best_val_accuracy": best.get("val_accuracy", 0.0),
+        "train_seconds": state.wall_seconds,
+    }
+
+
+def build_train_dir(staging: Path, config: PipelineConfig, data: DataResult, model_result: ModelResult,
+                    on_epoch_end: EpochCallback | None) -> dict[str, Any]:
+    """Train (resuming from checkpoints left in `staging`) and save the model, history and summary."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    with precision_policy(config.train.precision):
+        trainer = build_trainer(config, data, model_result, staging / "checkpoints")
+        early_stopping = make_early_stopping(config.train)
+        state = fit(trainer, early_stopping, staging, on_epoch_end)
+        trainer.model.save(staging / "model.keras")
+    write_history(staging / "history.parquet", state.history)
+    summary = best_epoch_summary(state, early_stopping, config.train)
+    (staging / "best.json").write_text(json.dumps(summary, indent=2))
+    log.info("trained %d epochs (%s); best epoch %d, val_accuracy %.4f", summary["epochs_run"],
+             f"stopped early at {summary['stopped_epoch']}" if summary["stopped_early"] else "no early stop",
+             summary["best_epoch"], summary["best_val_accuracy"])
+    return {
+        "stage": "train", "code_version": CODE_VERSION, "config": config.train.model_dump(mode="json"),
+        "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
+        "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
+        "summary": summary, "versions": package_versions(),
+    }
+
+
+def train_fingerprint(config: PipelineConfig, data: DataResult, model_result: ModelResult) -> str:
+    """Data fingerprint + model fingerprint + the train config and batching (minus pure speed knobs)."""
+    return fingerprint({
+        "data": data.fingerprint, "model": model_result.fingerprint, "seed": config.seed, "code": CODE_VERSION,
+        "train": config.train.model_dump(mode="json", exclude={"retries", "timeout_seconds", "steps_per_execution"}),
+        "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
+    })
+
+
+def train_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> TrainResult:
+    """A TrainResult from a train manifest."""
+    summary = manifest["summary"]
+    return TrainResult(
+        stage="train", fingerprint=manifest["fingerprint"], path=path, cached=cached, seconds=seconds,
+        epochs_run=summary["epochs_run"], best_epoch=summary["best_epoch"], stopped_early=summary["stopped_early"],
+        best_val_accuracy=summary["best_val_accuracy"], train_seconds=summary["train_seconds"],
+    )
+
+
+def run_train(config: PipelineConfig, data: DataResult, model_result: ModelResult, artifacts: Path, *,
+              verify: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """Run the train stage: reuse the cached trained model, or train (resuming a killed run)."""
+    started = time.perf_counter()
+    fp = train_fingerprint(config, data, model_result)
+    manifest, cached = cached_build(
+        artifacts / "train", fp,
+        lambda staging: build_train_dir(staging, config, data, model_result, on_epoch_end),
+        verify=verify, resumable=True,
+    )
+    return train_result(artifacts / "train" / fp, manifest, cached, time.perf_counter() - started)
+
+
+def find_train(config: PipelineConfig, data: DataResult, model_result: ModelResult, artifacts: Path,
+               verify: bool = False) -> TrainResult:
+    """The cached train output for this config, or an error saying to run the train stage first."""
+    path = artifacts / "train" / train_fingerprint(config, data, model_result)
+    return train_result(path, require_valid(path, "train", verify), True, 0.0)
