@@ -140,7 +140,7 @@ def make_step_functions(
             loss_sum, correct, count = reduced(strategy.run(replica_train_step, (images, labels)))
             train_metrics.update_state(loss_sum, correct, count)
             if not tf.math.is_finite(loss_sum) and nonfinite_step < 0:
-                nonfinite_step.assign(optimizer.iterations)
+                nonfinite_step.assign(optimizer.iterations - 1)  # already advanced by this step
 
     @tf.function
     def evaluate(iterator: Any, steps: Any) -> None:

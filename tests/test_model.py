@@ -1,0 +1,68 @@
+"""The model stage: the tutorial's CNN from the data's input spec, seeded and saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from stages.config import ModelConfig, load_config
+from stages.data import run_data
+from stages.errors import ConfigError, MissingUpstreamError
+from stages.model import build_model, find_model, run_model
+from stages.results import InputSpec
+from tests.helpers import tiny_config
+
+FASHION = InputSpec(shape=(28, 28, 1), class_names=tuple(str(i) for i in range(10)))
+
+
+def test_default_is_the_tutorial_cnn() -> None:
+    model = build_model(load_config().model, FASHION)
+    kinds = [type(layer).__name__ for layer in model.layers[1:]]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense", "Dense"]
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [32, 64, 64]
+    assert model.count_params() == 93322  # the tutorial model.summary()'s total
+    assert model.output.shape[1:] == (10,)
+    assert model.layers[-1].activation.__name__ == "linear"  # logits
+
+
+def test_colour_images_and_options_build() -> None:
+    spec = InputSpec(shape=(32, 32, 3), class_names=tuple("abcde"))
+    model = build_model(ModelConfig(dropout=0.3, batch_norm=True, dense_units=32), spec)
+    assert model.input.shape[1:] == (32, 32, 3) and model.output.shape[1:] == (5,)
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+
+
+def test_too_deep_for_the_image_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="model.conv_filters: 5 conv layers do not fit 28x28"):
+        build_model(ModelConfig(conv_filters=(8, 8, 8, 8, 8)), FASHION)
+
+
+def test_stage_saves_a_seeded_initialization(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}")
+    data = run_data(config, tmp_path / "a")
+    first = run_model(config, data, tmp_path / "a")
+    other = run_model(config, data, tmp_path / "b")
+    assert first.fingerprint == other.fingerprint and not first.cached
+    assert run_model(config, data, tmp_path / "a").cached
+    a = keras.models.load_model(first.path / "model.keras").get_weights()
+    b = keras.models.load_model(other.path / "model.keras").get_weights()
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    summary = json.loads((first.path / "summary.json").read_text())
+    assert summary["parameters"] == first.parameters == keras.models.load_model(first.path / "model.keras").count_params()
+    assert [row["name"] for row in summary["layers"]][-1] == "logits"
+    reseeded = run_model(tiny_config(f"idx:{idx_dir}", "seed=1"), run_data(tiny_config(f"idx:{idx_dir}", "seed=1"),
+                                                                              tmp_path / "a"), tmp_path / "a")
+    assert reseeded.fingerprint != first.fingerprint
+
+
+def test_missing_model_names_the_stage_to_run(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}")
+    data = run_data(config, tmp_path / "a")
+    with pytest.raises(MissingUpstreamError, match="run `tapeline stage model`"):
+        find_model(config, data, tmp_path / "a")

@@ -1,0 +1,235 @@
+"""The train stage: loss metric from logits, no retracing, early stopping, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from stages.config import PipelineConfig
+from stages.data import load_split, run_data
+from stages.errors import TrainingError
+from stages.model import WEIGHTS_FILE, run_model
+from stages.results import DataResult, ModelResult
+from stages.train import HISTORY_COLUMNS, build_trainer, fit, make_early_stopping, run_train
+from tests.helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def upstream(config: PipelineConfig, artifacts: Path) -> tuple[DataResult, ModelResult]:
+    data = run_data(config, artifacts)
+    return data, run_model(config, data, artifacts)
+
+
+def history(path: Path) -> list[dict]:
+    return pq.read_table(path / "history.parquet").to_pylist()
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    for x, y in zip(keras.models.load_model(a).get_weights(), keras.models.load_model(b).get_weights(), strict=True):
+        np.testing.assert_allclose(x, y, atol=atol)
+
+
+def test_logged_val_loss_is_cross_entropy_from_logits(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=1")
+    result = run_train(config, *upstream(config, tmp_path), tmp_path)
+    row = history(result.path)[0]
+    model = keras.models.load_model(result.path / "model.keras")
+    x, y = load_split(run_data(config, tmp_path).path, "validation", normalize=True)
+    logits = model.predict(x, verbose=0)
+    from_logits = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits))
+    assert row["val_loss"] == pytest.approx(from_logits, rel=1e-4)
+    tutorial_metric = keras.metrics.SparseCategoricalCrossentropy()  # the tutorial's: probabilities expected
+    tutorial_metric.update_state(y, logits)
+    assert abs(float(tutorial_metric.result()) - row["val_loss"]) > 0.05
+    assert row["val_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == y)), abs=1e-6)
+
+
+def test_partial_last_batch_does_not_retrace(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=3", "train.steps_per_execution=3")
+    data, model = upstream(config, tmp_path)
+    assert data.records["train"] % config.data.batch_size != 0  # 270 = 8 * 32 + 14
+    trainer = build_trainer(config, data, model, tmp_path / "ckpt")
+    fit(trainer, make_early_stopping(config.train), tmp_path / "run")
+    assert trainer.steps.train.experimental_get_tracing_count() == 1
+    assert trainer.steps.evaluate.experimental_get_tracing_count() == 1
+
+
+def test_outputs_history_tensorboard_and_checkpoints(tmp_path: Path, idx_dir: Path) -> None:
+    import tensorflow as tf
+
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=3", "train.checkpoints_to_keep=2")
+    result = run_train(config, *upstream(config, tmp_path), tmp_path)
+    rows = history(result.path)
+    assert list(rows[0]) == list(HISTORY_COLUMNS)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and result.epochs_run == 3
+    assert all(r["learning_rate"] == pytest.approx(1e-3) and r["images_per_second"] > 0 for r in rows)
+    assert rows[-1]["val_accuracy"] > 0.5  # the synthetic classes are learnable
+    best = json.loads((result.path / "best.json").read_text())
+    assert best["best_epoch"] == result.best_epoch
+    assert tf.train.CheckpointManager(tf.train.Checkpoint(), str(result.path / "checkpoints"), 2).checkpoints
+    assert len(list((result.path / "checkpoints").glob("ckpt-*.index"))) == 2
+    events = list((result.path / "tensorboard").glob("events.out.tfevents.*"))
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value}
+    assert {"loss", "val_loss", "val_accuracy", "images_per_second"} <= tags
+    assert run_train(config, *upstream(config, tmp_path), tmp_path).cached
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path: Path, idx_dir: Path) -> None:
+    # A tiny learning rate and a max-mode monitor with a high min_delta: no epoch "improves" after the first.
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=10", "train.patience=2", "train.monitor=val_accuracy",
+                         "train.min_delta=0.5")
+    result = run_train(config, *upstream(config, tmp_path), tmp_path)
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+    rows = history(result.path)
+    assert result.best_val_accuracy == rows[0]["val_accuracy"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(epochs: int):
+    def callback(row: dict, _max: int) -> None:
+        if row["epoch"] == epochs:
+            raise Interrupted
+    return callback
+
+
+def test_interrupted_run_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3", "model.dropout=0.2")
+    whole = run_train(config, *upstream(config, tmp_path / "a"), tmp_path / "a")
+    data, model = upstream(config, tmp_path / "b")
+    with pytest.raises(Interrupted):
+        run_train(config, data, model, tmp_path / "b", on_epoch_end=interrupt_after(2))
+    partial = tmp_path / "b" / "train" / f".partial-{whole.fingerprint}"
+    assert (partial / "checkpoints" / "ckpt-2.index").exists()
+    assert not (tmp_path / "b" / "train" / whole.fingerprint).exists()
+    epochs_seen: list[int] = []
+    resumed = run_train(config, data, model, tmp_path / "b", on_epoch_end=lambda r, _: epochs_seen.append(r["epoch"]))
+    assert epochs_seen == [3, 4]
+    assert resumed.fingerprint == whole.fingerprint
+    assert (resumed.epochs_run, resumed.best_epoch) == (whole.epochs_run, whole.best_epoch)
+    for a, b in zip(history(whole.path), history(resumed.path), strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert_same_weights(whole.path / "model.keras", resumed.path / "model.keras")
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from stages.config import load_config
+    from stages.data import run_data
+    from stages.model import run_model
+    from stages.train import run_train
+    config = load_config(None, sys.argv[2:])
+    artifacts = Path(sys.argv[1])
+    data = run_data(config, artifacts)
+    model = run_model(config, data, artifacts)
+    run_train(config, data, model, artifacts, on_epoch_end=lambda row, _: time.sleep(1.5))
+""")
+
+
+@pytest.mark.slow
+def test_killed_subprocess_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path) -> None:
+    overrides = [f"data.source=idx:{idx_dir}", "data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256",
+                 "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=4", "train.patience=3",
+                 "train.steps_per_execution=4"]
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
+    whole = run_train(config, *upstream(config, tmp_path / "a"), tmp_path / "a")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "b"), *overrides], env=env, cwd=ROOT)
+    marker = tmp_path / "b" / "train" / f".partial-{whole.fingerprint}" / "checkpoints" / "ckpt-2.index"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the child never checkpointed epoch 2"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (tmp_path / "b" / "train" / whole.fingerprint).exists()
+    epochs_seen: list[int] = []
+    resumed = run_train(config, *upstream(config, tmp_path / "b"), tmp_path / "b",
+                        on_epoch_end=lambda r, _: epochs_seen.append(r["epoch"]))
+    assert epochs_seen and epochs_seen[0] >= 3 and epochs_seen[-1] == 4
+    assert (resumed.epochs_run, resumed.best_epoch) == (whole.epochs_run, whole.best_epoch)
+    assert_same_weights(whole.path / "model.keras", resumed.path / "model.keras")
+
+
+def test_nonfinite_loss_names_epoch_and_step(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}")
+    data, model = upstream(config, tmp_path)
+    poisoned = keras.models.load_model(model.path / "model.keras")
+    poisoned.set_weights([np.full_like(w, np.nan) for w in poisoned.get_weights()])
+    poisoned.save_weights(model.path / WEIGHTS_FILE)
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 1 .*none \(it failed in the first epoch\)"):
+        run_train(config, data, model, tmp_path)
+    assert not (tmp_path / "train" / "manifest.json").exists()
+
+
+def test_same_seed_same_history(tmp_path: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=2")
+    a = run_train(config, *upstream(config, tmp_path / "a"), tmp_path / "a")
+    b = run_train(config, *upstream(config, tmp_path / "b"), tmp_path / "b")
+    for x, y in zip(history(a.path), history(b.path), strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains(tmp_path: Path, idx_dir: Path, precision: str) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=2", f"train.precision={precision}")
+    result = run_train(config, *upstream(config, tmp_path), tmp_path)
+    rows = history(result.path)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["val_accuracy"] > 0.3
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the stage
+
+
+MIRRORED = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from pathlib import Path
+    import pyarrow.parquet as pq
+    from stages.config import load_config
+    from stages.data import run_data
+    from stages.model import run_model
+    from stages.train import run_train
+    out = {}
+    for strategy in ("default", "mirrored"):
+        config = load_config(None, sys.argv[2:] + [f"train.strategy={strategy}"])
+        artifacts = Path(sys.argv[1]) / strategy
+        data = run_data(config, artifacts)
+        result = run_train(config, data, run_model(config, data, artifacts), artifacts)
+        out[strategy] = pq.read_table(result.path / "history.parquet").to_pylist()[0]
+    out["replicas"] = len(tf.config.list_logical_devices("CPU"))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path: Path, idx_dir: Path) -> None:
+    overrides = [f"data.source=idx:{idx_dir}", "data.shards=2", "model.conv_filters=[8, 16]", "model.dense_units=16",
+                 "train.max_epochs=1", "train.steps_per_execution=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path), *overrides], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    # Same global batch, same data order, gradients averaged over the global batch: the only difference
+    # is float summation order in the all-reduce, so the epoch losses agree to ~1e-5 relative.
+    assert out["mirrored"]["loss"] == pytest.approx(out["default"]["loss"], rel=1e-3)
+    assert out["mirrored"]["val_loss"] == pytest.approx(out["default"]["val_loss"], rel=1e-3)
