@@ -62,9 +62,13 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("tensorflow", "tensorflow-cpu", "keras", "numpy", "prefect", "pyarrow"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
+    distributions = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "keras": ("keras",), "numpy": ("numpy",),
+                     "prefect": ("prefect",), "pyarrow": ("pyarrow",)}
+    for key, names in distributions.items():
+        for name in names:
+            with contextlib.suppress(PackageNotFoundError):
+                found[key] = version(name)
+                break
     return found
 
 

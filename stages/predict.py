@@ -1,0 +1,119 @@
+"""`tapeline predict`: classify PNG / .npy images with an exported SavedModel (production by default)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.errors import PredictError
+from stages.registry import production
+from stages.results import InputSpec
+
+MAX_PIXELS = 4096 * 4096
+MAX_NPY_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's predicted class."""
+
+    path: Path
+    class_name: str
+    probability: float
+
+
+def resolve_model(model: Path | None, artifacts: Path) -> tuple[Path, InputSpec]:
+    """(SavedModel directory, input spec) of `--model DIR` (a version/export directory) or of production."""
+    if model is None:
+        pointer = production(artifacts)
+        if pointer is None:
+            raise PredictError(f"no production model under {artifacts}: run `tapeline run` first, or pass --model DIR")
+        model = artifacts / pointer["path"]
+    card_path = model / "model_card.json" if (model / "model_card.json").exists() else model.parent / "model_card.json"
+    saved_model = model if (model / "saved_model.pb").exists() else model / "saved_model"
+    if not (saved_model / "saved_model.pb").exists() or not card_path.exists():
+        raise PredictError(f"{model} is not an exported model directory (expected saved_model/ and model_card.json)")
+    spec = json.loads(card_path.read_text())["input_spec"]
+    return saved_model, InputSpec(shape=tuple(spec["shape"]), class_names=tuple(spec["class_names"]))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A PNG/JPEG or .npy file as uint8 [H, W, C]; clear errors for what cannot be used."""
+    if path.is_dir():
+        raise PredictError(f"{path} is a directory; give image files (PNG or .npy)")
+    if not path.exists():
+        raise PredictError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise PredictError(f"{path} is empty")
+    if path.suffix.lower() == ".npy":
+        return read_npy(path)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise PredictError(f"{path} is {img.width}x{img.height} pixels, larger than tapeline accepts")
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "LA") else "L")
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise PredictError(f"{path} is not an image tapeline can read (PNG, JPEG or .npy): {exc}") from exc
+    return array[..., np.newaxis] if array.ndim == 2 else array
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A .npy image: uint8 (or floats in [0, 1]) of shape [H, W] or [H, W, C]."""
+    if path.stat().st_size > MAX_NPY_BYTES:
+        raise PredictError(f"{path} is larger than {MAX_NPY_BYTES // 2**20} MiB")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise PredictError(f"{path} is not a readable .npy array: {exc}") from exc
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise PredictError(f"{path} has shape {list(array.shape)}; expected [H, W] or [H, W, C]")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise PredictError(f"{path}: float images must hold values in [0, 1]")
+        array = np.round(array * 255)
+    elif array.dtype.kind not in "iu" or array.min() < 0 or array.max() > 255:
+        raise PredictError(f"{path}: expected uint8 pixels (or floats in [0, 1]), got {array.dtype}")
+    array = array.astype(np.uint8)
+    return array[..., np.newaxis] if array.ndim == 2 else array
+
+
+def fit_to_spec(image: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
+    """Convert channels and resize only when the model's input spec needs it."""
+    from PIL import Image
+
+    height, width, channels = spec.shape
+    if image.shape[-1] not in (1, 3, 4):
+        raise PredictError(f"{path} has {image.shape[-1]} channels; expected 1 (grayscale) or 3 (RGB)")
+    if image.shape[-1] == 4:
+        image = image[..., :3]
+    if channels == 1 and image.shape[-1] == 3:
+        image = np.asarray(Image.fromarray(image).convert("L"))[..., np.newaxis]
+    elif channels == 3 and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    if image.shape[:2] != (height, width):
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        image = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
+        image = image[..., np.newaxis] if image.ndim == 2 else image
+    return image
+
+
+def predict(paths: list[Path], model: Path | None, artifacts: Path) -> list[Prediction]:
+    """Classify each image with the SavedModel's serving_default signature."""
+    import tensorflow as tf
+
+    saved_model, spec = resolve_model(model, artifacts)
+    batch = np.stack([fit_to_spec(read_image(p), spec, p) for p in paths])
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    out = serve(images=tf.constant(batch))
+    probabilities = out["probabilities"].numpy()
+    return [
+        Prediction(path, name.decode(), float(probabilities[i].max()))
+        for i, (path, name) in enumerate(zip(paths, out["class_name"].numpy(), strict=True))
+    ]
