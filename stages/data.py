@@ -31,9 +31,9 @@ def data_dir(artifacts: Path, fp: str) -> Path:
 
 
 def data_sources(config: DataConfig) -> list[Source]:
-    """The main source, then the optional extra Parquet data."""
+    """The main source, then the optional extra Parquet data (an existing but empty directory adds nothing)."""
     sources = [resolve_source(config.source, config.tfds_data_dir)]
-    if config.extra:
+    if config.extra and not (Path(config.extra).is_dir() and not any(Path(config.extra).rglob("*.parquet"))):
         sources.append(ParquetSource(config.extra))
     return sources
 

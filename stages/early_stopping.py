@@ -87,3 +87,41 @@ class EarlyStopping:
         self.wait, self.stopped_epoch = state["wait"], state["stopped_epoch"]
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.best_weights = best_weights if state["has_best_weights"] else None
+
+
+@dataclass
+class ReduceLROnPlateau:
+    """Keras's `ReduceLROnPlateau` rule (no cooldown): after `patience` epochs without an improvement
+    of more than `min_delta`, multiply the learning rate by `factor`, not below `min_lr`."""
+
+    monitor: str = "val_loss"
+    factor: float = 0.5
+    patience: int = 2
+    mode: str = "auto"
+    min_delta: float = 1e-4
+    min_lr: float = 0.0
+    wait: int = 0
+    best: float | None = None
+
+    def on_epoch_end(self, logs: dict[str, float], learning_rate: float) -> float:
+        """The learning rate for the next epoch."""
+        current = logs.get(self.monitor)
+        if current is None or self.patience == 0:
+            return learning_rate
+        minimize = resolve_mode(self.monitor, self.mode) == "min"
+        if self.best is None or (current < self.best - self.min_delta if minimize else current > self.best + self.min_delta):
+            self.best, self.wait = float(current), 0
+            return learning_rate
+        self.wait += 1
+        if self.wait < self.patience or learning_rate <= self.min_lr:
+            return learning_rate
+        self.wait = 0
+        return max(learning_rate * self.factor, self.min_lr)
+
+    def state(self) -> dict[str, Any]:
+        """The resumable state."""
+        return {"wait": self.wait, "best": self.best}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state()` returned."""
+        self.wait, self.best = state["wait"], state["best"]

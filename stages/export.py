@@ -19,7 +19,7 @@ from stages.data import load_split
 from stages.errors import ExportError
 from stages.evaluate import champion_metrics, read_metrics, softmax
 from stages.registry import models_dir, production, publish_version, switch_production
-from stages.results import DataResult, EvaluateResult, ExportResult, InputSpec, TrainResult
+from stages.results import DataResult, EvaluateResult, ExportResult, InputSpec, Promotion, TrainResult
 
 CODE_VERSION = "export-1"
 SAVED_MODEL, KERAS_FILE, TFLITE_FILE = "saved_model", "model.keras", "model.tflite"
@@ -211,13 +211,15 @@ def decide(challenger: float, champion: float | None, config: ExportConfig) -> t
 
 
 def promote(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
-            export_dir: Path, artifacts: Path) -> tuple[bool, str, Path]:
-    """Apply the promotion gate under a lock, one decision at a time; returns (promoted, decision, model path)."""
+            export: ExportResult, artifacts: Path) -> Promotion:
+    """Apply the promotion gate under a lock, one decision at a time."""
+    export_dir = export.path
     models_dir(artifacts).mkdir(parents=True, exist_ok=True)
     with file_lock(models_dir(artifacts) / ".promotion.lock", config.export.lock_timeout_seconds, "promotion"):
         current = production(artifacts)
         if current is not None and current["train_fingerprint"] == train.fingerprint:
-            return False, f"already production ({current['version']})", artifacts / current["path"]
+            return Promotion(promoted=False, decision=f"already production ({current['version']})",
+                             model_path=artifacts / current["path"])
         champion_accuracy = None
         if current is not None:
             if current["version"] == evaluation.champion_version:
@@ -227,35 +229,23 @@ def promote(config: PipelineConfig, data: DataResult, train: TrainResult, evalua
                 champion_accuracy = None if theirs is None else theirs["test_accuracy"]
         promoted, decision = decide(evaluation.test_accuracy, champion_accuracy, config.export)
         if not promoted:
-            return False, decision, export_dir
+            return Promotion(promoted=False, decision=decision, model_path=export_dir)
         record = {"train_fingerprint": train.fingerprint, "test_accuracy": evaluation.test_accuracy,
                   "champion_accuracy": champion_accuracy, "previous": current and current["version"],
                   "decision": decision, "export": str(export_dir), "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         version = publish_version(artifacts, export_dir, record)
         switch_production(artifacts, {**record, "version": version, "path": f"models/{version}"})
         log.info("%s -> production is now %s", decision, version)
-        return True, decision, models_dir(artifacts) / version
+        return Promotion(promoted=True, decision=decision, model_path=models_dir(artifacts) / version)
 
 
 def run_export(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
                artifacts: Path, *, verify: bool = False) -> ExportResult:
-    """Export (or reuse the cached export), then apply the promotion gate."""
+    """Export every format and verify it (or reuse the cached export); promotion is `promote`."""
     started = time.perf_counter()
     fp = export_fingerprint(config, train, evaluation)
     _, cached = cached_build(
         artifacts / "export", fp, lambda staging: build_export(staging, config, data, train, evaluation), verify=verify
     )
-    promoted, decision, model_path = promote(config, data, train, evaluation, artifacts / "export" / fp, artifacts)
-    return ExportResult(
-        stage="export", fingerprint=fp, path=artifacts / "export" / fp, cached=cached,
-        seconds=time.perf_counter() - started, formats=config.export.formats, promoted=promoted, decision=decision,
-        model_path=model_path,
-    )
-
-
-def find_export(config: PipelineConfig, train: TrainResult, evaluation: EvaluateResult, artifacts: Path,
-                verify: bool = False) -> Path:
-    """The cached export directory for this config, or an error saying to run the export stage first."""
-    path = artifacts / "export" / export_fingerprint(config, train, evaluation)
-    require_valid(path, "export", verify)
-    return path
+    return ExportResult(stage="export", fingerprint=fp, path=artifacts / "export" / fp, cached=cached,
+                        seconds=time.perf_counter() - started, formats=config.export.formats)

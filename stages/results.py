@@ -66,9 +66,16 @@ class EvaluateResult(StageResult):
 
 
 class ExportResult(StageResult):
-    """Exported artifacts and the promotion decision."""
+    """Exported, verified artifacts."""
 
     formats: tuple[str, ...]
+
+
+class Promotion(BaseModel):
+    """The promotion gate's decision for one run (never cached: production may change between runs)."""
+
+    model_config = ConfigDict(frozen=True)
+
     promoted: bool
     decision: str
-    model_path: Path | None
+    model_path: Path

@@ -25,7 +25,7 @@ import numpy as np
 from stages.cache import cached_build, fingerprint, package_versions, require_valid
 from stages.config import PipelineConfig, TrainConfig
 from stages.data import make_dataset
-from stages.early_stopping import EarlyStopping
+from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import TrainingError
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, ModelResult, TrainResult
@@ -200,6 +200,12 @@ def make_early_stopping(config: TrainConfig) -> EarlyStopping:
     )
 
 
+def make_lr_schedule(config: TrainConfig) -> ReduceLROnPlateau:
+    """ReduceLROnPlateau on the early-stopping monitor, from the train config."""
+    return ReduceLROnPlateau(monitor=config.monitor, mode=config.mode, factor=config.reduce_lr_factor,
+                             patience=config.reduce_lr_patience, min_lr=config.min_learning_rate)
+
+
 def seed_generator_states(model: Any) -> list[Any]:
     """The RNG state variables of the model's layers (dropout), which Keras does not checkpoint itself."""
     return [v.value for v in model.variables if "seed_generator" in v.path]
@@ -215,6 +221,7 @@ class TrainingState:
     history: list[dict[str, float]]
     early_stopping: dict[str, Any] | None
     wall_seconds: float
+    lr_schedule: dict[str, Any] | None = None
 
 
 class Checkpointer:
@@ -239,8 +246,8 @@ class Checkpointer:
         self.state.assign(json.dumps(state.__dict__))
         return self.manager.save(checkpoint_number=state.epoch)
 
-    def restore_latest(self, early_stopping: EarlyStopping) -> TrainingState | None:
-        """Restore the newest checkpoint into the model, optimizer and `early_stopping`; None if none."""
+    def restore_latest(self, early_stopping: EarlyStopping, schedule: ReduceLROnPlateau) -> TrainingState | None:
+        """Restore the newest checkpoint into the model, optimizer, `early_stopping` and `schedule`."""
         latest = self.manager.latest_checkpoint
         if latest is None:
             return None
@@ -248,6 +255,8 @@ class Checkpointer:
         state = TrainingState(**json.loads(self.state.numpy().decode()))
         if state.early_stopping is not None:
             early_stopping.load_state(state.early_stopping, [v.numpy() for v in self.best_weights])
+        if state.lr_schedule is not None:
+            schedule.load_state(state.lr_schedule)
         log.info("resumed from %s after epoch %d", latest, state.epoch)
         return state
 
@@ -367,8 +376,9 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
     import tensorflow as tf
 
     config = trainer.config.train
+    schedule = make_lr_schedule(config)
     early_stopping.on_train_begin()
-    state = trainer.checkpointer.restore_latest(early_stopping) or TrainingState(0, [], None, 0.0)
+    state = trainer.checkpointer.restore_latest(early_stopping, schedule) or TrainingState(0, [], None, 0.0)
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     stopped = bool(state.history) and early_stopping.stopped_epoch > 0
     epoch = state.epoch
@@ -379,8 +389,10 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
                "val_accuracy": val_accuracy, "learning_rate": trainer.learning_rate(), "seconds": seconds,
                "images_per_second": trainer.data.records["train"] / seconds}
         stopped = early_stopping.on_epoch_end(epoch, row, trainer.model.get_weights)
+        trainer.optimizer.learning_rate = schedule.on_epoch_end(row, row["learning_rate"])
         epoch += 1
-        state = TrainingState(epoch, [*state.history, row], early_stopping.state(), state.wall_seconds + seconds)
+        state = TrainingState(epoch, [*state.history, row], early_stopping.state(), state.wall_seconds + seconds,
+                              schedule.state())
         trainer.checkpointer.save(state, early_stopping)
         with writer.as_default(step=epoch):
             for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):

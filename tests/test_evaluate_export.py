@@ -88,12 +88,12 @@ def test_exports_round_trip(first_run) -> None:
 
 def test_first_model_is_promoted_and_rerun_is_all_cache_hits(first_run) -> None:
     config, artifacts, results = first_run
-    assert results["export"].promoted and results["export"].decision.startswith("promoted")
+    assert results["promotion"].promoted and results["promotion"].decision.startswith("promoted")
     pointer = production(artifacts)
     assert pointer["version"] == "v0001" and pointer["train_fingerprint"] == results["train"].fingerprint
     again = run_all(config, artifacts)
-    assert all(r.cached for r in again.values())
-    assert not again["export"].promoted and again["export"].decision == "already production (v0001)"
+    assert all(again[s].cached for s in ("data", "model", "train", "evaluate", "export"))
+    assert not again["promotion"].promoted and again["promotion"].decision == "already production (v0001)"
 
 
 def test_gate_decisions() -> None:
@@ -114,11 +114,11 @@ def test_worse_challenger_is_not_promoted_better_is(tmp_path: Path, idx_dir: Pat
     assert worse["evaluate"].test_accuracy < good["evaluate"].test_accuracy
     assert worse["evaluate"].champion_version == "v0001"
     assert worse["evaluate"].champion_accuracy == pytest.approx(good["evaluate"].test_accuracy)
-    assert not worse["export"].promoted and worse["export"].decision.startswith("kept production")
+    assert not worse["promotion"].promoted and worse["promotion"].decision.startswith("kept production")
     assert production(artifacts)["version"] == "v0001"
     better = run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=6"), artifacts)
     assert better["evaluate"].test_accuracy > good["evaluate"].test_accuracy
-    assert better["export"].promoted and production(artifacts)["version"] == "v0002"
+    assert better["promotion"].promoted and production(artifacts)["version"] == "v0002"
     promotion = json.loads((artifacts / "models" / "v0002" / "promotion.json").read_text())
     assert promotion["champion_accuracy"] == pytest.approx(good["evaluate"].test_accuracy)
     assert promotion["previous"] == "v0001"
@@ -143,7 +143,7 @@ def test_crash_between_version_write_and_switch_keeps_production(tmp_path: Path,
     assert (artifacts / "models" / "v0001" / "saved_model" / "saved_model.pb").exists()
     monkeypatch.undo()
     resumed = run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=4"), artifacts)
-    assert resumed["export"].promoted and production(artifacts)["version"] == "v0003"
+    assert resumed["promotion"].promoted and production(artifacts)["version"] == "v0003"
 
 
 def test_export_fails_past_tolerance(tmp_path: Path, idx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

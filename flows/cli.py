@@ -1,0 +1,136 @@
+"""The `tapeline` command: run the flow, run one stage locally, predict, and list runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from stages.config import config_keys, load_config
+from stages.errors import TapelineError
+
+STAGE_NAMES = ("data", "model", "train", "evaluate", "export")
+
+
+def keys_epilog() -> str:
+    """Every config key with its default, for --help."""
+    rows = config_keys()
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"  {k.ljust(width)}  {d:<22} {text}" for k, d, text in rows]
+    return "config keys (--set KEY=VALUE, or a YAML file of sections):\n" + "\n".join(lines)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """--artifacts on every command."""
+    parser.add_argument("--artifacts", type=Path, default=Path(os.environ.get("TAPELINE_ARTIFACTS", "artifacts")),
+                        help="artifacts directory (default ./artifacts, env TAPELINE_ARTIFACTS)")
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and repeatable --set KEY=VALUE."""
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_epochs=3 (repeatable)")
+    parser.add_argument("--verify", action="store_true", help="verify cached outputs by checksum, not only size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="tapeline", description="Staged TensorFlow training pipeline on Prefect.",
+                                     epilog=keys_epilog(), formatter_class=formatter)
+    add_common(parser)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the whole flow (Prefect API if PREFECT_API_URL is set, else ephemeral)",
+                              epilog=keys_epilog(), formatter_class=formatter)
+    add_common(run)
+    add_config(run)
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    stage = commands.add_parser("stage", help="run one stage locally, without a Prefect server",
+                                epilog=keys_epilog(), formatter_class=formatter)
+    stage.add_argument("name", choices=STAGE_NAMES)
+    add_common(stage)
+    add_config(stage)
+    stage.add_argument("--json", action="store_true", help="print the stage result as JSON")
+    predict = commands.add_parser("predict", help="classify PNG / .npy images with an exported model",
+                                  epilog=keys_epilog(), formatter_class=formatter)
+    add_common(predict)
+    predict.add_argument("--model", type=Path, help="exported model directory (default: production)")
+    predict.add_argument("images", nargs="+", type=Path)
+    runs = commands.add_parser("runs", help="list registered runs, newest first", epilog=keys_epilog(),
+                               formatter_class=formatter)
+    add_common(runs)
+    runs.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return parser
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """Run the Prefect flow and print its summary."""
+    config = load_config(args.config, args.overrides)
+    os.environ["TAPELINE_ARTIFACTS"] = str(args.artifacts.resolve())
+    from flows.training import training_pipeline
+
+    summary = training_pipeline(config=config)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        for name, row in summary["stages"].items():
+            print(f"{name:<9} {row['fingerprint']}  {'cached' if row['cached'] else 'ran   '}  {row['seconds']:7.1f} s")
+        print(f"test accuracy {summary['test_accuracy']:.4f}; {summary['decision']}")
+        print(f"model: {summary['model_path']}")
+        print(summary["message"])
+    return 0
+
+
+def command_stage(args: argparse.Namespace) -> int:
+    """Run one stage in this process."""
+    from stages.pipeline import run_stage
+
+    config = load_config(args.config, args.overrides)
+    result = run_stage(args.name, config, args.artifacts.resolve(), verify=args.verify)
+    if args.json:
+        print(result.model_dump_json())
+    else:
+        print(f"{result.stage} {result.fingerprint} {'reused from cache' if result.cached else 'built'} "
+              f"in {result.seconds:.2f} s: {result.path}")
+    return 0
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    """Print one line per image: path, class name, probability."""
+    from stages.predict import predict
+
+    for row in predict(args.images, args.model, args.artifacts.resolve()):
+        print(f"{row.path}\t{row.class_name}\t{row.probability:.4f}")
+    return 0
+
+
+def command_runs(args: argparse.Namespace) -> int:
+    """Print the registry, newest first."""
+    from stages.registry import format_runs, read_runs
+
+    rows = read_runs(args.artifacts.resolve())
+    print(json.dumps(rows, default=str) if args.json else format_runs(rows))
+    return 0
+
+
+COMMANDS = {"run": command_run, "stage": command_stage, "predict": command_predict, "runs": command_runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tapeline` console script."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except TapelineError as exc:
+        print(f"tapeline: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

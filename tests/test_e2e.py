@@ -1,0 +1,99 @@
+"""End to end with real Prefect parts: server, process work pool, `prefect deploy`, deployment run, worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    done = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A real `prefect server start` on a free port with a temporary PREFECT_HOME; stopped by PID."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PWD": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "TAPELINE_ARTIFACTS": str(tmp_path / "artifacts")}
+    env.pop("PREFECT_API_KEY", None)
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        stop(process)
+        pytest.fail(f"prefect server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+    yield env
+    stop(process)
+
+
+def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    env = server
+    api = env["PREFECT_API_URL"]
+    prefect(env, "work-pool", "create", "local", "--type", "process")
+    prefect(env, "--no-prompt", "deploy", "--all")
+    params = {"config": {"data": {"source": f"idx:{idx_dir}", "shards": 2},
+                         "model": {"conv_filters": [8, 16], "dense_units": 16},
+                         "train": {"max_epochs": 2}}}
+    out = prefect(env, "deployment", "run", "training-pipeline/manual", "--params", json.dumps(params))
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "local", "--run-once"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    run = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()
+    assert run["state"]["type"] == "COMPLETED", (run["state"], worker.stdout[-3000:])
+    artifacts = Path(env["TAPELINE_ARTIFACTS"])
+    registry = pq.read_table(artifacts / "registry.parquet").to_pylist()
+    assert [r["run_id"] for r in registry] == [flow_run_id]
+    assert registry[0]["promoted"] is True
+    production = json.loads((artifacts / "models" / "production.json").read_text())
+    assert (artifacts / production["path"] / "saved_model" / "saved_model.pb").exists()
+    keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
+    assert {"training-summary", "per-class-metrics", "evaluation-pictures", "training-progress"} <= keys
+    nightly = httpx.get(f"{api}/deployments/name/training-pipeline/nightly").json()
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC"
+    assert nightly["parameters"]["config"]["data"]["extra"] == "incoming"
+    print(f"e2e wall time {time.monotonic() - started:.1f} s")
