@@ -23,3 +23,12 @@ def idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def artifacts(tmp_path: Path) -> Path:
     """A fresh artifacts directory."""
     return tmp_path / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """One Prefect test server for the session (it takes ~20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -1,0 +1,69 @@
+"""The `tapeline` command line: stage runs, errors, --help, run --json, runs and predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from stages.data import load_split
+
+TINY = ["--set", "data.shards=2", "--set", "model.conv_filters=[8, 16]", "--set", "model.dense_units=16",
+        "--set", "train.max_epochs=1", "--set", "train.steps_per_execution=4"]
+
+
+def tiny_args(idx_dir: Path, artifacts: Path) -> list[str]:
+    return ["--artifacts", str(artifacts), "--set", f"data.source=idx:{idx_dir}", *TINY]
+
+
+def test_help_lists_every_config_key(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["--help"], ["run", "--help"], ["stage", "--help"], ["predict", "--help"], ["runs", "--help"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        out = capsys.readouterr().out
+        assert "data.validation_fraction" in out and "train.restore_best_weights" in out and "--artifacts" in out
+
+
+def test_stage_needs_its_upstream_first(tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", "train", *tiny_args(idx_dir, tmp_path / "a")]) == 2
+    assert "run `tapeline stage data` with the same config first" in capsys.readouterr().err
+    assert main(["stage", "data", *tiny_args(idx_dir, tmp_path / "a"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["records"] == {"train": 270, "validation": 30, "test": 100}
+    assert main(["stage", "train", *tiny_args(idx_dir, tmp_path / "a")]) == 2
+    assert "run `tapeline stage model`" in capsys.readouterr().err
+    assert main(["stage", "data", *tiny_args(idx_dir, tmp_path / "a")]) == 0
+    assert "reused from cache" in capsys.readouterr().out
+
+
+def test_bad_config_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", "data", "--artifacts", str(tmp_path / "a"), "--set", "train.patience=0"]) == 2
+    assert "train.patience: Input should be greater than 0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_run_json_then_runs_and_predict(harness, tmp_path: Path, idx_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    artifacts = tmp_path / "a"
+    assert main(["run", *tiny_args(idx_dir, artifacts), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) >= {"run_id", "stages", "test_accuracy", "promoted", "model_path"}
+    assert set(summary["stages"]) == {"data", "model", "train", "evaluate", "export"}
+    assert set(summary["stages"]["train"]) >= {"fingerprint", "cached", "seconds"}
+    assert summary["promoted"] is True and Path(summary["model_path"]).is_dir()
+
+    assert main(["runs", "--artifacts", str(artifacts)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("run_id") and table[1].startswith(summary["run_id"])
+
+    images, _ = load_split(Path(summary["stages"]["data"]["path"]), "test")
+    np.save(tmp_path / "one.npy", images[0])
+    assert main(["predict", "--artifacts", str(artifacts), str(tmp_path / "one.npy")]) == 0
+    path, name, probability = capsys.readouterr().out.strip().split("\t")
+    assert path == str(tmp_path / "one.npy") and name in {str(i) for i in range(10)} and 0 < float(probability) <= 1
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert main(["predict", "--artifacts", str(artifacts), str(tmp_path / "empty.png")]) == 2
+    assert "empty.png is empty" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""The Prefect flow under prefect_test_harness: caching across runs, selective re-runs, manifest checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stages.config import PipelineConfig
+from tests.helpers import tiny_config
+
+
+@pytest.fixture
+def flow_env(harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setenv("TAPELINE_ARTIFACTS", str(artifacts))
+    return artifacts
+
+
+def run(config: PipelineConfig) -> dict:
+    from flows.training import training_pipeline
+
+    return training_pipeline(config=config)
+
+
+def file_times(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "registry" not in p.name
+            and not p.name.startswith(".")}
+
+
+def states(summary: dict) -> dict[str, str]:
+    return {name: row["state"] for name, row in summary["stages"].items()}
+
+
+def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=2")
+    first = run(config)
+    assert states(first) == dict.fromkeys(("data", "model", "train", "evaluate", "export"), "Completed")
+    assert not any(row["cached"] for row in first["stages"].values())
+    assert first["promoted"] and 0 <= first["test_accuracy"] <= 1
+    before = file_times(flow_env)
+
+    second = run(config)
+    assert states(second) == dict.fromkeys(("data", "model", "train", "evaluate", "export"), "Cached")
+    assert second["all_cached"] and second["message"].startswith("nothing changed")
+    assert second["decision"] == "already production (v0001)" and not second["promoted"]
+    assert {n: r["fingerprint"] for n, r in second["stages"].items()} == \
+        {n: r["fingerprint"] for n, r in first["stages"].items()}
+    assert file_times(flow_env) == before  # nothing rewritten (the registry gains a row)
+
+    shard = Path(first["stages"]["data"]["path"]) / "train-00000-of-00002.tfrecord"
+    shard.unlink()
+    rebuilt = run(config)
+    assert states(rebuilt) == {"data": "Completed", "model": "Cached", "train": "Cached", "evaluate": "Cached",
+                               "export": "Cached"}
+    assert rebuilt["stages"]["data"]["fingerprint"] == first["stages"]["data"]["fingerprint"]
+    assert shard.exists()
+
+    longer = run(tiny_config(f"idx:{idx_dir}", "train.max_epochs=3"))
+    assert states(longer) == {"data": "Cached", "model": "Cached", "train": "Completed",
+                              "evaluate": "Completed", "export": "Completed"}
+
+    from stages.registry import read_runs
+
+    assert len(read_runs(flow_env)) == 4
+
+
+def test_deleted_downstream_output_reruns_only_that_stage(flow_env: Path, idx_dir: Path) -> None:
+    import shutil
+
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=1")
+    first = run(config)
+    shutil.rmtree(first["stages"]["evaluate"]["path"])
+    again = run(config)
+    assert states(again) == {"data": "Cached", "model": "Cached", "train": "Cached", "evaluate": "Completed",
+                             "export": "Cached"}
+
+
+def test_failed_stage_fails_the_flow_with_its_message(flow_env: Path, tmp_path: Path) -> None:
+    from stages.errors import DataSourceError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (bad / name).write_bytes(b"junk")
+    with pytest.raises(DataSourceError, match="bad IDX magic number"):
+        run(tiny_config(f"idx:{bad}"))
+
+
+def test_flow_parameter_accepts_partial_json(harness) -> None:
+    from flows.training import training_pipeline
+
+    params = training_pipeline.validate_parameters({"config": {"train": {"max_epochs": 1}}})
+    assert params["config"].train.max_epochs == 1 and params["config"].data.batch_size == 32
+    schema = training_pipeline.parameters.model_dump()
+    assert "config" in schema["properties"]
+    assert os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS") == "tapeline"
