@@ -36,7 +36,9 @@ class DataConfig(Section):
         None, description="directory (or glob) of extra labelled Parquet files appended to the training data"
     )
     limit: int | None = Field(None, gt=0, description="cap on training examples (none = all)")
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training data held out for early stopping")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of training data held out for early stopping"
+    )
     test_fraction: float = Field(
         0.1, gt=0, lt=1, description="share held out as the test split when the source has no test split"
     )
@@ -94,7 +96,9 @@ class TrainConfig(Section):
     checkpoints_to_keep: int = Field(3, gt=0, description="last N epoch checkpoints kept")
     steps_per_execution: int = Field(32, gt=0, description="training steps per tf.function call")
     deterministic: bool = Field(False, description="TF op determinism (slower)")
-    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field("auto", description="tf.distribute strategy")
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field(
+        "auto", description="tf.distribute strategy"
+    )
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field("float32", description="compute precision")
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
     retries: int = Field(0, ge=0, le=10, description="retries of the train stage in the flow")

@@ -147,7 +147,9 @@ def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
-def build_data(staging: Path, config: PipelineConfig, sources: list[Source], identity: list[dict[str, Any]]) -> dict[str, Any]:
+def build_data(
+    staging: Path, config: PipelineConfig, sources: list[Source], identity: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Load the sources, split, write every split's shards; returns the manifest body."""
     started = time.perf_counter()
     raws = [s.load() for s in sources]

@@ -109,7 +109,10 @@ class ReduceLROnPlateau:
         if current is None or self.patience == 0:
             return learning_rate
         minimize = resolve_mode(self.monitor, self.mode) == "min"
-        if self.best is None or (current < self.best - self.min_delta if minimize else current > self.best + self.min_delta):
+        improved = self.best is None or (
+            current < self.best - self.min_delta if minimize else current > self.best + self.min_delta
+        )
+        if improved:
             self.best, self.wait = float(current), 0
             return learning_rate
         self.wait += 1

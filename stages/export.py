@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.cache import cached_build, describe_files, file_lock, fingerprint, package_versions, require_valid
+from stages.cache import cached_build, describe_files, file_lock, fingerprint, package_versions
 from stages.config import ExportConfig, PipelineConfig
 from stages.data import load_split
 from stages.errors import ExportError
@@ -139,7 +139,8 @@ def render_model_card(card: dict[str, Any]) -> str:
     metrics, training = card["metrics"], card["training"]
     lines = [
         "# Model card", "",
-        f"- Data: `{card['data']['source']}` (fingerprint `{card['data']['fingerprint']}`), records {card['data']['records']}",
+        f"- Data: `{card['data']['source']}` (fingerprint `{card['data']['fingerprint']}`), "
+        f"records {card['data']['records']}",
         f"- Input: uint8 images {card['input_spec']['shape']}, classes: {', '.join(card['input_spec']['class_names'])}",
         f"- Test accuracy **{metrics['test_accuracy']:.4f}**, test loss {metrics['test_loss']:.4f}",
         f"- Training: {training['epochs_run']} epochs, best epoch {training['best_epoch']}"
@@ -232,7 +233,8 @@ def promote(config: PipelineConfig, data: DataResult, train: TrainResult, evalua
             return Promotion(promoted=False, decision=decision, model_path=export_dir)
         record = {"train_fingerprint": train.fingerprint, "test_accuracy": evaluation.test_accuracy,
                   "champion_accuracy": champion_accuracy, "previous": current and current["version"],
-                  "decision": decision, "export": str(export_dir), "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "decision": decision, "export": str(export_dir),
+                  "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         version = publish_version(artifacts, export_dir, record)
         switch_production(artifacts, {**record, "version": version, "path": f"models/{version}"})
         log.info("%s -> production is now %s", decision, version)

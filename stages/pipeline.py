@@ -8,9 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.cache import file_lock
+from stages.cache import file_lock, manifest_problem
 from stages.config import PipelineConfig
-from stages.cache import manifest_problem
 from stages.data import data_dir, data_fingerprint, data_sources, find_data, run_data
 from stages.evaluate import champion_key, evaluate_fingerprint, find_evaluate, run_evaluate
 from stages.export import export_fingerprint, promote, run_export

@@ -269,7 +269,9 @@ class TfdsSource:
                 "`tfds build` online, or set data.tfds_data_dir to where it is prepared"
             ) from exc
         if train_x.dtype != np.uint8 or train_x.ndim != 4:
-            raise DataSourceError(f"tfds:{self.spec}: expected uint8 images [N, H, W, C], got {train_x.dtype} {train_x.shape}")
+            raise DataSourceError(
+                f"tfds:{self.spec}: expected uint8 images [N, H, W, C], got {train_x.dtype} {train_x.shape}"
+            )
         label = info.features["label"]
         known = tuple(label.names) if getattr(label, "names", None) else None
         names = class_names_for([train_y, test_y], known, f"tfds:{self.spec}")
@@ -371,7 +373,9 @@ def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
     first = images[0].shape
     for i, img in enumerate(images):
         if img.shape != first:
-            raise DataSourceError(f"{where}: mixed image sizes: image {i} is {list(img.shape)}, the first is {list(first)}")
+            raise DataSourceError(
+                f"{where}: mixed image sizes: image {i} is {list(img.shape)}, the first is {list(first)}"
+            )
     return np.stack(images)
 
 

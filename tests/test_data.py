@@ -15,7 +15,7 @@ import pytest
 from stages.cache import manifest_problem, read_manifest
 from stages.data import find_data, load_split, make_dataset, run_data
 from stages.errors import DataSourceError, MissingUpstreamError
-from stages.sources import FASHION_MNIST_CLASSES, DEBIAN_FASHION_MNIST, parse_idx, resolve_source
+from stages.sources import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, parse_idx, resolve_source
 from tests.helpers import idx_bytes, png_bytes, synthetic_images, tiny_config, write_idx_dir
 
 

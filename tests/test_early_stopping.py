@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from stages.early_stopping import EarlyStopping
+from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 
 
 def tiny_model() -> keras.Model:
@@ -64,10 +64,10 @@ CASES = {
     "min_delta just under": ([1.0, 0.7501, 0.5002, 0.2503, 0.0004], "val_loss", {"patience": 1, "min_delta": 0.25}),
     "min_delta negative is absolute": ([1.0, 0.9, 0.85, 0.84, 0.83], "val_loss", {"patience": 1, "min_delta": -0.05}),
     "baseline never beaten": ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], "val_loss", {"patience": 3, "baseline": 0.1}),
-    "baseline beaten late": ([1.0, 0.9, 0.3, 0.2, 0.25, 0.26, 0.27, 0.28], "val_loss", {"patience": 2, "baseline": 0.5}),
+    "baseline beaten late": ([1.0, 0.9, 0.3, 0.2, 0.25, 0.26, 0.27], "val_loss", {"patience": 2, "baseline": 0.5}),
     "start_from_epoch": ([0.5, 0.9, 0.8, 0.85, 0.9, 0.95, 0.97], "val_loss", {"patience": 2, "start_from_epoch": 2}),
     "max mode": ([0.5, 0.6, 0.6, 0.55, 0.7, 0.65, 0.6, 0.6], "val_accuracy", {"patience": 2, "mode": "max"}),
-    "max mode baseline": ([0.5, 0.6, 0.62, 0.63, 0.64], "val_accuracy", {"patience": 2, "mode": "max", "baseline": 0.9}),
+    "max mode baseline": ([0.5, 0.6, 0.62, 0.63], "val_accuracy", {"patience": 2, "mode": "max", "baseline": 0.9}),
     "patience zero": ([1.0, 1.1, 0.5], "val_loss", {"patience": 0}),
     "first epoch only": ([1.0], "val_loss", {"patience": 3}),
 }
@@ -119,3 +119,36 @@ def test_state_round_trip_resumes_identically() -> None:
     assert stops[4:] == rest
     assert resumed.state() == whole.state()
     assert resumed.best_weights == whole.best_weights
+
+
+def keras_lr_sequence(values: list[float], **params) -> list[float]:
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    callback = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", **params)
+    callback.set_model(model)
+    callback.on_train_begin()
+    rates = []
+    for epoch, value in enumerate(values):
+        callback.on_epoch_end(epoch, {"val_loss": value})
+        rates.append(float(np.asarray(model.optimizer.learning_rate)))
+    return rates
+
+
+def our_lr_sequence(values: list[float], **params) -> list[float]:
+    schedule = ReduceLROnPlateau(monitor="val_loss", **params)
+    rate, rates = 1e-3, []
+    for value in values:
+        rate = schedule.on_epoch_end({"val_loss": value}, rate)
+        rates.append(rate)
+    return rates
+
+
+@pytest.mark.parametrize("values", [
+    [0.5, 0.4, 0.41, 0.42, 0.43, 0.39, 0.395, 0.4, 0.41, 0.42],
+    [1.0] * 8,
+    [0.9, 0.8, 0.7, 0.6],
+])
+@pytest.mark.parametrize("patience", [1, 2])
+def test_reduce_lr_on_plateau_matches_keras(values: list[float], patience: int) -> None:
+    params = {"factor": 0.5, "patience": patience, "min_lr": 2e-4, "min_delta": 1e-4}
+    np.testing.assert_allclose(our_lr_sequence(values, **params), keras_lr_sequence(values, **params), rtol=1e-6)

@@ -54,7 +54,8 @@ def test_stage_saves_a_seeded_initialization(tmp_path: Path, idx_dir: Path) -> N
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     summary = json.loads((first.path / "summary.json").read_text())
-    assert summary["parameters"] == first.parameters == keras.models.load_model(first.path / "model.keras").count_params()
+    reloaded = keras.models.load_model(first.path / "model.keras")
+    assert summary["parameters"] == first.parameters == reloaded.count_params()
     assert [row["name"] for row in summary["layers"]][-1] == "logits"
     reseeded = run_model(tiny_config(f"idx:{idx_dir}", "seed=1"), run_data(tiny_config(f"idx:{idx_dir}", "seed=1"),
                                                                               tmp_path / "a"), tmp_path / "a")

@@ -172,7 +172,8 @@ def test_nonfinite_loss_names_epoch_and_step(tmp_path: Path, idx_dir: Path) -> N
     poisoned = keras.models.load_model(model.path / "model.keras")
     poisoned.set_weights([np.full_like(w, np.nan) for w in poisoned.get_weights()])
     poisoned.save_weights(model.path / WEIGHTS_FILE)
-    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 1 .*none \(it failed in the first epoch\)"):
+    message = r"non-finite loss at epoch 1, step 1 .*none \(it failed in the first epoch\)"
+    with pytest.raises(TrainingError, match=message):
         run_train(config, data, model, tmp_path)
     assert not (tmp_path / "train" / "manifest.json").exists()
 
