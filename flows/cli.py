@@ -13,6 +13,27 @@ from stages.config import config_keys, load_config
 from stages.errors import TapelineError
 
 STAGE_NAMES = ("data", "model", "train", "evaluate", "export")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class StderrHandler(logging.StreamHandler):
+    """Logs to the current sys.stderr (which test runners and notebooks swap), not the one at startup."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging() -> None:
+    """tapeline's stage logs at INFO on stderr (once); HTTP client chatter only when it matters."""
+    logger = logging.getLogger("tapeline")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def keys_epilog() -> str:
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tapeline` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         return COMMANDS[args.command](args)
     except TapelineError as exc:

@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 from flows.artifacts import progress_reporter, publish_artifacts
 from stages.config import PipelineConfig
 from stages.data import run_data
+from stages.errors import DownloadError, TapelineError
 from stages.evaluate import run_evaluate
 from stages.export import promote, run_export
 from stages.model import run_model
@@ -81,6 +82,19 @@ def export_task(config: PipelineConfig, data: DataResult, train: TrainResult, ev
     return run_export(config, data, train, evaluation, artifacts)
 
 
+def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry downloads and unexpected errors; bad input and bad config fail at once (a retry cannot fix them)."""
+    try:
+        state.result()
+    except DownloadError:
+        return True
+    except TapelineError:
+        return False
+    except Exception:  # noqa: BLE001 - anything unforeseen may be transient
+        return True
+    return True
+
+
 TASKS = {"data": data_task, "model": model_task, "train": train_task, "evaluate": evaluate_task,
          "export": export_task}
 
@@ -96,6 +110,7 @@ def configured_task(stage: str, config: PipelineConfig, refresh: bool) -> Any:
         retries = section.retries
         options["retries"] = retries
         options["retry_delay_seconds"] = exponential_backoff(backoff_factor=5)(retries) if retries else 0
+        options["retry_condition_fn"] = is_transient
     return TASKS[stage].with_options(**options)
 
 

@@ -89,9 +89,9 @@ class TrainConfig(Section):
     restore_best_weights: bool = Field(True, description="end with the best epoch's weights")
     start_from_epoch: int = Field(0, ge=0, description="epochs to wait before early stopping starts")
     reduce_lr_patience: int = Field(
-        2, ge=0, description="epochs without improvement of the monitor before the learning rate drops (0 = never)"
+        1, ge=0, description="epochs without improvement of the monitor before the learning rate drops (0 = never)"
     )
-    reduce_lr_factor: float = Field(0.5, gt=0, lt=1, description="learning rate multiplier on a plateau")
+    reduce_lr_factor: float = Field(0.2, gt=0, lt=1, description="learning rate multiplier on a plateau")
     min_learning_rate: float = Field(1e-5, ge=0, description="the learning rate never drops below this")
     checkpoints_to_keep: int = Field(3, gt=0, description="last N epoch checkpoints kept")
     steps_per_execution: int = Field(32, gt=0, description="training steps per tf.function call")

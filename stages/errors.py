@@ -15,6 +15,10 @@ class DataSourceError(TapelineError):
     """A data source cannot be read: missing, malformed or inconsistent files."""
 
 
+class DownloadError(DataSourceError):
+    """A download failed: possibly transient, so the flow retries it."""
+
+
 class CacheError(TapelineError):
     """A cached stage output is missing, incomplete or corrupt."""
 

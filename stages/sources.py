@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from stages.cache import sha256_file
-from stages.errors import DataSourceError
+from stages.errors import DataSourceError, DownloadError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -196,7 +196,7 @@ class KerasSource:
         try:
             (train_x, train_y), (test_x, test_y) = getattr(tf.keras.datasets, self.name).load_data()
         except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
-            raise DataSourceError(
+            raise DownloadError(
                 f"{self.name}: no local copy and the download failed ({type(exc).__name__}: {exc}). Fix either way: "
                 f"put the four IDX files in $TAPELINE_DATA_DIR/{self.name}/"
                 + (" or run `apt-get install dataset-fashion-mnist` (Debian)" if self.name == "fashion_mnist" else "")
@@ -264,7 +264,7 @@ class TfdsSource:
             train_x, train_y = tfds_arrays(train)
             test_x, test_y = tfds_arrays(test)
         except Exception as exc:  # noqa: BLE001
-            raise DataSourceError(
+            raise DownloadError(
                 f"tfds:{self.spec}: cannot load ({type(exc).__name__}: {exc}); prepare it with "
                 "`tfds build` online, or set data.tfds_data_dir to where it is prepared"
             ) from exc

@@ -89,6 +89,34 @@ def test_failed_stage_fails_the_flow_with_its_message(flow_env: Path, tmp_path: 
         run(tiny_config(f"idx:{bad}"))
 
 
+def test_downloads_are_retried_bad_input_is_not(flow_env: Path, idx_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.training
+    from stages.data import run_data
+    from stages.errors import DataSourceError, DownloadError
+
+    calls: list[str] = []
+
+    def flaky(config: PipelineConfig, artifacts: Path):
+        calls.append("call")
+        if len(calls) == 1:
+            raise DownloadError("connection reset")
+        return run_data(config, artifacts)
+
+    monkeypatch.setattr(flows.training, "run_data", flaky)
+    summary = run(tiny_config(f"idx:{idx_dir}", "train.max_epochs=1", "data.retries=1", "seed=7"))
+    assert len(calls) == 2 and summary["stages"]["data"]["state"] == "Completed"
+
+    def bad_input(config: PipelineConfig, artifacts: Path):
+        calls.append("bad")
+        raise DataSourceError("bad IDX magic number")
+
+    monkeypatch.setattr(flows.training, "run_data", bad_input)
+    with pytest.raises(DataSourceError):
+        run(tiny_config(f"idx:{idx_dir}", "data.retries=2", "seed=8"))
+    assert calls.count("bad") == 1
+
+
 def test_flow_parameter_accepts_partial_json(harness) -> None:
     from flows.training import training_pipeline
 
