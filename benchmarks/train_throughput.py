@@ -186,7 +186,8 @@ def main() -> None:
     results = {}
     for name, (_, accuracy) in contenders.items():
         rates = [images / s for s in seconds[name][1:]]
-        results[name] = {"images_per_second": [round(r, 1) for r in rates], "median": round(statistics.median(rates), 1),
+        results[name] = {"images_per_second": [round(r, 1) for r in rates],
+                          "median": round(statistics.median(rates), 1),
                          "warmup_seconds": round(seconds[name][0], 2), "val_accuracy": round(accuracy(), 4),
                          "epochs": args.rounds + 1}
     tape, tutorial, fit = (results[n]["median"] for n in ("tapeline", "tutorial", "keras_fit"))

@@ -24,13 +24,14 @@ import numpy as np
 
 from stages.cache import cached_build, fingerprint, package_versions, require_valid
 from stages.config import PipelineConfig, TrainConfig
-from stages.data import make_dataset
+from stages.data import load_split, make_dataset, make_memory_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import TrainingError
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, ModelResult, TrainResult
 
 CODE_VERSION = "train-1"
+MEMORY_BUDGET_BYTES = 2 * 1024**3
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
                    "images_per_second")
 log = logging.getLogger("tapeline.train")
@@ -297,12 +298,16 @@ class Trainer:
     train_metrics: EpochMetrics
     val_metrics: EpochMetrics
     checkpointer: Checkpointer
+    train_in_memory: tuple[Any, Any] | None
 
     def distributed(self, split: str, epoch: int) -> Any:
         """An iterator over a split, distributed over the strategy's replicas."""
         data = self.config.data
-        ds = make_dataset(self.data.path, split, data.batch_size, training=split == "train",
-                          shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch)
+        if split == "train" and self.train_in_memory is not None:
+            ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed, epoch=epoch)
+        else:
+            ds = make_dataset(self.data.path, split, data.batch_size, training=split == "train",
+                              shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch)
         return iter(self.strategy.experimental_distribute_dataset(ds))
 
     def check_finite(self, epoch: int) -> None:
@@ -352,6 +357,22 @@ class Trainer:
         return float(np.asarray(self.optimizer.learning_rate))
 
 
+def uses_memory_pipeline(config: TrainConfig, data: DataResult, replicas: int) -> bool:
+    """Whether the training split is held in memory (see `train.input_pipeline`)."""
+    if config.input_pipeline != "auto":
+        return config.input_pipeline == "memory"
+    split_bytes = data.records["train"] * int(np.prod(data.input_spec.shape))
+    return replicas == 1 and split_bytes <= MEMORY_BUDGET_BYTES
+
+
+def memory_split(data: DataResult) -> tuple[Any, Any]:
+    """The uint8 training split as tensors, read once from the TFRecord cache."""
+    import tensorflow as tf
+
+    images, labels = load_split(data.path, "train")
+    return tf.constant(images), tf.constant(labels)
+
+
 def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelResult, checkpoints: Path) -> Trainer:
     """Model (from the model stage's seeded weights), optimizer and step functions under the strategy."""
     import keras
@@ -367,7 +388,9 @@ def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelR
     steps = make_step_functions(model, optimizer, loss_fn, train_metrics, val_metrics, strategy,
                                 jit_compile=config.train.jit_compile)
     checkpointer = Checkpointer(checkpoints, model, optimizer, config.train.checkpoints_to_keep)
-    return Trainer(config, data, strategy, model, optimizer, steps, train_metrics, val_metrics, checkpointer)
+    in_memory = memory_split(data) if uses_memory_pipeline(config.train, data, strategy.num_replicas_in_sync) else None
+    return Trainer(config, data, strategy, model, optimizer, steps, train_metrics, val_metrics, checkpointer,
+                   in_memory)
 
 
 def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,

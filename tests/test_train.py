@@ -222,8 +222,9 @@ MIRRORED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path: Path, idx_dir: Path) -> None:
+    # Both read the TFRecord stream: the in-memory pipeline is single-replica only.
     overrides = [f"data.source=idx:{idx_dir}", "data.shards=2", "model.conv_filters=[8, 16]", "model.dense_units=16",
-                 "train.max_epochs=1", "train.steps_per_execution=4"]
+                 "train.max_epochs=1", "train.steps_per_execution=4", "train.input_pipeline=stream"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path), *overrides], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -234,3 +235,33 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path: Path, idx_dir: Path) ->
     # is float summation order in the all-reduce, so the epoch losses agree to ~1e-5 relative.
     assert out["mirrored"]["loss"] == pytest.approx(out["default"]["loss"], rel=1e-3)
     assert out["mirrored"]["val_loss"] == pytest.approx(out["default"]["val_loss"], rel=1e-3)
+
+
+def test_memory_pipeline_matches_the_stream_reader(tmp_path: Path, idx_dir: Path) -> None:
+    import tensorflow as tf
+
+    from stages.data import make_dataset, make_memory_dataset
+
+    config = tiny_config(f"idx:{idx_dir}")
+    data = run_data(config, tmp_path)
+    images, labels = load_split(data.path, "train")
+    memory = list(make_memory_dataset(tf.constant(images), tf.constant(labels), 32, seed=0, epoch=3))
+    stream = list(make_dataset(data.path, "train", 32, training=True, epoch=3))
+    assert [len(b[1]) for b in memory] == [len(b[1]) for b in stream] == [32] * 8 + [14]
+
+    def rows(batches) -> list[bytes]:
+        return sorted(x.numpy().tobytes() + bytes([int(y)]) for b in batches for x, y in zip(*b, strict=True))
+
+    assert rows(memory) == rows(stream)  # the same normalized examples, each exactly once per epoch
+    again = list(make_memory_dataset(tf.constant(images), tf.constant(labels), 32, seed=0, epoch=3))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(memory, again, strict=True))
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "stream"])
+def test_both_input_pipelines_train(tmp_path: Path, idx_dir: Path, pipeline: str) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=2", f"train.input_pipeline={pipeline}")
+    data, model = upstream(config, tmp_path)
+    trainer = build_trainer(config, data, model, tmp_path / "ckpt")
+    assert (trainer.train_in_memory is not None) == (pipeline == "memory")
+    fit(trainer, make_early_stopping(config.train), tmp_path / "run")
+    assert trainer.val_metrics.result()[1] > 0.3
