@@ -222,10 +222,24 @@ def cached_build(
         try:
             body = build(staging)
             return commit(staging, final, body), False
+        except OSError as exc:
+            if not resumable:
+                shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheError(
+                    f"disk full while writing {final} ({exc}); nothing partial was kept as an output: "
+                    f"free space under {stage_root.parent} and run again"
+                ) from exc
+            raise
         except BaseException:
             if not resumable:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether `path` (symlinks resolved) lies inside `root`: names from files never escape the artifacts."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def require_valid(root: Path, stage: str, verify: bool = False) -> dict[str, Any]:

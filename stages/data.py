@@ -182,6 +182,10 @@ def build_data(
     }
     for split, (_, y) in splits.items():
         log.info("%s: %d records, class counts %s", split, len(y), class_counts(y, len(names)))
+    unseen = [names[c] for c, n in enumerate(class_counts(splits["validation"][1], len(names))) if n == 0]
+    if unseen:
+        log.warning("classes %s have no validation examples (fewer than 2 training examples each): early "
+                    "stopping cannot see them", unseen)
     log.info("wrote %.1f MB of TFRecords in %.2f s", sum(f["bytes"] for f in files.values()) / 1e6,
              time.perf_counter() - loaded)
     return body

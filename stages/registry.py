@@ -7,15 +7,17 @@ one of them and is only ever replaced atomically. `artifacts/registry.parquet` h
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from stages.cache import fsync_tree, write_json_atomic
+from stages.cache import check_files, fsync_tree, is_inside, quarantine, read_manifest, write_json_atomic
 from stages.errors import CacheError
 
+log = logging.getLogger("tapeline.registry")
 POINTER = "production.json"
 REGISTRY = "registry.parquet"
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
@@ -40,8 +42,18 @@ def production(artifacts: Path) -> dict[str, Any] | None:
         pointer = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CacheError(f"{path} is corrupt ({exc}); restore it from a version's promotion.json") from exc
-    if not (artifacts / pointer["path"]).is_dir():
+    target = artifacts / str(pointer.get("path", ""))
+    if not VERSION_PATTERN.match(target.name) or not is_inside(models_dir(artifacts), target):
+        raise CacheError(f"{path} points at {pointer.get('path')!r}, outside {models_dir(artifacts)}; "
+                         "point it at a version directory models/vNNNN")
+    if not target.is_dir():
         raise CacheError(f"{path} points at {pointer['path']}, which is missing; point it at a complete version")
+    manifest = read_manifest(target)
+    problem = check_files(target, manifest["files"], verify=False)
+    if problem is not None:
+        raise CacheError(f"production model {pointer['version']} is damaged: {problem}; restore it from "
+                         f"{manifest.get('fingerprint') and 'artifacts/export/' + manifest['fingerprint']} or "
+                         "point production.json at another version")
     return pointer
 
 
@@ -69,11 +81,20 @@ def switch_production(artifacts: Path, pointer: dict[str, Any]) -> None:
 
 
 def append_run(artifacts: Path, row: dict[str, Any]) -> None:
-    """Append one row to registry.parquet (call under the registry lock); atomic replace."""
+    """Append one row to registry.parquet (call under the registry lock); atomic replace.
+
+    A corrupt registry is moved aside (kept for inspection, with a warning) and a new one started:
+    a run that trained and exported a model must not fail on its bookkeeping.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = read_runs(artifacts, newest_first=False) + [{c: row.get(c) for c in REGISTRY_COLUMNS}]
+    try:
+        existing = read_runs(artifacts, newest_first=False)
+    except CacheError as exc:
+        log.warning("%s; moved aside to %s, starting a new registry", exc, quarantine(artifacts / REGISTRY))
+        existing = []
+    rows = existing + [{c: row.get(c) for c in REGISTRY_COLUMNS}]
     path = artifacts / REGISTRY
     tmp = path.with_name(f".{REGISTRY}.{time.time_ns()}.tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)

@@ -78,6 +78,8 @@ def class_names_for(labels: list[np.ndarray], known: tuple[str, ...] | None, whe
         if high >= len(known):
             raise DataSourceError(f"{where}: label {high} is out of range for {len(known)} classes")
         return known
+    if high == 0:
+        raise DataSourceError(f"{where}: every example has label 0; a classifier needs at least two classes")
     return tuple(str(i) for i in range(high + 1))
 
 

@@ -248,18 +248,34 @@ class Checkpointer:
         return self.manager.save(checkpoint_number=state.epoch)
 
     def restore_latest(self, early_stopping: EarlyStopping, schedule: ReduceLROnPlateau) -> TrainingState | None:
-        """Restore the newest checkpoint into the model, optimizer, `early_stopping` and `schedule`."""
-        latest = self.manager.latest_checkpoint
-        if latest is None:
-            return None
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        state = TrainingState(**json.loads(self.state.numpy().decode()))
-        if state.early_stopping is not None:
-            early_stopping.load_state(state.early_stopping, [v.numpy() for v in self.best_weights])
-        if state.lr_schedule is not None:
-            schedule.load_state(state.lr_schedule)
-        log.info("resumed from %s after epoch %d", latest, state.epoch)
-        return state
+        """Restore the newest readable checkpoint into the model, optimizer, `early_stopping` and `schedule`.
+
+        A damaged checkpoint is skipped with a warning naming it; the next older one is tried (each
+        successful restore overwrites every variable, so a failed attempt leaves nothing behind).
+        """
+        import tensorflow as tf
+
+        candidates = list(reversed(self.manager.checkpoints))
+        for prefix in candidates:
+            try:
+                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+                state = TrainingState(**json.loads(self.state.numpy().decode()))
+            except (tf.errors.OpError, ValueError, AssertionError, TypeError, KeyError, IndexError, OSError) as exc:
+                log.warning("checkpoint %s is unreadable (%s); trying an older one", prefix,
+                            str(exc).splitlines()[0][:200])
+                continue
+            if state.early_stopping is not None:
+                early_stopping.load_state(state.early_stopping, [v.numpy() for v in self.best_weights])
+            if state.lr_schedule is not None:
+                schedule.load_state(state.lr_schedule)
+            log.info("resumed from %s after epoch %d", prefix, state.epoch)
+            return state
+        if candidates:
+            raise TrainingError(
+                f"no readable checkpoint in {self.manager.directory} ({len(candidates)} damaged); delete that "
+                "directory to train from the start"
+            )
+        return None
 
 
 # ---------------------------------------------------------------- the loop
