@@ -96,8 +96,9 @@ class TrainConfig(Section):
     checkpoints_to_keep: int = Field(3, gt=0, description="last N epoch checkpoints kept")
     steps_per_execution: int = Field(32, gt=0, description="training steps per tf.function call")
     input_pipeline: Literal["auto", "memory", "stream"] = Field(
-        "auto", description="memory: hold the uint8 training split in RAM, full seeded shuffle each epoch; "
-        "stream: read TFRecords with a shuffle buffer; auto: memory when it fits in 2 GiB on one replica"
+        "stream", description="stream: read TFRecords through the shuffle buffer (the tutorial's order); memory: "
+        "hold the uint8 training split in RAM, full seeded shuffle each epoch; auto: memory when it fits in 2 GiB "
+        "on one replica"
     )
     deterministic: bool = Field(False, description="TF op determinism (slower)")
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field(

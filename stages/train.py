@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -315,15 +315,21 @@ class Trainer:
     val_metrics: EpochMetrics
     checkpointer: Checkpointer
     train_in_memory: tuple[Any, Any] | None
+    memory_iterator: Any = field(default=None, repr=False)
+    memory_next_epoch: int = -1
 
     def distributed(self, split: str, epoch: int) -> Any:
-        """An iterator over a split, distributed over the strategy's replicas."""
+        """An iterator over a split (for the in-memory training split: one iterator for all epochs)."""
         data = self.config.data
         if split == "train" and self.train_in_memory is not None:
-            ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed, epoch=epoch)
-        else:
-            ds = make_dataset(self.data.path, split, data.batch_size, training=split == "train",
-                              shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch)
+            if self.memory_iterator is None or self.memory_next_epoch != epoch:
+                ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed,
+                                         epoch=epoch, epochs=self.config.train.max_epochs - epoch)
+                self.memory_iterator = iter(ds)
+            self.memory_next_epoch = epoch + 1
+            return self.memory_iterator
+        ds = make_dataset(self.data.path, split, data.batch_size, training=split == "train",
+                          shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch)
         return iter(self.strategy.experimental_distribute_dataset(ds))
 
     def check_finite(self, epoch: int) -> None:
@@ -345,9 +351,9 @@ class Trainer:
         total = steps_for(self.data.records["train"], self.config.data.batch_size)
         chunk = self.config.train.steps_per_execution
         bar = progress_bar(total)
+        started = time.perf_counter()
         iterator = self.distributed("train", epoch)
         self.train_metrics.reset_state()
-        started = time.perf_counter()
         done = 0
         while done < total:
             steps = min(chunk, total - done)
