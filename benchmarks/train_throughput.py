@@ -175,6 +175,8 @@ def main() -> None:
     if args.levers:
         contenders["tapeline_steps_per_execution_1"] = tapeline_contender(
             config, data, validation, artifacts, "train.steps_per_execution=1")
+        contenders["tapeline_input_in_memory"] = tapeline_contender(
+            config, data, validation, artifacts, "train.input_pipeline=memory")
         contenders["tapeline_mixed_bfloat16"] = tapeline_contender(
             config, data, validation, artifacts, "train.precision=mixed_bfloat16")
     seconds: dict[str, list[float]] = {name: [] for name in contenders}

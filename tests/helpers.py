@@ -64,3 +64,17 @@ def tiny_config(source: str, *overrides: str) -> PipelineConfig:
         "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=3", "train.patience=2",
         "train.steps_per_execution=4", *overrides,
     ])
+
+
+class Interrupted(Exception):
+    """Raised by `interrupt_after` to stop training as a crash would."""
+
+
+def interrupt_after(epochs: int):
+    """An epoch callback that interrupts training after `epochs` epochs (1-based)."""
+
+    def callback(row: dict, _max_epochs: int) -> None:
+        if row["epoch"] == epochs:
+            raise Interrupted
+
+    return callback

@@ -25,7 +25,15 @@ from stages.errors import CacheError, DataSourceError, LockTimeoutError, Tapelin
 from stages.pipeline import record_run, registry_row, run_all
 from stages.registry import POINTER, production, read_runs
 from stages.sources import parse_idx, read_parquet_file
-from tests.helpers import idx_bytes, png_bytes, synthetic_images, tiny_config, write_idx_dir
+from tests.helpers import (
+    Interrupted,
+    idx_bytes,
+    interrupt_after,
+    png_bytes,
+    synthetic_images,
+    tiny_config,
+    write_idx_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -129,48 +137,35 @@ def test_corrupt_manifest_is_rebuilt(tmp_path: Path, idx_dir: Path) -> None:
     assert not again.cached and manifest_problem(again.path) is None
 
 
-class Stop(Exception):
-    pass
-
-
-def stop_after(epochs: int):
-    def callback(row: dict, _max: int) -> None:
-        if row["epoch"] == epochs:
-            raise Stop
-    return callback
-
-
-def test_damaged_checkpoint_falls_back_to_an_older_one(tmp_path: Path, idx_dir: Path) -> None:
+def interrupted_checkpoints(tmp_path: Path, idx_dir: Path, epochs: int):
+    """Train a tiny model, interrupt it after `epochs` epochs; returns (run again, checkpoints dir)."""
     from stages.model import run_model
     from stages.train import run_train, train_fingerprint
 
     config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
     data = run_data(config, tmp_path)
     model = run_model(config, data, tmp_path)
-    with pytest.raises(Stop):
-        run_train(config, data, model, tmp_path, on_epoch_end=stop_after(3))
+    with pytest.raises(Interrupted):
+        run_train(config, data, model, tmp_path, on_epoch_end=interrupt_after(epochs))
     checkpoints = tmp_path / "train" / f".partial-{train_fingerprint(config, data, model)}" / "checkpoints"
+    return (lambda **kwargs: run_train(config, data, model, tmp_path, **kwargs)), checkpoints
+
+
+def test_damaged_checkpoint_falls_back_to_an_older_one(tmp_path: Path, idx_dir: Path) -> None:
+    train_again, checkpoints = interrupted_checkpoints(tmp_path, idx_dir, 3)
     newest = next(checkpoints.glob("ckpt-3.data-*"))
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     seen: list[int] = []
-    result = run_train(config, data, model, tmp_path, on_epoch_end=lambda r, _: seen.append(r["epoch"]))
+    result = train_again(on_epoch_end=lambda r, _: seen.append(r["epoch"]))
     assert seen == [3, 4] and result.epochs_run == 4  # resumed from ckpt-2 and redid epoch 3
 
 
 def test_all_checkpoints_damaged_says_what_to_do(tmp_path: Path, idx_dir: Path) -> None:
-    from stages.model import run_model
-    from stages.train import run_train, train_fingerprint
-
-    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
-    data = run_data(config, tmp_path)
-    model = run_model(config, data, tmp_path)
-    with pytest.raises(Stop):
-        run_train(config, data, model, tmp_path, on_epoch_end=stop_after(2))
-    checkpoints = tmp_path / "train" / f".partial-{train_fingerprint(config, data, model)}" / "checkpoints"
+    train_again, checkpoints = interrupted_checkpoints(tmp_path, idx_dir, 2)
     for path in checkpoints.glob("ckpt-*.data-*"):
         path.write_bytes(b"")
     with pytest.raises(TrainingError, match=r"no readable checkpoint in .*\(2 damaged\); delete that directory"):
-        run_train(config, data, model, tmp_path)
+        train_again()
 
 
 def test_corrupt_registry_is_reported_and_set_aside(tmp_path: Path, idx_dir: Path) -> None:

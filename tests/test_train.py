@@ -22,7 +22,7 @@ from stages.errors import TrainingError
 from stages.model import WEIGHTS_FILE, run_model
 from stages.results import DataResult, ModelResult
 from stages.train import HISTORY_COLUMNS, build_trainer, fit, make_early_stopping, run_train
-from tests.helpers import tiny_config
+from tests.helpers import Interrupted, interrupt_after, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,17 +94,6 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path: Path, idx_di
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
     rows = history(result.path)
     assert result.best_val_accuracy == rows[0]["val_accuracy"]
-
-
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_after(epochs: int):
-    def callback(row: dict, _max: int) -> None:
-        if row["epoch"] == epochs:
-            raise Interrupted
-    return callback
 
 
 def test_interrupted_run_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path) -> None:
