@@ -37,12 +37,11 @@ def prepare_data(limit: int | None, artifacts: Path):
     from stages.config import load_config
     from stages.data import load_split, run_data
     from stages.sources import DEBIAN_FASHION_MNIST
-    from tests.helpers import synthetic_images, write_idx_dir
+    from tests.helpers import write_idx_dir
 
     source = "fashion_mnist"
     if not DEBIAN_FASHION_MNIST.is_dir() and not os.environ.get("TAPELINE_DATA_DIR"):
         source = f"idx:{write_idx_dir(artifacts / 'synthetic', n_train=60000, n_test=10000)}"
-        _ = synthetic_images
     overrides = [f"data.source={source}"] + ([f"data.limit={limit}"] if limit else [])
     config = load_config(None, overrides)
     data = run_data(config, artifacts)

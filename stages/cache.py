@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.errors import CacheError, LockTimeoutError
+from stages.errors import CacheError, LockTimeoutError, MissingUpstreamError
 
 MANIFEST = "manifest.json"
 FINGERPRINT_CHARS = 16
@@ -244,8 +244,6 @@ def is_inside(root: Path, path: Path) -> bool:
 
 def require_valid(root: Path, stage: str, verify: bool = False) -> dict[str, Any]:
     """The manifest of an upstream output, or MissingUpstreamError saying which stage to run first."""
-    from stages.errors import MissingUpstreamError
-
     problem = manifest_problem(root, verify)
     if problem is not None:
         raise MissingUpstreamError(

@@ -181,7 +181,6 @@ def test_corrupt_registry_is_reported_and_set_aside(tmp_path: Path, idx_dir: Pat
 
 
 def test_damaged_production_model_is_reported(tmp_path: Path, idx_dir: Path) -> None:
-    from stages.errors import PredictError  # noqa: F401 - predict reports CacheError from production()
     from stages.predict import predict
 
     run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=1"), tmp_path)
