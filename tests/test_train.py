@@ -118,12 +118,21 @@ def test_interrupted_run_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path) 
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import stages.train
     from stages.config import load_config
     from stages.data import run_data
     from stages.model import run_model
     from stages.train import run_train
-    config = load_config(None, sys.argv[2:])
-    artifacts = Path(sys.argv[1])
+    artifacts, where = Path(sys.argv[1]), sys.argv[2]
+    config = load_config(None, sys.argv[3:])
+    if where == "mid-epoch":  # stall inside epoch 3, after its first steps, and say so
+        original = stages.train.Trainer.check_finite
+        def stalling(self, epoch):
+            original(self, epoch)
+            if epoch == 2:
+                (artifacts / "inside-epoch-3").touch()
+                time.sleep(60)
+        stages.train.Trainer.check_finite = stalling
     data = run_data(config, artifacts)
     model = run_model(config, data, artifacts)
     run_train(config, data, model, artifacts, on_epoch_end=lambda row, _: time.sleep(1.5))
@@ -131,19 +140,22 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_killed_subprocess_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path) -> None:
+@pytest.mark.parametrize("where", ["between-epochs", "mid-epoch"])
+def test_killed_subprocess_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path, where: str) -> None:
     overrides = [f"data.source=idx:{idx_dir}", "data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256",
                  "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=4", "train.patience=3",
                  "train.steps_per_execution=4"]
     config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
     whole = run_train(config, *upstream(config, tmp_path / "a"), tmp_path / "a")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "b"), *overrides], env=env, cwd=ROOT)
-    marker = tmp_path / "b" / "train" / f".partial-{whole.fingerprint}" / "checkpoints" / "ckpt-2.index"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "b"), where, *overrides], env=env,
+                             cwd=ROOT)
+    checkpoint = tmp_path / "b" / "train" / f".partial-{whole.fingerprint}" / "checkpoints" / "ckpt-2.index"
+    marker = checkpoint if where == "between-epochs" else tmp_path / "b" / "inside-epoch-3"
     deadline = time.monotonic() + 240
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.exists(), "the child never checkpointed epoch 2"
+    assert marker.exists(), f"the child never reached {marker.name}"
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (tmp_path / "b" / "train" / whole.fingerprint).exists()
@@ -151,6 +163,8 @@ def test_killed_subprocess_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path
     resumed = run_train(config, *upstream(config, tmp_path / "b"), tmp_path / "b",
                         on_epoch_end=lambda r, _: epochs_seen.append(r["epoch"]))
     assert epochs_seen and epochs_seen[0] >= 3 and epochs_seen[-1] == 4
+    if where == "mid-epoch":
+        assert epochs_seen == [3, 4]  # epoch 3 was cut short, so it is redone from ckpt-2
     assert (resumed.epochs_run, resumed.best_epoch) == (whole.epochs_run, whole.best_epoch)
     assert_same_weights(whole.path / "model.keras", resumed.path / "model.keras")
 
