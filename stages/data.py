@@ -38,10 +38,10 @@ def data_sources(config: DataConfig) -> list[Source]:
     return sources
 
 
-def data_fingerprint(config: PipelineConfig, sources: list[Source]) -> str:
+def data_fingerprint(config: PipelineConfig, identities: list[dict[str, Any]]) -> str:
     """Hash of the source identities, the data config (minus orchestration knobs), the seed and code version."""
     return fingerprint({
-        "sources": [s.identity() for s in sources],
+        "sources": identities,
         "config": config.data.model_dump(exclude={"retries", "timeout_seconds", "batch_size", "shuffle_buffer"}),
         "seed": config.seed,
         "code": CODE_VERSION,
@@ -206,7 +206,7 @@ def run_data(config: PipelineConfig, artifacts: Path, *, verify: bool = False) -
     started = time.perf_counter()
     sources = data_sources(config.data)
     identity = [s.identity() for s in sources]
-    fp = data_fingerprint(config, sources)
+    fp = data_fingerprint(config, identity)
     manifest, cached = cached_build(
         artifacts / "data", fp, lambda staging: build_data(staging, config, sources, identity), verify=verify
     )
@@ -218,7 +218,7 @@ def run_data(config: PipelineConfig, artifacts: Path, *, verify: bool = False) -
 def find_data(config: PipelineConfig, artifacts: Path, verify: bool = False) -> DataResult:
     """The cached data output for this config, or an error saying to run the data stage first."""
     sources = data_sources(config.data)
-    path = data_dir(artifacts, data_fingerprint(config, sources))
+    path = data_dir(artifacts, data_fingerprint(config, [s.identity() for s in sources]))
     manifest = require_valid(path, "data", verify)
     return data_result(path, manifest, True, 0.0)
 

@@ -54,7 +54,7 @@ def run_all(config: PipelineConfig, artifacts: Path, verify: bool = False) -> di
 def output_path(stage: str, config: PipelineConfig, artifacts: Path, upstream: dict[str, Any]) -> Path:
     """Where `stage`'s output for this config and these upstream results lives (built or not)."""
     if stage == "data":
-        return data_dir(artifacts, data_fingerprint(config, data_sources(config.data)))
+        return data_dir(artifacts, data_fingerprint(config, [s.identity() for s in data_sources(config.data)]))
     data = upstream["data"]
     if stage == "model":
         fp = model_fingerprint(config, data)
