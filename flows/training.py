@@ -8,7 +8,6 @@ manifest and, when it is missing or damaged, runs the task with `refresh_cache` 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from pathlib import Path
@@ -163,5 +162,4 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, An
                timeout=config.export.lock_timeout_seconds)
     publish_artifacts(summary, results["evaluate"].path)
     logger.info("%s; test accuracy %.4f; %s", summary["message"], summary["test_accuracy"], summary["decision"])
-    logging.getLogger("tapeline").info("summary %s", summary)
     return summary

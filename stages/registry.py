@@ -116,7 +116,9 @@ def read_runs(artifacts: Path, newest_first: bool = True) -> list[dict[str, Any]
             f"{path} is corrupt ({exc}); move it aside (rows are lost only from the table, every run's "
             "outputs stay under artifacts/) and the next run starts a new registry"
         ) from exc
-    return sorted(rows, key=lambda r: r["time"], reverse=newest_first)
+    # Times have one-second resolution: the append order breaks ties.
+    ordered = sorted(enumerate(rows), key=lambda pair: (pair[1]["time"], pair[0]), reverse=newest_first)
+    return [row for _, row in ordered]
 
 
 def format_runs(rows: list[dict[str, Any]]) -> str:
