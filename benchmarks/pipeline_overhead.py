@@ -80,7 +80,8 @@ def data_stage_times(repeats: int, workdir: Path) -> dict:
     """Cold builds of the Fashion-MNIST cache: decode (IDX gz) and split+write seconds, from the manifests."""
     from stages.cache import read_manifest
     from stages.config import load_config
-    from stages.data import make_dataset, run_data
+    from stages.data import make_dataset
+    from stages.pipeline import run_data
 
     config = load_config()
     loads, writes, totals = [], [], []

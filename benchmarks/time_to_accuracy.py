@@ -50,10 +50,7 @@ def tapeline_time(source: str, overrides: list[str], target: float, max_epochs: 
     """Seconds (and epochs) tapeline's train stage needs to reach the target; with `finish`, it then trains
     on until early stopping and reports the test accuracy of the result."""
     from stages.config import load_config
-    from stages.data import run_data
-    from stages.evaluate import run_evaluate
-    from stages.model import run_model
-    from stages.train import run_train
+    from stages.pipeline import run_data, run_evaluate, run_model, run_train
 
     artifacts = Path(tempfile.mkdtemp(prefix="tapeline-tta-"))
     limit = [] if finish else [f"train.max_epochs={max_epochs}"]

@@ -35,7 +35,8 @@ PRACTICAL_CEILING = 7000  # img/s: ~120 GFLOP/s fp32 GEMM peak of this CPU / FLO
 def prepare_data(limit: int | None, artifacts: Path):
     """Build tapeline's data cache and return (config, data result, train arrays, validation arrays)."""
     from stages.config import load_config
-    from stages.data import load_split, run_data
+    from stages.data import load_split
+    from stages.pipeline import run_data
     from stages.sources import DEBIAN_FASHION_MNIST
     from tests.helpers import write_idx_dir
 
@@ -126,7 +127,7 @@ def fit_contender(train, validation):
 def tapeline_contender(config, data, validation, artifacts: Path, *overrides: str):
     """(c) tapeline's train-stage loop (Trainer.train_epoch) reading the TFRecord cache."""
     from stages.config import load_config
-    from stages.model import run_model
+    from stages.pipeline import run_model
     from stages.train import build_trainer, precision_policy
 
     config = load_config(None, [f"data.source={config.data.source}"]

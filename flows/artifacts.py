@@ -14,16 +14,21 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from stages.train import EpochCallback, epoch_log_line
+from stages.results import EpochCallback
+from stages.train import epoch_log_line
 
 
 def progress_reporter() -> EpochCallback:
-    """An epoch callback that keeps a Prefect progress artifact (percent of max_epochs) up to date."""
-    artifact_id = create_progress_artifact(progress=0.0, key="training-progress",
-                                           description="epochs done, as a share of train.max_epochs")
+    """An epoch callback that keeps a Prefect progress artifact (percent of max_epochs) up to date.
+
+    The artifact is created at the first epoch, so a stage that trains nothing (or a cache hit) makes none."""
+    artifact_ids: list[Any] = []
 
     def report(row: dict[str, float], max_epochs: int) -> None:
-        update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * row["epoch"] / max_epochs),
+        if not artifact_ids:
+            artifact_ids.append(create_progress_artifact(progress=0.0, key="training-progress",
+                                                         description="epochs done, as a share of train.max_epochs"))
+        update_progress_artifact(artifact_ids[0], progress=min(100.0, 100.0 * row["epoch"] / max_epochs),
                                  description=epoch_log_line(row))
 
     return report

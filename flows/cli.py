@@ -11,8 +11,9 @@ from pathlib import Path
 
 from stages.config import config_keys, load_config
 from stages.errors import TapelineError
+from stages.graph import STAGE_NAMES
 
-STAGE_NAMES = ("data", "model", "train", "evaluate", "export")
+PROMOTION = "promotion"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
@@ -72,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     stage = commands.add_parser("stage", help="run one stage locally, without a Prefect server",
                                 epilog=keys_epilog(), formatter_class=formatter)
-    stage.add_argument("name", choices=STAGE_NAMES)
+    stage.add_argument("name", choices=(*STAGE_NAMES, PROMOTION),
+                       help="a stage of the graph, or the promotion step (needs every stage's output)")
     add_common(stage)
     add_config(stage)
     stage.add_argument("--json", action="store_true", help="print the stage result as JSON")
+    plan = commands.add_parser("plan", help="each stage's fingerprint, whether it is cached, and what `tapeline run` "
+                               "would run; runs nothing", epilog=keys_epilog(), formatter_class=formatter)
+    add_common(plan)
+    add_config(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     predict = commands.add_parser("predict", help="classify PNG / .npy images with an exported model",
                                   epilog=keys_epilog(), formatter_class=formatter)
     add_common(predict)
@@ -94,7 +101,7 @@ def command_run(args: argparse.Namespace) -> int:
     os.environ["TAPELINE_ARTIFACTS"] = str(args.artifacts.resolve())
     from flows.training import training_pipeline
 
-    summary = training_pipeline(config=config)
+    summary = training_pipeline(config=config, verify=args.verify)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -107,16 +114,43 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_stage(args: argparse.Namespace) -> int:
-    """Run one stage in this process."""
-    from stages.pipeline import run_stage
+    """Run one stage (or the promotion step) in this process."""
+    from stages.graph import find_output, run_stage
 
     config = load_config(args.config, args.overrides)
-    result = run_stage(args.name, config, args.artifacts.resolve(), verify=args.verify)
+    artifacts = args.artifacts.resolve()
+    if args.name == PROMOTION:
+        from stages.pipeline import new_run_id, promote_run
+
+        results = {name: find_output(name, config, artifacts, args.verify) for name in STAGE_NAMES}
+        promotion = promote_run(config, results, artifacts, new_run_id())
+        print(promotion.model_dump_json() if args.json else f"{promotion.decision}; record: {promotion.record}")
+        return 0
+    result = run_stage(args.name, config, artifacts, verify=args.verify)
     if args.json:
         print(result.model_dump_json())
     else:
         print(f"{result.stage} {result.fingerprint} {'reused from cache' if result.cached else 'built'} "
               f"in {result.seconds:.2f} s: {result.path}")
+    return 0
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as aligned text: one line per stage, then what would run."""
+    lines = [f"{name:<9} {row['fingerprint']}  {'cached' if row['cached'] else 'to run'}  {row['path']}"
+             for name, row in plan["stages"].items()]
+    would_run = plan["would_run"]
+    lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: nothing (every stage is cached)")
+    lines.append("the promotion step runs on every run")
+    return "\n".join(lines)
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    """Print each stage's fingerprint and cache status, and which stages `tapeline run` would run."""
+    from stages.graph import plan
+
+    result = plan(load_config(args.config, args.overrides), args.artifacts.resolve(), verify=args.verify)
+    print(json.dumps(result) if args.json else format_plan(result))
     return 0
 
 
@@ -138,7 +172,8 @@ def command_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "stage": command_stage, "predict": command_predict, "runs": command_runs}
+COMMANDS = {"run": command_run, "stage": command_stage, "plan": command_plan, "predict": command_predict,
+            "runs": command_runs}
 
 
 def main(argv: list[str] | None = None) -> int:

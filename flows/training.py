@@ -1,8 +1,11 @@
-"""The Prefect flow `training-pipeline`: one task per stage, cached across runs by stage fingerprint.
+"""The Prefect flow `training-pipeline`: one task per stage of the graph, cached by stage fingerprint,
+then the promotion step, uncached.
 
-Task bodies only call the stage function. A task's cache key is its stage's output path (stage +
+Tasks are made from `stages.graph.GRAPH`, so a new stage is a new task without touching this file.
+Task bodies only call the stage runner. A task's cache key is its stage's output path (stage +
 fingerprint + artifacts directory); before a cache hit is trusted, the flow checks the output's
-manifest and, when it is missing or damaged, runs the task with `refresh_cache` so it is rebuilt.
+manifest (SHA-256 with `verify`) and, when it is missing or damaged, runs the task with
+`refresh_cache` so it is rebuilt.
 """
 
 from __future__ import annotations
@@ -10,28 +13,22 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.artifacts import progress_reporter, publish_artifacts
 from stages.config import PipelineConfig
-from stages.data import run_data
 from stages.errors import DownloadError, TapelineError
-from stages.evaluate import run_evaluate
-from stages.export import promote, run_export
-from stages.model import run_model
-from stages.pipeline import STAGES, new_run_id, output_is_valid, output_path, record_run, registry_row
-from stages.results import DataResult, EvaluateResult, ExportResult, ModelResult, Promotion, StageResult, TrainResult
-from stages.train import run_train
-
-TASK_INPUTS = {"data": (), "model": ("data",), "train": ("data", "model"), "evaluate": ("data", "train"),
-               "export": ("data", "train", "evaluate")}
-PARAMETER_NAMES = {"evaluate": "evaluation"}
+from stages.graph import GRAPH, output_is_valid, output_path, run_stage
+from stages.pipeline import new_run_id, promote_run, record_run, registry_row
+from stages.results import Promotion, StageResult
 
 
 def artifacts_dir() -> Path:
@@ -39,46 +36,16 @@ def artifacts_dir() -> Path:
     return Path(os.environ.get("TAPELINE_ARTIFACTS", "artifacts")).resolve()
 
 
-def stage_cache_key(stage: str):
+def stage_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """A Prefect cache_key_fn: the stage's output path, hashed (so two artifacts dirs never share a key)."""
-
-    def key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        upstream = {k: parameters[PARAMETER_NAMES.get(k, k)] for k in TASK_INPUTS[stage]}
-        path = output_path(stage, parameters["config"], Path(parameters["artifacts"]), upstream)
-        return f"tapeline-{stage}-{path.name}-{hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]}"
-
-    return key
+    path = output_path(parameters["name"], parameters["config"], Path(parameters["artifacts"]))
+    return f"tapeline-{parameters['name']}-{path.name}-{hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]}"
 
 
-@task(name="data", cache_key_fn=stage_cache_key("data"), persist_result=True)
-def data_task(config: PipelineConfig, artifacts: Path) -> DataResult:
-    """Data stage: source -> sharded TFRecords."""
-    return run_data(config, artifacts)
-
-
-@task(name="model", cache_key_fn=stage_cache_key("model"), persist_result=True)
-def model_task(config: PipelineConfig, data: DataResult, artifacts: Path) -> ModelResult:
-    """Model stage: the seeded, initialized CNN."""
-    return run_model(config, data, artifacts)
-
-
-@task(name="train", cache_key_fn=stage_cache_key("train"), persist_result=True)
-def train_task(config: PipelineConfig, data: DataResult, model: ModelResult, artifacts: Path) -> TrainResult:
-    """Train stage: the GradientTape loop with early stopping, resuming from checkpoints."""
-    return run_train(config, data, model, artifacts, on_epoch_end=progress_reporter())
-
-
-@task(name="evaluate", cache_key_fn=stage_cache_key("evaluate"), persist_result=True)
-def evaluate_task(config: PipelineConfig, data: DataResult, train: TrainResult, artifacts: Path) -> EvaluateResult:
-    """Evaluate stage: test-split metrics and pictures, with the champion's figures."""
-    return run_evaluate(config, data, train, artifacts)
-
-
-@task(name="export", cache_key_fn=stage_cache_key("export"), persist_result=True)
-def export_task(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
-                artifacts: Path) -> ExportResult:
-    """Export stage: SavedModel / .keras / TFLite, each reloaded and verified, and the model card."""
-    return run_export(config, data, train, evaluation, artifacts)
+def stage_body(name: str, config: PipelineConfig, artifacts: Path, upstream: Mapping[str, StageResult],
+               verify: bool = False) -> StageResult:
+    """Run one stage of the graph (the body of every stage task)."""
+    return run_stage(name, config, artifacts, upstream, verify=verify, on_epoch_end=progress_reporter())
 
 
 def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -94,70 +61,75 @@ def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     return True
 
 
-TASKS = {"data": data_task, "model": model_task, "train": train_task, "evaluate": evaluate_task,
-         "export": export_task}
+TASKS: dict[str, Task] = {
+    stage.name: task(stage_body, name=stage.name, cache_key_fn=stage_cache_key, persist_result=True)
+    for stage in GRAPH
+}
 
 
-def configured_task(stage: str, config: PipelineConfig, refresh: bool) -> Any:
-    """The stage's task with retries and timeouts from the config, refreshing its cache when asked."""
-    section = {"data": config.data, "train": config.train, "evaluate": config.evaluate,
-               "export": config.export}.get(stage)
-    options: dict[str, Any] = {"refresh_cache": refresh}
-    if section is not None:
-        options["timeout_seconds"] = section.timeout_seconds
-    if stage in ("data", "train"):
-        retries = section.retries
-        options["retries"] = retries
-        options["retry_delay_seconds"] = exponential_backoff(backoff_factor=5)(retries) if retries else 0
-        options["retry_condition_fn"] = is_transient
-    return TASKS[stage].with_options(**options)
+@task(name="promotion", cache_policy=NO_CACHE)
+def promotion_task(config: PipelineConfig, results: dict[str, StageResult], artifacts: Path, run_id: str) -> Promotion:
+    """The promotion step: compare with production, switch when better, record the run (never cached)."""
+    return promote_run(config, results, artifacts, run_id)
 
 
-def run_stage_task(stage: str, config: PipelineConfig, artifacts: Path, upstream: dict[str, StageResult]
-                   ) -> tuple[StageResult, dict[str, Any]]:
+def configured_task(name: str, config: PipelineConfig, refresh: bool) -> Task:
+    """The stage's task with the retries and time limit of its config section, refreshing its cache when asked."""
+    section = getattr(config, name, None)
+    retries = getattr(section, "retries", 0)
+    return TASKS[name].with_options(
+        refresh_cache=refresh, timeout_seconds=getattr(section, "timeout_seconds", None), retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=5)(retries) if retries else 0,
+        retry_condition_fn=is_transient,
+    )
+
+
+def run_stage_task(name: str, config: PipelineConfig, artifacts: Path, upstream: dict[str, StageResult],
+                   verify: bool) -> tuple[StageResult, dict[str, Any]]:
     """Run one stage's task; returns its result and its summary row (fingerprint, cached, seconds, path)."""
-    refresh = not output_is_valid(stage, config, artifacts, upstream)
-    arguments = {PARAMETER_NAMES.get(k, k): upstream[k] for k in TASK_INPUTS[stage]}
+    refresh = not output_is_valid(name, config, artifacts, verify)
     started = time.perf_counter()
-    state = configured_task(stage, config, refresh)(config=config, artifacts=artifacts, **arguments,
-                                                     return_state=True)
+    state = configured_task(name, config, refresh)(name=name, config=config, artifacts=artifacts, upstream=upstream,
+                                                   verify=verify, return_state=True)
     try:
         result: StageResult = state.result()
     except Exception as exc:
-        get_run_logger().error("stage %s failed: %s", stage, exc)
+        get_run_logger().error("stage %s failed: %s", name, exc)
         raise
     cached = state.name == "Cached" or result.cached
     return result, {"fingerprint": result.fingerprint, "cached": cached, "state": state.name,
                     "seconds": round(time.perf_counter() - started, 3), "path": str(result.path)}
 
 
-def run_summary(run_id: str, stages: dict[str, dict[str, Any]], evaluation: EvaluateResult,
-                promotion: Promotion) -> dict[str, Any]:
+def run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promotion) -> dict[str, Any]:
     """The flow's return value (and `tapeline run --json`)."""
     all_cached = all(s["cached"] for s in stages.values())
     return {
-        "run_id": run_id, "stages": stages, "test_accuracy": evaluation.test_accuracy,
-        "champion_accuracy": evaluation.champion_accuracy, "promoted": promotion.promoted,
+        "run_id": run_id, "stages": stages, "test_accuracy": promotion.test_accuracy,
+        "champion_accuracy": promotion.champion_accuracy, "promoted": promotion.promoted,
         "decision": promotion.decision, "model_path": str(promotion.model_path), "all_cached": all_cached,
-        "message": "nothing changed since the last run: every stage was a cache hit" if all_cached
-        else f"ran {', '.join(n for n, s in stages.items() if not s['cached'])}",
+        "record": str(promotion.record), "message": "nothing changed since the last run: every stage was a cache hit"
+        if all_cached else f"ran {', '.join(n for n, s in stages.items() if not s['cached'])}",
     }
 
 
-@flow(name="training-pipeline", description="data -> model -> train -> evaluate -> export, cached by fingerprint")
-def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - frozen model
-    """Run every stage in order as Prefect tasks and return the run summary."""
+@flow(name="training-pipeline", description="data -> model -> train -> evaluate -> export -> promotion, "
+      "cached by fingerprint")
+def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = False  # noqa: B008 - frozen model
+                      ) -> dict[str, Any]:
+    """Run every stage of the graph as a Prefect task, then the promotion step; return the run summary.
+    With `verify`, every cached output is checked by SHA-256 before it is reused."""
     logger = get_run_logger()
     artifacts = artifacts_dir()
     run_id = str(flow_run.id) if flow_run.id else new_run_id()
     results: dict[str, StageResult] = {}
     stages: dict[str, dict[str, Any]] = {}
-    for stage in STAGES:
-        results[stage], stages[stage] = run_stage_task(stage, config, artifacts, results)
-        logger.info("%s: %s (%s)", stage, stages[stage]["fingerprint"], "cached" if stages[stage]["cached"] else "ran")
-    # The gate runs every time, outside the cached export task: production may have changed since.
-    promotion = promote(config, results["data"], results["train"], results["evaluate"], results["export"], artifacts)
-    summary = run_summary(run_id, stages, results["evaluate"], promotion)
+    for stage in GRAPH:
+        results[stage.name], stages[stage.name] = run_stage_task(stage.name, config, artifacts, results, verify)
+        logger.info("%s: %s (%s)", stage.name, stages[stage.name]["fingerprint"],
+                    "cached" if stages[stage.name]["cached"] else "ran")
+    promotion = promotion_task(config, results, artifacts, run_id)
+    summary = run_summary(run_id, stages, promotion)
     record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}),
                timeout=config.export.lock_timeout_seconds)
     publish_artifacts(summary, results["evaluate"].path)

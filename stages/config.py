@@ -19,6 +19,18 @@ NAMED_SOURCES = ("fashion_mnist", "mnist")
 EXPORT_FORMATS = ("saved_model", "keras", "tflite")
 
 
+def runtime(default: Any, **kwargs: Any) -> Any:
+    """A knob of how a stage runs (retries, timeouts, speed) that never changes its output: every
+    fingerprint leaves it out."""
+    return Field(default, json_schema_extra={"affects_output": False}, **kwargs)
+
+
+def used_by(stage: str, default: Any, **kwargs: Any) -> Any:
+    """A key kept in its section for users but read by another stage: that stage's fingerprint covers
+    it, its own section's does not (`data.batch_size` shapes training, not the TFRecords)."""
+    return Field(default, json_schema_extra={"used_by": stage}, **kwargs)
+
+
 class Section(BaseModel):
     """Base of every config section: frozen, and unknown keys are errors."""
 
@@ -42,12 +54,12 @@ class DataConfig(Section):
     test_fraction: float = Field(
         0.1, gt=0, lt=1, description="share held out as the test split when the source has no test split"
     )
-    batch_size: int = Field(32, gt=0, description="global batch size")
-    shuffle_buffer: int = Field(10000, gt=0, description="tf.data shuffle buffer for training")
+    batch_size: int = used_by("train", 32, gt=0, description="global batch size")
+    shuffle_buffer: int = used_by("train", 10000, gt=0, description="tf.data shuffle buffer for training")
     shards: int = Field(4, gt=0, le=1024, description="TFRecord files per split")
-    tfds_data_dir: str | None = Field(None, description="TFDS data_dir for tfds: sources")
-    retries: int = Field(2, ge=0, le=10, description="retries of the data stage (downloads) in the flow")
-    timeout_seconds: float | None = Field(None, gt=0, description="data stage time limit in the flow")
+    tfds_data_dir: str | None = runtime(None, description="TFDS data_dir for tfds: sources")
+    retries: int = runtime(2, ge=0, le=10, description="retries of the data stage (downloads) in the flow")
+    timeout_seconds: float | None = runtime(None, gt=0, description="data stage time limit in the flow")
 
     @field_validator("source")
     @classmethod
@@ -94,7 +106,7 @@ class TrainConfig(Section):
     reduce_lr_factor: float = Field(0.2, gt=0, lt=1, description="learning rate multiplier on a plateau")
     min_learning_rate: float = Field(1e-5, ge=0, description="the learning rate never drops below this")
     checkpoints_to_keep: int = Field(3, gt=0, description="last N epoch checkpoints kept")
-    steps_per_execution: int = Field(32, gt=0, description="training steps per tf.function call")
+    steps_per_execution: int = runtime(32, gt=0, description="training steps per tf.function call")
     input_pipeline: Literal["auto", "memory", "stream"] = Field(
         "stream", description="stream: read TFRecords through the shuffle buffer (the tutorial's order); memory: "
         "hold the uint8 training split in RAM, full seeded shuffle each epoch; auto: memory when it fits in 2 GiB "
@@ -106,8 +118,8 @@ class TrainConfig(Section):
     )
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field("float32", description="compute precision")
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
-    retries: int = Field(0, ge=0, le=10, description="retries of the train stage in the flow")
-    timeout_seconds: float | None = Field(None, gt=0, description="train stage time limit in the flow")
+    retries: int = runtime(0, ge=0, le=10, description="retries of the train stage in the flow")
+    timeout_seconds: float | None = runtime(None, gt=0, description="train stage time limit in the flow")
 
     @field_validator("monitor")
     @classmethod
@@ -122,7 +134,7 @@ class EvalConfig(Section):
     """Test-split evaluation and its pictures."""
 
     worst_examples: int = Field(25, ge=0, le=400, description="misclassified test images in the grid")
-    timeout_seconds: float | None = Field(None, gt=0, description="evaluate stage time limit in the flow")
+    timeout_seconds: float | None = runtime(None, gt=0, description="evaluate stage time limit in the flow")
 
 
 class ExportConfig(Section):
@@ -132,10 +144,14 @@ class ExportConfig(Section):
         EXPORT_FORMATS, min_length=1, description="saved_model, keras, tflite"
     )
     tolerance: float = Field(1e-4, gt=0, description="max |difference| in probabilities of a reloaded export")
-    min_accuracy: float = Field(0.0, ge=0, le=1, description="test accuracy a model needs to be promoted")
-    promote_min_delta: float = Field(0.0, ge=0, description="margin over the production model needed to promote")
-    lock_timeout_seconds: float = Field(600, gt=0, description="wait for another run's promotion at most this long")
-    timeout_seconds: float | None = Field(None, gt=0, description="export stage time limit in the flow")
+    min_accuracy: float = used_by(
+        "promotion", 0.0, ge=0, le=1, description="test accuracy a model needs to be promoted"
+    )
+    promote_min_delta: float = used_by(
+        "promotion", 0.0, ge=0, description="margin over the production model needed to promote"
+    )
+    lock_timeout_seconds: float = runtime(600, gt=0, description="wait for another run's promotion at most this long")
+    timeout_seconds: float | None = runtime(None, gt=0, description="export stage time limit in the flow")
 
 
 class PipelineConfig(Section):
@@ -147,6 +163,29 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+
+
+def field_marks(field: Any) -> dict[str, Any]:
+    """The `runtime` / `used_by` marks of a config field (empty for ordinary keys)."""
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def output_config(config: PipelineConfig, stage: str, covers: tuple[str, ...]) -> dict[str, Any]:
+    """The config values that shape `stage`'s output: the top-level keys and sections it `covers`,
+    minus runtime knobs and keys another stage uses, plus keys elsewhere marked `used_by` it."""
+    selected: dict[str, Any] = {}
+    for name, field in PipelineConfig.model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, Section):
+            for key, sub in type(value).model_fields.items():
+                marks = field_marks(sub)
+                owner = marks.get("used_by", name if name in covers else None)
+                if owner == stage and marks.get("affects_output", True):
+                    selected[f"{name}.{key}"] = getattr(value, key)
+        elif name in covers and field_marks(field).get("affects_output", True):
+            selected[name] = value
+    return selected
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -13,21 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from stages.cache import cached_build, describe_files, fingerprint, package_versions, read_manifest, require_valid
+from stages.cache import describe_files, package_versions, read_manifest
 from stages.config import DataConfig, PipelineConfig
 from stages.errors import DataSourceError
-from stages.results import DataResult, InputSpec
+from stages.results import DataResult, InputSpec, StageInputs
 from stages.sources import ParquetSource, RawData, Source, resolve_source
 
-CODE_VERSION = "data-1"
 SPLITS = ("train", "validation", "test")
 ENCODING = "uint8"
 log = logging.getLogger("tapeline.data")
-
-
-def data_dir(artifacts: Path, fp: str) -> Path:
-    """Where the data stage output with fingerprint `fp` lives."""
-    return artifacts / "data" / fp
 
 
 def data_sources(config: DataConfig) -> list[Source]:
@@ -38,14 +32,9 @@ def data_sources(config: DataConfig) -> list[Source]:
     return sources
 
 
-def data_fingerprint(config: PipelineConfig, identities: list[dict[str, Any]]) -> str:
-    """Hash of the source identities, the data config (minus orchestration knobs), the seed and code version."""
-    return fingerprint({
-        "sources": identities,
-        "config": config.data.model_dump(exclude={"retries", "timeout_seconds", "batch_size", "shuffle_buffer"}),
-        "seed": config.seed,
-        "code": CODE_VERSION,
-    })
+def source_identity(config: PipelineConfig) -> list[dict[str, Any]]:
+    """What the data fingerprint knows of the sources: checksums of their files, or a dataset name and version."""
+    return [source.identity() for source in data_sources(config.data)]
 
 
 # ---------------------------------------------------------------- splitting
@@ -147,11 +136,12 @@ def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
-def build_data(
-    staging: Path, config: PipelineConfig, sources: list[Source], identity: list[dict[str, Any]]
-) -> dict[str, Any]:
+def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Load the sources, split, write every split's shards; returns the manifest body."""
+    config = inputs.config
     started = time.perf_counter()
+    sources = data_sources(config.data)
+    identity = [s.identity() for s in sources]
     raws = [s.load() for s in sources]
     names = max((r.class_names for r in raws), key=len)
     loaded = time.perf_counter()
@@ -161,7 +151,6 @@ def build_data(
     shape = tuple(int(d) for d in splits["train"][0].shape[1:])
     body = {
         "stage": "data",
-        "code_version": CODE_VERSION,
         "config": config.data.model_dump(mode="json"),
         "seed": config.seed,
         "source": {"spec": config.data.source, "extra": config.data.extra, "identity": identity},
@@ -199,28 +188,6 @@ def data_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: flo
         input_spec=InputSpec(shape=tuple(spec["shape"]), class_names=tuple(spec["class_names"])),
         records={s: manifest["splits"][s]["records"] for s in SPLITS},
     )
-
-
-def run_data(config: PipelineConfig, artifacts: Path, *, verify: bool = False) -> DataResult:
-    """Run the data stage: reuse a valid cached output for this fingerprint or build it."""
-    started = time.perf_counter()
-    sources = data_sources(config.data)
-    identity = [s.identity() for s in sources]
-    fp = data_fingerprint(config, identity)
-    manifest, cached = cached_build(
-        artifacts / "data", fp, lambda staging: build_data(staging, config, sources, identity), verify=verify
-    )
-    seconds = time.perf_counter() - started
-    log.info("data %s %s in %.2f s", fp, "reused from cache" if cached else "built", seconds)
-    return data_result(data_dir(artifacts, fp), manifest, cached, seconds)
-
-
-def find_data(config: PipelineConfig, artifacts: Path, verify: bool = False) -> DataResult:
-    """The cached data output for this config, or an error saying to run the data stage first."""
-    sources = data_sources(config.data)
-    path = data_dir(artifacts, data_fingerprint(config, [s.identity() for s in sources]))
-    manifest = require_valid(path, "data", verify)
-    return data_result(path, manifest, True, 0.0)
 
 
 # ---------------------------------------------------------------- reading

@@ -1,22 +1,22 @@
-"""The evaluate stage: the test split, seen once; metrics, predictions, pictures, and the champion's figures."""
+"""The evaluate stage: the test split, seen once; metrics, predictions and pictures.
+
+A pure function of (trained model, data, evaluate config): comparing with the production model is the
+promotion step's business (`stages.promotion`), so a new champion never changes this stage's output.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.cache import cached_build, fingerprint, package_versions, read_manifest, require_valid
-from stages.config import PipelineConfig
+from stages.cache import package_versions
 from stages.data import load_split
-from stages.registry import production
-from stages.results import DataResult, EvaluateResult, TrainResult
+from stages.results import METRICS_FILE, DataResult, EvaluateResult, StageInputs
 
-CODE_VERSION = "evaluate-1"
 log = logging.getLogger("tapeline.evaluate")
 
 
@@ -152,40 +152,6 @@ def plot_worst(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray
     plt.close(figure)
 
 
-# ---------------------------------------------------------------- champion
-
-def champion_key(artifacts: Path, train: TrainResult) -> dict[str, Any] | None:
-    """The production model to compare with, or None when there is none or it is this very model."""
-    pointer = production(artifacts)
-    if pointer is None or pointer["train_fingerprint"] == train.fingerprint:
-        return None
-    return {"version": pointer["version"], "train_fingerprint": pointer["train_fingerprint"], "path": pointer["path"]}
-
-
-def champion_metrics(artifacts: Path, champion: dict[str, Any], data: DataResult) -> dict[str, Any] | None:
-    """The champion's metrics on this test split, computed once per (champion, test data) and cached.
-
-    None when the champion was trained on images of another shape or classes (not comparable).
-    """
-    model_dir = artifacts / champion["path"]
-    card = json.loads((model_dir / "model_card.json").read_text())
-    if tuple(card["input_spec"]["shape"]) != data.input_spec.shape or \
-            tuple(card["input_spec"]["class_names"]) != data.input_spec.class_names:
-        log.warning("production model %s has another input spec; not comparable", champion["version"])
-        return None
-    fp = fingerprint({"champion": champion["train_fingerprint"], "data": data.fingerprint, "code": CODE_VERSION})
-
-    def build(staging: Path) -> dict[str, Any]:
-        images, labels = load_split(data.path, "test", normalize=True)
-        metrics = classification_metrics(labels, model_logits(model_dir / "model.keras", images),
-                                         data.input_spec.class_names)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        return {"stage": "champion-evaluate", "champion": champion, "data": data.fingerprint}
-
-    manifest, _ = cached_build(artifacts / "evaluate" / "champions", fp, build)
-    return json.loads((artifacts / "evaluate" / "champions" / manifest["fingerprint"] / "metrics.json").read_text())
-
-
 # ---------------------------------------------------------------- the stage
 
 def write_predictions(path: Path, labels: np.ndarray, probabilities: np.ndarray) -> None:
@@ -202,24 +168,24 @@ def write_predictions(path: Path, labels: np.ndarray, probabilities: np.ndarray)
     }), path)
 
 
-def build_evaluation(staging: Path, config: PipelineConfig, data: DataResult, train: TrainResult,
-                     champion: dict[str, Any] | None, artifacts: Path) -> dict[str, Any]:
+def test_metrics(model_file: Path, data: DataResult) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """(metrics, uint8 test images, labels, logits) of a saved .keras model on the data's test split."""
+    raw, labels = load_split(data.path, "test")
+    logits = model_logits(model_file, raw.astype(np.float32) / 255.0)
+    metrics = classification_metrics(labels, logits, data.input_spec.class_names)
+    return metrics, raw, labels, logits
+
+
+def build_evaluation(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Evaluate on the test split; write metrics.json, predictions.parquet and the PNG pictures."""
     import pyarrow.parquet as pq
 
+    config, data, train = inputs.config, inputs.data, inputs.train
     names = data.input_spec.class_names
-    raw, labels = load_split(data.path, "test")
-    logits = model_logits(train.path / "model.keras", raw.astype(np.float32) / 255.0)
-    metrics = classification_metrics(labels, logits, names)
+    metrics, raw, labels, logits = test_metrics(train.path / "model.keras", data)
     metrics["class_names"] = list(names)
     metrics["data_fingerprint"], metrics["train_fingerprint"] = data.fingerprint, train.fingerprint
-    theirs = champion_metrics(artifacts, champion, data) if champion else None
-    metrics["champion"] = None if theirs is None else {
-        "version": champion["version"], "train_fingerprint": champion["train_fingerprint"],
-        "test_accuracy": theirs["test_accuracy"], "test_loss": theirs["test_loss"],
-    }
-    metrics["champion_test_accuracy"] = None if theirs is None else theirs["test_accuracy"]
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     probabilities = softmax(logits)
     write_predictions(staging / "predictions.parquet", labels, probabilities)
     history = pq.read_table(train.path / "history.parquet").to_pylist()
@@ -227,58 +193,18 @@ def build_evaluation(staging: Path, config: PipelineConfig, data: DataResult, tr
     plot_confusion_matrix(metrics["confusion_matrix"], names, staging / "confusion_matrix.png")
     worst = worst_misclassified(labels, probabilities, config.evaluate.worst_examples)
     plot_worst(raw, labels, probabilities, worst, names, staging / "worst_misclassified.png")
-    log.info("test accuracy %.4f, loss %.4f on %d images%s", metrics["test_accuracy"], metrics["test_loss"],
-             len(labels), f"; production {champion['version']}: {theirs['test_accuracy']:.4f}" if theirs else "")
+    log.info("test accuracy %.4f, loss %.4f on %d images", metrics["test_accuracy"], metrics["test_loss"],
+             len(labels))
     return {
-        "stage": "evaluate", "code_version": CODE_VERSION, "config": config.evaluate.model_dump(mode="json"),
-        "upstream": {"data": data.fingerprint, "train": train.fingerprint}, "champion": champion,
-        "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
-        "champion_accuracy": metrics["champion_test_accuracy"], "versions": package_versions(),
+        "stage": "evaluate", "config": config.evaluate.model_dump(mode="json"),
+        "upstream": {"data": data.fingerprint, "train": train.fingerprint},
+        "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"], "versions": package_versions(),
     }
-
-
-def evaluate_fingerprint(config: PipelineConfig, data: DataResult, train: TrainResult,
-                         champion: dict[str, Any] | None) -> str:
-    """Trained model + data + the champion compared against (metrics.json records its figures)."""
-    return fingerprint({
-        "data": data.fingerprint, "train": train.fingerprint, "code": CODE_VERSION,
-        "champion": champion["train_fingerprint"] if champion else None,
-        "evaluate": config.evaluate.model_dump(mode="json", exclude={"timeout_seconds"}),
-    })
 
 
 def evaluate_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> EvaluateResult:
     """An EvaluateResult from an evaluate manifest."""
-    champion = manifest.get("champion")
     return EvaluateResult(
         stage="evaluate", fingerprint=manifest["fingerprint"], path=path, cached=cached, seconds=seconds,
         test_accuracy=manifest["test_accuracy"], test_loss=manifest["test_loss"],
-        champion_version=champion["version"] if champion and manifest["champion_accuracy"] is not None else None,
-        champion_accuracy=manifest["champion_accuracy"],
     )
-
-
-def run_evaluate(config: PipelineConfig, data: DataResult, train: TrainResult, artifacts: Path, *,
-                 verify: bool = False) -> EvaluateResult:
-    """Run the evaluate stage: reuse the cached evaluation for this fingerprint or evaluate."""
-    started = time.perf_counter()
-    champion = champion_key(artifacts, train)
-    fp = evaluate_fingerprint(config, data, train, champion)
-    manifest, cached = cached_build(
-        artifacts / "evaluate", fp,
-        lambda staging: build_evaluation(staging, config, data, train, champion, artifacts), verify=verify,
-    )
-    return evaluate_result(artifacts / "evaluate" / fp, manifest, cached, time.perf_counter() - started)
-
-
-def find_evaluate(config: PipelineConfig, data: DataResult, train: TrainResult, artifacts: Path,
-                  verify: bool = False) -> EvaluateResult:
-    """The cached evaluation for this config, or an error saying to run the evaluate stage first."""
-    path = artifacts / "evaluate" / evaluate_fingerprint(config, data, train, champion_key(artifacts, train))
-    return evaluate_result(path, require_valid(path, "evaluate", verify), True, 0.0)
-
-
-def read_metrics(evaluation: EvaluateResult) -> dict[str, Any]:
-    """metrics.json of an evaluation."""
-    read_manifest(evaluation.path)
-    return json.loads((evaluation.path / "metrics.json").read_text())

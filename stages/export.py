@@ -1,5 +1,5 @@
-"""The export stage: SavedModel (raw uint8 in), .keras and TFLite, each reloaded and checked; a model
-card; and the promotion gate that decides whether the new model replaces production."""
+"""The export stage: SavedModel (raw uint8 in), .keras and TFLite, each reloaded and checked, and a model
+card. Whether the export replaces production is the promotion step's decision (`stages.promotion`)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,17 @@ import json
 import logging
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.cache import cached_build, describe_files, file_lock, fingerprint, package_versions
-from stages.config import ExportConfig, PipelineConfig
+from stages.cache import describe_files, package_versions
+from stages.config import PipelineConfig
 from stages.data import load_split
 from stages.errors import ExportError
-from stages.evaluate import champion_metrics, read_metrics, softmax
-from stages.registry import models_dir, production, publish_version, switch_production
-from stages.results import DataResult, EvaluateResult, ExportResult, InputSpec, Promotion, TrainResult
+from stages.results import DataResult, ExportResult, InputSpec, StageInputs, TrainResult
 
-CODE_VERSION = "export-1"
 SAVED_MODEL, KERAS_FILE, TFLITE_FILE = "saved_model", "model.keras", "model.tflite"
 TFLITE_SIGNATURE = "serving_nhwc"
 VERIFY_IMAGES = 64
@@ -72,7 +68,10 @@ def write_tflite(saved_model: Path, path: Path) -> None:
 
 def reference_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
     """The trained model's probabilities on uint8 images."""
-    return softmax(np.asarray(model(images.astype(np.float32) / 255.0, training=False), np.float32))
+    import tensorflow as tf
+
+    logits = tf.cast(model(images.astype(np.float32) / 255.0, training=False), tf.float32)
+    return tf.nn.softmax(logits).numpy()
 
 
 def reloaded_probabilities(directory: Path, fmt: str, images: np.ndarray) -> np.ndarray:
@@ -124,7 +123,7 @@ def model_card(config: PipelineConfig, data: DataResult, train: TrainResult, met
                  "records": data.records},
         "input_spec": data.input_spec.model_dump(mode="json"),
         "config": config.model_dump(mode="json"),
-        "metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss", "per_class", "champion")},
+        "metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss", "per_class")},
         "training": {"fingerprint": train.fingerprint, "epochs_run": train.epochs_run, "best_epoch": train.best_epoch,
                      "stopped_early": train.stopped_early, "seconds": round(train.train_seconds, 1)},
         "versions": package_versions(),
@@ -162,11 +161,11 @@ def render_model_card(card: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- the stage
 
-def build_export(staging: Path, config: PipelineConfig, data: DataResult, train: TrainResult,
-                 evaluation: EvaluateResult) -> dict[str, Any]:
+def build_export(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Write every format, verify each by reloading it, then write the model card."""
     import keras
 
+    config, data, train, evaluation = inputs.config, inputs.data, inputs.train, inputs.evaluate
     model = keras.models.load_model(train.path / KERAS_FILE, compile=False)
     formats = config.export.formats
     if "saved_model" in formats or "tflite" in formats:
@@ -177,77 +176,19 @@ def build_export(staging: Path, config: PipelineConfig, data: DataResult, train:
     shutil.copy2(train.path / KERAS_FILE, staging / KERAS_FILE)
     images, _ = load_split(data.path, "test")
     differences = verify_exports(staging, formats, model, images[:VERIFY_IMAGES], config.export.tolerance)
-    card = model_card(config, data, train, read_metrics(evaluation), describe_files(staging), differences)
+    card = model_card(config, data, train, evaluation.metrics(), describe_files(staging), differences)
     (staging / "model_card.json").write_text(json.dumps(card, indent=2))
     (staging / "model_card.md").write_text(render_model_card(card))
     log.info("exported %s; reload max differences %s", ", ".join(formats), differences)
     return {
-        "stage": "export", "code_version": CODE_VERSION, "config": config.export.model_dump(mode="json"),
+        "stage": "export", "config": config.export.model_dump(mode="json"),
         "upstream": {"train": train.fingerprint, "evaluate": evaluation.fingerprint}, "formats": list(formats),
         "reload_max_difference": differences, "test_accuracy": evaluation.test_accuracy,
         "versions": package_versions(),
     }
 
 
-def export_fingerprint(config: PipelineConfig, train: TrainResult, evaluation: EvaluateResult) -> str:
-    """Trained model + evaluation + the export config's format settings."""
-    return fingerprint({
-        "train": train.fingerprint, "evaluate": evaluation.fingerprint, "code": CODE_VERSION,
-        "export": config.export.model_dump(mode="json", include={"formats", "tolerance"}),
-    })
-
-
-# ---------------------------------------------------------------- promotion
-
-def decide(challenger: float, champion: float | None, config: ExportConfig) -> tuple[bool, str]:
-    """The promotion gate: at least min_accuracy, and better than the champion by promote_min_delta."""
-    if challenger < config.min_accuracy:
-        return False, f"rejected: test accuracy {challenger:.4f} < export.min_accuracy {config.min_accuracy:.4f}"
-    if champion is None:
-        return True, f"promoted: no comparable production model; test accuracy {challenger:.4f}"
-    if challenger > champion and challenger - champion >= config.promote_min_delta:
-        return True, f"promoted: {challenger:.4f} beats production {champion:.4f}"
-    return False, (f"kept production: {challenger:.4f} does not beat {champion:.4f} "
-                   f"by export.promote_min_delta {config.promote_min_delta}")
-
-
-def promote(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
-            export: ExportResult, artifacts: Path) -> Promotion:
-    """Apply the promotion gate under a lock, one decision at a time."""
-    export_dir = export.path
-    models_dir(artifacts).mkdir(parents=True, exist_ok=True)
-    with file_lock(models_dir(artifacts) / ".promotion.lock", config.export.lock_timeout_seconds, "promotion"):
-        current = production(artifacts)
-        if current is not None and current["train_fingerprint"] == train.fingerprint:
-            return Promotion(promoted=False, decision=f"already production ({current['version']})",
-                             model_path=artifacts / current["path"])
-        champion_accuracy = None
-        if current is not None:
-            if current["version"] == evaluation.champion_version:
-                champion_accuracy = evaluation.champion_accuracy
-            else:  # production changed since evaluate ran (a concurrent run promoted): compare with the new one
-                theirs = champion_metrics(artifacts, current, data)
-                champion_accuracy = None if theirs is None else theirs["test_accuracy"]
-        promoted, decision = decide(evaluation.test_accuracy, champion_accuracy, config.export)
-        if not promoted:
-            return Promotion(promoted=False, decision=decision, model_path=export_dir)
-        record = {"train_fingerprint": train.fingerprint, "test_accuracy": evaluation.test_accuracy,
-                  "champion_accuracy": champion_accuracy, "previous": current and current["version"],
-                  "decision": decision, "export": str(export_dir),
-                  "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        version = publish_version(artifacts, export_dir, record)
-        switch_production(artifacts, {**record, "version": version, "path": f"models/{version}"})
-        log.info("%s -> production is now %s", decision, version)
-        return Promotion(promoted=True, decision=decision, model_path=models_dir(artifacts) / version)
-
-
-def run_export(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
-               artifacts: Path, *, verify: bool = False) -> ExportResult:
-    """Export every format and verify it (or reuse the cached export); promotion is `promote`."""
-    started = time.perf_counter()
-    fp = export_fingerprint(config, train, evaluation)
-    _, cached = cached_build(
-        artifacts / "export", fp, lambda staging: build_export(staging, config, data, train, evaluation), verify=verify
-    )
-    return ExportResult(stage="export", fingerprint=fp, path=artifacts / "export" / fp, cached=cached,
-                        seconds=time.perf_counter() - started, formats=config.export.formats)
+def export_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> ExportResult:
+    """An ExportResult from an export manifest."""
+    return ExportResult(stage="export", fingerprint=manifest["fingerprint"], path=path, cached=cached,
+                        seconds=seconds, formats=tuple(manifest["formats"]))

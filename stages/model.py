@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from stages.cache import cached_build, fingerprint, package_versions, require_valid
-from stages.config import ModelConfig, PipelineConfig
+from stages.cache import package_versions
+from stages.config import ModelConfig
 from stages.errors import ConfigError
-from stages.results import DataResult, InputSpec, ModelResult
+from stages.results import InputSpec, ModelResult, StageInputs
 
-CODE_VERSION = "model-1"
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "initial.weights.h5"
 log = logging.getLogger("tapeline.model")
@@ -72,18 +70,11 @@ def model_summary(model: Any) -> dict[str, Any]:
     }
 
 
-def model_fingerprint(config: PipelineConfig, data: DataResult) -> str:
-    """Model config + input spec + seed + code version."""
-    return fingerprint({
-        "model": config.model.model_dump(mode="json"), "input_spec": data.input_spec.model_dump(mode="json"),
-        "seed": config.seed, "code": CODE_VERSION,
-    })
-
-
-def build_model_dir(staging: Path, config: PipelineConfig, data: DataResult) -> dict[str, Any]:
+def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Build the seeded model and save it, its initial weights and its summary."""
     import keras
 
+    config, data = inputs.config, inputs.data
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.model, data.input_spec)
     model.save(staging / MODEL_FILE)
@@ -95,7 +86,7 @@ def build_model_dir(staging: Path, config: PipelineConfig, data: DataResult) -> 
     (staging / "summary.txt").write_text("\n".join(lines) + "\n")
     log.info("built %s with %d parameters", model.name, summary["parameters"])
     return {
-        "stage": "model", "code_version": CODE_VERSION, "config": config.model.model_dump(mode="json"),
+        "stage": "model", "config": config.model.model_dump(mode="json"),
         "seed": config.seed, "input_spec": data.input_spec.model_dump(mode="json"),
         "upstream": {"data": data.fingerprint}, "parameters": summary["parameters"], "versions": package_versions(),
     }
@@ -105,19 +96,3 @@ def model_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: fl
     """A ModelResult from a model manifest."""
     return ModelResult(stage="model", fingerprint=manifest["fingerprint"], path=path, cached=cached,
                        seconds=seconds, parameters=manifest["parameters"])
-
-
-def run_model(config: PipelineConfig, data: DataResult, artifacts: Path, *, verify: bool = False) -> ModelResult:
-    """Run the model stage: reuse the cached initialization for this fingerprint or build it."""
-    started = time.perf_counter()
-    fp = model_fingerprint(config, data)
-    manifest, cached = cached_build(
-        artifacts / "model", fp, lambda staging: build_model_dir(staging, config, data), verify=verify
-    )
-    return model_result(artifacts / "model" / fp, manifest, cached, time.perf_counter() - started)
-
-
-def find_model(config: PipelineConfig, data: DataResult, artifacts: Path, verify: bool = False) -> ModelResult:
-    """The cached model output for this config, or an error saying to run the model stage first."""
-    path = artifacts / "model" / model_fingerprint(config, data)
-    return model_result(path, require_valid(path, "model", verify), True, 0.0)

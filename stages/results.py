@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+from stages.config import PipelineConfig
+
+METRICS_FILE = "metrics.json"
 
 
 class InputSpec(BaseModel):
@@ -57,12 +65,14 @@ class TrainResult(StageResult):
 
 
 class EvaluateResult(StageResult):
-    """Test-split metrics of the challenger, and of the champion when there is one."""
+    """Test-split metrics of the trained model (a pure function of the model, the data and the config)."""
 
     test_accuracy: float
     test_loss: float
-    champion_version: str | None
-    champion_accuracy: float | None
+
+    def metrics(self) -> dict[str, Any]:
+        """The full metrics.json: per-class figures and the confusion matrix."""
+        return json.loads((self.path / METRICS_FILE).read_text())
 
 
 class ExportResult(StageResult):
@@ -72,10 +82,56 @@ class ExportResult(StageResult):
 
 
 class Promotion(BaseModel):
-    """The promotion gate's decision for one run (never cached: production may change between runs)."""
+    """The promotion step's decision for one run (never cached: production may change between runs)."""
 
     model_config = ConfigDict(frozen=True)
 
     promoted: bool
     decision: str
     model_path: Path
+    test_accuracy: float
+    champion_version: str | None = None
+    champion_accuracy: float | None = None
+    record: Path | None = None
+
+
+R = TypeVar("R", bound=StageResult)
+
+
+EpochCallback = Callable[[dict[str, float], int], None]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage's build function gets: the config, its upstream results, and optional hooks."""
+
+    config: PipelineConfig
+    upstream: Mapping[str, StageResult]
+    on_epoch_end: EpochCallback | None = None
+
+    def result(self, name: str, kind: type[R]) -> R:
+        """The upstream result of stage `name`, typed."""
+        found = self.upstream[name]
+        if not isinstance(found, kind):
+            raise TypeError(f"upstream {name} is a {type(found).__name__}, not a {kind.__name__}")
+        return found
+
+    @property
+    def data(self) -> DataResult:
+        """The data stage's result."""
+        return self.result("data", DataResult)
+
+    @property
+    def model(self) -> ModelResult:
+        """The model stage's result."""
+        return self.result("model", ModelResult)
+
+    @property
+    def train(self) -> TrainResult:
+        """The train stage's result."""
+        return self.result("train", TrainResult)
+
+    @property
+    def evaluate(self) -> EvaluateResult:
+        """The evaluate stage's result."""
+        return self.result("evaluate", EvaluateResult)

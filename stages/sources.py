@@ -12,6 +12,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,6 +82,18 @@ def class_names_for(labels: list[np.ndarray], known: tuple[str, ...] | None, whe
     if high == 0:
         raise DataSourceError(f"{where}: every example has label 0; a classifier needs at least two classes")
     return tuple(str(i) for i in range(high + 1))
+
+
+@lru_cache(maxsize=1024)
+def _sha256_of_version(path: str, _size: int, _mtime_ns: int, _inode: int) -> str:
+    return sha256_file(Path(path))
+
+
+def source_sha256(path: Path) -> str:
+    """The SHA-256 of a source file, hashed once per process while its size, mtime and inode stay the same
+    (a run computes fingerprints several times; hashing 30 MB each time would dominate `tapeline plan`)."""
+    st = path.stat()
+    return _sha256_of_version(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 # ---------------------------------------------------------------- IDX
@@ -164,7 +177,7 @@ class IdxSource:
 
     def identity(self) -> dict[str, Any]:
         """Checksums of the four files."""
-        return {"kind": "idx", "files": {p.name: sha256_file(p) for p in idx_paths(self.directory).values()}}
+        return {"kind": "idx", "files": {p.name: source_sha256(p) for p in idx_paths(self.directory).values()}}
 
     def load(self) -> RawData:
         """Parse the four files."""
@@ -404,7 +417,7 @@ class ParquetSource:
 
     def identity(self) -> dict[str, Any]:
         """Checksums of every matched file."""
-        return {"kind": "parquet", "files": {str(p): sha256_file(p) for p in parquet_files(self.pattern)}}
+        return {"kind": "parquet", "files": {str(p): source_sha256(p) for p in parquet_files(self.pattern)}}
 
     def load(self) -> RawData:
         """Read and decode every row."""

@@ -15,27 +15,25 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.cache import cached_build, fingerprint, package_versions, require_valid
+from stages.cache import package_versions
 from stages.config import PipelineConfig, TrainConfig
 from stages.data import load_split, make_dataset, make_memory_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import TrainingError
 from stages.model import WEIGHTS_FILE, build_model
-from stages.results import DataResult, ModelResult, TrainResult
+from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
 
-CODE_VERSION = "train-1"
 MEMORY_BUDGET_BYTES = 2 * 1024**3
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
                    "images_per_second")
 log = logging.getLogger("tapeline.train")
-EpochCallback = Callable[[dict[str, float], int], None]
 
 
 # ---------------------------------------------------------------- metrics and step functions
@@ -481,12 +479,12 @@ def best_epoch_summary(state: TrainingState, early_stopping: EarlyStopping, conf
     }
 
 
-def build_train_dir(staging: Path, config: PipelineConfig, data: DataResult, model_result: ModelResult,
-                    on_epoch_end: EpochCallback | None) -> dict[str, Any]:
+def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Train (resuming from checkpoints left in `staging`) and save the model, history and summary."""
     import keras
     import tensorflow as tf
 
+    config, data, model_result, on_epoch_end = inputs.config, inputs.data, inputs.model, inputs.on_epoch_end
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -502,20 +500,11 @@ def build_train_dir(staging: Path, config: PipelineConfig, data: DataResult, mod
              f"stopped early at {summary['stopped_epoch']}" if summary["stopped_early"] else "no early stop",
              summary["best_epoch"], summary["best_val_accuracy"])
     return {
-        "stage": "train", "code_version": CODE_VERSION, "config": config.train.model_dump(mode="json"),
+        "stage": "train", "config": config.train.model_dump(mode="json"),
         "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
         "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
         "summary": summary, "versions": package_versions(),
     }
-
-
-def train_fingerprint(config: PipelineConfig, data: DataResult, model_result: ModelResult) -> str:
-    """Data fingerprint + model fingerprint + the train config and batching (minus pure speed knobs)."""
-    return fingerprint({
-        "data": data.fingerprint, "model": model_result.fingerprint, "seed": config.seed, "code": CODE_VERSION,
-        "train": config.train.model_dump(mode="json", exclude={"retries", "timeout_seconds", "steps_per_execution"}),
-        "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
-    })
 
 
 def train_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> TrainResult:
@@ -526,23 +515,3 @@ def train_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: fl
         epochs_run=summary["epochs_run"], best_epoch=summary["best_epoch"], stopped_early=summary["stopped_early"],
         best_val_accuracy=summary["best_val_accuracy"], train_seconds=summary["train_seconds"],
     )
-
-
-def run_train(config: PipelineConfig, data: DataResult, model_result: ModelResult, artifacts: Path, *,
-              verify: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
-    """Run the train stage: reuse the cached trained model, or train (resuming a killed run)."""
-    started = time.perf_counter()
-    fp = train_fingerprint(config, data, model_result)
-    manifest, cached = cached_build(
-        artifacts / "train", fp,
-        lambda staging: build_train_dir(staging, config, data, model_result, on_epoch_end),
-        verify=verify, resumable=True,
-    )
-    return train_result(artifacts / "train" / fp, manifest, cached, time.perf_counter() - started)
-
-
-def find_train(config: PipelineConfig, data: DataResult, model_result: ModelResult, artifacts: Path,
-               verify: bool = False) -> TrainResult:
-    """The cached train output for this config, or an error saying to run the train stage first."""
-    path = artifacts / "train" / train_fingerprint(config, data, model_result)
-    return train_result(path, require_valid(path, "train", verify), True, 0.0)

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.cache import manifest_problem, read_manifest
-from stages.data import find_data, load_split, make_dataset, run_data
+from stages.data import load_split, make_dataset
 from stages.errors import DataSourceError, MissingUpstreamError
+from stages.graph import find_output
+from stages.pipeline import run_data
 from stages.sources import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, parse_idx, resolve_source
 from tests.helpers import idx_bytes, png_bytes, synthetic_images, tiny_config, write_idx_dir
 
@@ -134,7 +136,7 @@ def test_staging_directory_without_manifest_is_never_used(artifacts: Path, idx_d
     final = artifacts / "data" / fp
     (final / "manifest.json").unlink()
     with pytest.raises(MissingUpstreamError, match="run `tapeline stage data`"):
-        find_data(config, artifacts)
+        find_output("data", config, artifacts)
     assert not run_data(config, artifacts).cached
 
 

@@ -16,9 +16,10 @@ from stages.config import load_config
 from stages.data import load_split
 from stages.errors import ExportError, PredictError
 from stages.evaluate import classification_metrics, cross_entropy_from_logits
-from stages.export import decide, run_export
-from stages.pipeline import record_run, registry_row, run_all
+from stages.graph import STAGE_NAMES
+from stages.pipeline import record_run, registry_row, run_all, run_export
 from stages.predict import predict
+from stages.promotion import decide
 from stages.registry import POINTER, format_runs, production, read_runs
 from tests.helpers import png_bytes, tiny_config
 
@@ -50,7 +51,7 @@ def test_evaluate_outputs(first_run) -> None:
     config, artifacts, results = first_run
     evaluation = results["evaluate"]
     metrics = json.loads((evaluation.path / "metrics.json").read_text())
-    assert metrics["test_accuracy"] == evaluation.test_accuracy and metrics["champion"] is None
+    assert metrics["test_accuracy"] == evaluation.test_accuracy and "champion" not in metrics  # pure: no champion
     assert len(metrics["per_class"]) == 10 and np.sum(metrics["confusion_matrix"]) == 100
     predictions = pq.read_table(evaluation.path / "predictions.parquet").to_pylist()
     assert len(predictions) == 100 and list(predictions[0]) == ["index", "label", "predicted", "probability"]
@@ -91,6 +92,9 @@ def test_first_model_is_promoted_and_rerun_is_all_cache_hits(first_run) -> None:
     assert results["promotion"].promoted and results["promotion"].decision.startswith("promoted")
     pointer = production(artifacts)
     assert pointer["version"] == "v0001" and pointer["train_fingerprint"] == results["train"].fingerprint
+    record = json.loads((results["promotion"].record / "metrics.json").read_text())
+    assert record["champion"] is None and record["promotion"]["promoted"] is True
+    assert record["test_accuracy"] == results["evaluate"].test_accuracy
     again = run_all(config, artifacts)
     assert all(again[s].cached for s in ("data", "model", "train", "evaluate", "export"))
     assert not again["promotion"].promoted and again["promotion"].decision == "already production (v0001)"
@@ -112,21 +116,45 @@ def test_worse_challenger_is_not_promoted_better_is(tmp_path: Path, idx_dir: Pat
     good = run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=3"), artifacts)
     worse = run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=1"), artifacts)
     assert worse["evaluate"].test_accuracy < good["evaluate"].test_accuracy
-    assert worse["evaluate"].champion_version == "v0001"
-    assert worse["evaluate"].champion_accuracy == pytest.approx(good["evaluate"].test_accuracy)
+    assert worse["promotion"].champion_version == "v0001"
+    assert worse["promotion"].champion_accuracy == good["evaluate"].test_accuracy
     assert not worse["promotion"].promoted and worse["promotion"].decision.startswith("kept production")
     assert production(artifacts)["version"] == "v0001"
+    card = json.loads((worse["promotion"].record / "model_card.json").read_text())
+    assert card["champion"] == {"version": "v0001", "test_accuracy": good["evaluate"].test_accuracy}
+    assert card["promotion"]["decision"] == worse["promotion"].decision
+    assert "kept production" in (worse["promotion"].record / "model_card.md").read_text()
     better = run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=6"), artifacts)
     assert better["evaluate"].test_accuracy > good["evaluate"].test_accuracy
     assert better["promotion"].promoted and production(artifacts)["version"] == "v0002"
     promotion = json.loads((artifacts / "models" / "v0002" / "promotion.json").read_text())
-    assert promotion["champion_accuracy"] == pytest.approx(good["evaluate"].test_accuracy)
+    assert promotion["champion_accuracy"] == good["evaluate"].test_accuracy
     assert promotion["previous"] == "v0001"
+
+
+def test_promotion_over_a_champion_then_unchanged_rerun_is_all_cache_hits(tmp_path: Path, idx_dir: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    config_a = tiny_config(f"idx:{idx_dir}", "train.max_epochs=1")
+    config_b = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4")
+    run_a = run_all(config_a, artifacts)
+    assert run_a["promotion"].promoted and production(artifacts)["version"] == "v0001"
+    run_b = run_all(config_b, artifacts)
+    assert run_b["evaluate"].test_accuracy > run_a["evaluate"].test_accuracy
+    assert run_b["promotion"].promoted and production(artifacts)["version"] == "v0002"
+    assert run_b["promotion"].champion_accuracy == run_a["evaluate"].test_accuracy
+    exports_before = sorted(p.name for p in (artifacts / "export").iterdir())
+    again = run_all(config_b, artifacts)
+    assert {name: again[name].cached for name in STAGE_NAMES} == dict.fromkeys(STAGE_NAMES, True)
+    assert {name: again[name].fingerprint for name in STAGE_NAMES} == \
+        {name: run_b[name].fingerprint for name in STAGE_NAMES}
+    assert again["promotion"].decision == "already production (v0002)"
+    assert sorted(p.name for p in (artifacts / "export").iterdir()) == exports_before  # no second export
+    assert len(list((artifacts / "runs").iterdir())) == 3  # one record per run
 
 
 def test_crash_between_version_write_and_switch_keeps_production(tmp_path: Path, idx_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.export
+    import stages.promotion
 
     artifacts = tmp_path / "artifacts"
     run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=1"), artifacts)
@@ -135,7 +163,7 @@ def test_crash_between_version_write_and_switch_keeps_production(tmp_path: Path,
     def crash(*_args, **_kwargs) -> None:
         raise KeyboardInterrupt("killed before the pointer switch")
 
-    monkeypatch.setattr(stages.export, "switch_production", crash)
+    monkeypatch.setattr(stages.promotion, "switch_production", crash)
     with pytest.raises(KeyboardInterrupt):
         run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=4"), artifacts)
     assert (artifacts / "models" / POINTER).read_text() == before

@@ -92,8 +92,8 @@ def test_failed_stage_fails_the_flow_with_its_message(flow_env: Path, tmp_path: 
 def test_downloads_are_retried_bad_input_is_not(flow_env: Path, idx_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.training
-    from stages.data import run_data
     from stages.errors import DataSourceError, DownloadError
+    from stages.pipeline import run_data
 
     calls: list[str] = []
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from stages.config import ModelConfig, load_config
-from stages.data import run_data
 from stages.errors import ConfigError, MissingUpstreamError
-from stages.model import build_model, find_model, run_model
+from stages.graph import find_output
+from stages.model import build_model
+from stages.pipeline import run_data, run_model
 from stages.results import InputSpec
 from tests.helpers import tiny_config
 
@@ -64,6 +65,6 @@ def test_stage_saves_a_seeded_initialization(tmp_path: Path, idx_dir: Path) -> N
 
 def test_missing_model_names_the_stage_to_run(tmp_path: Path, idx_dir: Path) -> None:
     config = tiny_config(f"idx:{idx_dir}")
-    data = run_data(config, tmp_path / "a")
+    run_data(config, tmp_path / "a")
     with pytest.raises(MissingUpstreamError, match="run `tapeline stage model`"):
-        find_model(config, data, tmp_path / "a")
+        find_output("model", config, tmp_path / "a")

@@ -20,9 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.cache import file_lock, manifest_problem
-from stages.data import run_data
 from stages.errors import CacheError, DataSourceError, LockTimeoutError, TapelineError, TrainingError
-from stages.pipeline import record_run, registry_row, run_all
+from stages.pipeline import record_run, registry_row, run_all, run_data
 from stages.registry import POINTER, production, read_runs
 from stages.sources import parse_idx, read_parquet_file
 from tests.helpers import (
@@ -48,7 +47,7 @@ def tiny_overrides(source: str, *more: str) -> list[str]:
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import stages.data, stages.export
+    import stages.data, stages.export, stages.promotion
     from stages.config import load_config
     from stages.pipeline import run_all
     where = sys.argv[2]
@@ -65,7 +64,7 @@ CHILD = textwrap.dedent("""
     elif where == "export":
         stages.export.write_saved_model = stall(stages.export.write_saved_model)
     elif where == "promotion":
-        stages.export.publish_version = stall(stages.export.publish_version)
+        stages.promotion.publish_version = stall(stages.promotion.publish_version)
     run_all(load_config(None, sys.argv[3:]), Path(sys.argv[1]))
 """)
 
@@ -139,15 +138,15 @@ def test_corrupt_manifest_is_rebuilt(tmp_path: Path, idx_dir: Path) -> None:
 
 def interrupted_checkpoints(tmp_path: Path, idx_dir: Path, epochs: int):
     """Train a tiny model, interrupt it after `epochs` epochs; returns (run again, checkpoints dir)."""
-    from stages.model import run_model
-    from stages.train import run_train, train_fingerprint
+    from stages.graph import output_path
+    from stages.pipeline import run_model, run_train
 
     config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
     data = run_data(config, tmp_path)
     model = run_model(config, data, tmp_path)
     with pytest.raises(Interrupted):
         run_train(config, data, model, tmp_path, on_epoch_end=interrupt_after(epochs))
-    checkpoints = tmp_path / "train" / f".partial-{train_fingerprint(config, data, model)}" / "checkpoints"
+    checkpoints = tmp_path / "train" / f".partial-{output_path('train', config, tmp_path).name}" / "checkpoints"
     return (lambda **kwargs: run_train(config, data, model, tmp_path, **kwargs)), checkpoints
 
 

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.config import PipelineConfig
-from stages.data import load_split, run_data
+from stages.data import load_split
 from stages.errors import TrainingError
-from stages.model import WEIGHTS_FILE, run_model
+from stages.model import WEIGHTS_FILE
+from stages.pipeline import run_data, run_model, run_train
 from stages.results import DataResult, ModelResult
-from stages.train import HISTORY_COLUMNS, build_trainer, fit, make_early_stopping, run_train
+from stages.train import HISTORY_COLUMNS, build_trainer, fit, make_early_stopping
 from tests.helpers import Interrupted, interrupt_after, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,9 +121,9 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     import stages.train
     from stages.config import load_config
-    from stages.data import run_data
-    from stages.model import run_model
-    from stages.train import run_train
+    from stages.pipeline import run_data
+    from stages.pipeline import run_model
+    from stages.pipeline import run_train
     artifacts, where = Path(sys.argv[1]), sys.argv[2]
     config = load_config(None, sys.argv[3:])
     if where == "mid-epoch":  # stall inside epoch 3, after its first steps, and say so
@@ -208,9 +209,9 @@ MIRRORED = textwrap.dedent("""
     from pathlib import Path
     import pyarrow.parquet as pq
     from stages.config import load_config
-    from stages.data import run_data
-    from stages.model import run_model
-    from stages.train import run_train
+    from stages.pipeline import run_data
+    from stages.pipeline import run_model
+    from stages.pipeline import run_train
     out = {}
     for strategy in ("default", "mirrored"):
         config = load_config(None, sys.argv[2:] + [f"train.strategy={strategy}"])
