@@ -57,13 +57,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def tiny_overrides(source: str, *more: str) -> list[str]:
+    """`--set` overrides of a fast config: a small CNN, small batches, few epochs."""
+    return [f"data.source={source}", "data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256",
+            "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=3", "train.patience=2",
+            "train.steps_per_execution=4", *more]
+
+
 def tiny_config(source: str, *overrides: str) -> PipelineConfig:
-    """A fast config: a small CNN, small batches, few epochs."""
-    return load_config(None, [
-        f"data.source={source}", "data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256",
-        "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=3", "train.patience=2",
-        "train.steps_per_execution=4", *overrides,
-    ])
+    """The fast config of `tiny_overrides`."""
+    return load_config(None, tiny_overrides(source, *overrides))
 
 
 class Interrupted(Exception):
@@ -78,3 +81,15 @@ def interrupt_after(epochs: int):
             raise Interrupted
 
     return callback
+
+
+def reference_test_accuracy(data_path: Path, train_path: Path) -> float:
+    """The trained model's accuracy on the test split, computed here independently of the evaluate stage."""
+    import keras
+
+    from stages.data import load_split
+
+    images, labels = load_split(data_path, "test")
+    model = keras.models.load_model(train_path / "model.keras", compile=False)
+    predicted = np.asarray(model(images.astype(np.float32) / 255.0, training=False)).argmax(axis=1)
+    return float((predicted == labels).mean())

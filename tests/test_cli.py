@@ -75,3 +75,9 @@ def test_run_json_then_runs_and_predict(tmp_path: Path, idx_dir: Path, capsys: p
     (tmp_path / "empty.png").write_bytes(b"")
     assert main(["predict", "--artifacts", str(artifacts), str(tmp_path / "empty.png")]) == 2
     assert "empty.png is empty" in capsys.readouterr().err
+
+
+def test_promotion_step_needs_every_stage_output(tmp_path: Path, idx_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", "promotion", *tiny_args(idx_dir, tmp_path / "a")]) == 2
+    assert "no valid data output for this config" in capsys.readouterr().err

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from stages.cache import manifest_problem
 from stages.config import PipelineConfig
-from tests.helpers import tiny_config
+from stages.graph import STAGE_NAMES
+from tests.helpers import reference_test_accuracy, tiny_config
 
 
 @pytest.fixture
@@ -18,15 +20,16 @@ def flow_env(harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return artifacts
 
 
-def run(config: PipelineConfig) -> dict:
+def run(config: PipelineConfig, verify: bool = False) -> dict:
     from flows.training import training_pipeline
 
-    return training_pipeline(config=config)
+    return training_pipeline(config=config, verify=verify)
 
 
 def file_times(root: Path) -> dict[Path, int]:
+    """Modification times of every stage output and model version (not the per-run records and registry)."""
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "registry" not in p.name
-            and not p.name.startswith(".")}
+            and not p.name.startswith(".") and p.relative_to(root).parts[0] != "runs"}
 
 
 def states(summary: dict) -> dict[str, str]:
@@ -38,7 +41,9 @@ def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
     first = run(config)
     assert states(first) == dict.fromkeys(("data", "model", "train", "evaluate", "export"), "Completed")
     assert not any(row["cached"] for row in first["stages"].values())
-    assert first["promoted"] and 0 <= first["test_accuracy"] <= 1
+    assert first["promoted"]
+    assert first["test_accuracy"] == reference_test_accuracy(Path(first["stages"]["data"]["path"]),
+                                                             Path(first["stages"]["train"]["path"]))
     before = file_times(flow_env)
 
     second = run(config)
@@ -47,7 +52,8 @@ def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
     assert second["decision"] == "already production (v0001)" and not second["promoted"]
     assert {n: r["fingerprint"] for n, r in second["stages"].items()} == \
         {n: r["fingerprint"] for n, r in first["stages"].items()}
-    assert file_times(flow_env) == before  # nothing rewritten (the registry gains a row)
+    assert file_times(flow_env) == before  # nothing rewritten (the registry gains a row, runs/ a record)
+    assert len(list((flow_env / "runs").iterdir())) == 2
 
     shard = Path(first["stages"]["data"]["path"]) / "train-00000-of-00002.tfrecord"
     shard.unlink()
@@ -77,6 +83,22 @@ def test_deleted_downstream_output_reruns_only_that_stage(flow_env: Path, idx_di
                              "export": "Cached"}
 
 
+def test_run_verify_checksums_every_reused_output(flow_env: Path, idx_dir: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=1", "seed=3")
+    first = run(config)
+    shard = Path(first["stages"]["data"]["path"]) / "train-00000-of-00002.tfrecord"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    assert states(run(config)) == dict.fromkeys(STAGE_NAMES, "Cached")  # sizes match: only a checksum tells
+    verified = run(config, verify=True)
+    assert states(verified) == {"data": "Completed", "model": "Cached", "train": "Cached", "evaluate": "Cached",
+                                "export": "Cached"}
+    assert shard.read_bytes() != bytes(damaged)
+    assert manifest_problem(Path(first["stages"]["data"]["path"]), verify=True) is None
+    assert len(list((flow_env / "data").glob(".invalid-*"))) == 1  # the damaged copy is kept aside
+
+
 def test_failed_stage_fails_the_flow_with_its_message(flow_env: Path, tmp_path: Path) -> None:
     from stages.errors import DataSourceError
 
@@ -93,25 +115,26 @@ def test_downloads_are_retried_bad_input_is_not(flow_env: Path, idx_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.training
     from stages.errors import DataSourceError, DownloadError
-    from stages.pipeline import run_data
+    from stages.graph import run_stage
 
     calls: list[str] = []
 
-    def flaky(config: PipelineConfig, artifacts: Path):
-        calls.append("call")
-        if len(calls) == 1:
-            raise DownloadError("connection reset")
-        return run_data(config, artifacts)
+    def flaky(name: str, *args, **kwargs):
+        if name == "data":
+            calls.append("call")
+            if len(calls) == 1:
+                raise DownloadError("connection reset")
+        return run_stage(name, *args, **kwargs)
 
-    monkeypatch.setattr(flows.training, "run_data", flaky)
+    monkeypatch.setattr(flows.training, "run_stage", flaky)
     summary = run(tiny_config(f"idx:{idx_dir}", "train.max_epochs=1", "data.retries=1", "seed=7"))
     assert len(calls) == 2 and summary["stages"]["data"]["state"] == "Completed"
 
-    def bad_input(config: PipelineConfig, artifacts: Path):
+    def bad_input(name: str, *args, **kwargs):
         calls.append("bad")
         raise DataSourceError("bad IDX magic number")
 
-    monkeypatch.setattr(flows.training, "run_data", bad_input)
+    monkeypatch.setattr(flows.training, "run_stage", bad_input)
     with pytest.raises(DataSourceError):
         run(tiny_config(f"idx:{idx_dir}", "data.retries=2", "seed=8"))
     assert calls.count("bad") == 1
