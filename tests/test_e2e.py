@@ -88,6 +88,8 @@ def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_p
     registry = pq.read_table(artifacts / "registry.parquet").to_pylist()
     assert [r["run_id"] for r in registry] == [flow_run_id]
     assert registry[0]["promoted"] is True
+    record = json.loads((artifacts / "runs" / flow_run_id / "metrics.json").read_text())
+    assert record["promotion"]["promoted"] is True and record["test_accuracy"] == registry[0]["test_accuracy"]
     production = json.loads((artifacts / "models" / "production.json").read_text())
     assert (artifacts / production["path"] / "saved_model" / "saved_model.pb").exists()
     keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
