@@ -12,6 +12,7 @@ from pathlib import Path
 from stages.config import config_keys, load_config
 from stages.errors import TapelineError
 from stages.graph import STAGE_NAMES
+from stages.store import normalize_root, open_store
 
 PROMOTION = "promotion"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -47,8 +48,9 @@ def keys_epilog() -> str:
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     """--artifacts on every command."""
-    parser.add_argument("--artifacts", type=Path, default=Path(os.environ.get("TAPELINE_ARTIFACTS", "artifacts")),
-                        help="artifacts directory (default ./artifacts, env TAPELINE_ARTIFACTS)")
+    parser.add_argument("--artifacts", default=os.environ.get("TAPELINE_ARTIFACTS", "artifacts"),
+                        help="artifacts directory or object-store URL (s3://BUCKET/PREFIX, gs://…, file://DIR); "
+                        "default ./artifacts, env TAPELINE_ARTIFACTS")
 
 
 def add_config(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
     config = load_config(args.config, args.overrides)
-    os.environ["TAPELINE_ARTIFACTS"] = str(args.artifacts.resolve())
+    open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
+    os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     from flows.training import training_pipeline
 
     summary = training_pipeline(config=config, verify=args.verify)
@@ -118,7 +121,7 @@ def command_stage(args: argparse.Namespace) -> int:
     from stages.graph import find_output, run_stage
 
     config = load_config(args.config, args.overrides)
-    artifacts = args.artifacts.resolve()
+    artifacts = normalize_root(args.artifacts)
     if args.name == PROMOTION:
         from stages.pipeline import new_run_id, promote_run
 
@@ -131,7 +134,7 @@ def command_stage(args: argparse.Namespace) -> int:
         print(result.model_dump_json())
     else:
         print(f"{result.stage} {result.fingerprint} {'reused from cache' if result.cached else 'built'} "
-              f"in {result.seconds:.2f} s: {result.path}")
+              f"in {result.seconds:.2f} s: {result.location or result.path}")
     return 0
 
 
@@ -149,7 +152,7 @@ def command_plan(args: argparse.Namespace) -> int:
     """Print each stage's fingerprint and cache status, and which stages `tapeline run` would run."""
     from stages.graph import plan
 
-    result = plan(load_config(args.config, args.overrides), args.artifacts.resolve(), verify=args.verify)
+    result = plan(load_config(args.config, args.overrides), normalize_root(args.artifacts), verify=args.verify)
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
 
@@ -158,16 +161,16 @@ def command_predict(args: argparse.Namespace) -> int:
     """Print one line per image: path, class name, probability."""
     from stages.predict import predict
 
-    for row in predict(args.images, args.model, args.artifacts.resolve()):
+    for row in predict(args.images, args.model, normalize_root(args.artifacts)):
         print(f"{row.path}\t{row.class_name}\t{row.probability:.4f}")
     return 0
 
 
 def command_runs(args: argparse.Namespace) -> int:
     """Print the registry, newest first."""
-    from stages.registry import format_runs, read_runs
+    from stages.registry import format_runs, runs_of
 
-    rows = read_runs(args.artifacts.resolve())
+    rows = runs_of(normalize_root(args.artifacts))
     print(json.dumps(rows, default=str) if args.json else format_runs(rows))
     return 0
 

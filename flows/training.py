@@ -14,7 +14,6 @@ import hashlib
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
@@ -25,24 +24,32 @@ from prefect.tasks import exponential_backoff
 
 from flows.artifacts import progress_reporter, publish_artifacts
 from stages.config import PipelineConfig
-from stages.errors import DownloadError, TapelineError
-from stages.graph import GRAPH, output_is_valid, output_path, run_stage
+from stages.errors import DownloadError, StoreConnectionError, TapelineError
+from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
 from stages.pipeline import new_run_id, promote_run, record_run, registry_row
 from stages.results import Promotion, StageResult
+from stages.store import is_remote, normalize_root
 
 
-def artifacts_dir() -> Path:
-    """The artifacts directory: $TAPELINE_ARTIFACTS, else ./artifacts."""
-    return Path(os.environ.get("TAPELINE_ARTIFACTS", "artifacts")).resolve()
+def artifacts_dir() -> Artifacts:
+    """The artifacts store: $TAPELINE_ARTIFACTS (a directory or an object-store URL), else ./artifacts."""
+    return normalize_root(os.environ.get("TAPELINE_ARTIFACTS", "artifacts"))
 
 
-def stage_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """A Prefect cache_key_fn: the stage's output path, hashed (so two artifacts dirs never share a key)."""
-    path = output_path(parameters["name"], parameters["config"], Path(parameters["artifacts"]))
-    return f"tapeline-{parameters['name']}-{path.name}-{hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]}"
+def stage_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """A Prefect cache_key_fn: the stage's output location, hashed (so two stores never share a key).
+
+    None (no Prefect caching) on an object store: Prefect keeps cache records and results on the
+    worker's own disk, valid on that machine only; there the store's manifests alone decide hits."""
+    artifacts = parameters["artifacts"]
+    if is_remote(artifacts):
+        return None
+    location = output_location(parameters["name"], parameters["config"], artifacts)
+    parent, _, fp = location.rpartition("/")
+    return f"tapeline-{parameters['name']}-{fp}-{hashlib.sha256(parent.encode()).hexdigest()[:12]}"
 
 
-def stage_body(name: str, config: PipelineConfig, artifacts: Path, upstream: Mapping[str, StageResult],
+def stage_body(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
                verify: bool = False) -> StageResult:
     """Run one stage of the graph (the body of every stage task)."""
     return run_stage(name, config, artifacts, upstream, verify=verify, on_epoch_end=progress_reporter())
@@ -52,7 +59,7 @@ def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry downloads and unexpected errors; bad input and bad config fail at once (a retry cannot fix them)."""
     try:
         state.result()
-    except DownloadError:
+    except (DownloadError, StoreConnectionError):
         return True
     except TapelineError:
         return False
@@ -68,7 +75,8 @@ TASKS: dict[str, Task] = {
 
 
 @task(name="promotion", cache_policy=NO_CACHE)
-def promotion_task(config: PipelineConfig, results: dict[str, StageResult], artifacts: Path, run_id: str) -> Promotion:
+def promotion_task(config: PipelineConfig, results: dict[str, StageResult], artifacts: Artifacts,
+                   run_id: str) -> Promotion:
     """The promotion step: compare with production, switch when better, record the run (never cached)."""
     return promote_run(config, results, artifacts, run_id)
 
@@ -84,7 +92,7 @@ def configured_task(name: str, config: PipelineConfig, refresh: bool) -> Task:
     )
 
 
-def run_stage_task(name: str, config: PipelineConfig, artifacts: Path, upstream: dict[str, StageResult],
+def run_stage_task(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: dict[str, StageResult],
                    verify: bool) -> tuple[StageResult, dict[str, Any]]:
     """Run one stage's task; returns its result and its summary row (fingerprint, cached, seconds, path)."""
     refresh = not output_is_valid(name, config, artifacts, verify)

@@ -41,3 +41,11 @@ class PredictError(TapelineError):
 
 class LockTimeoutError(TapelineError):
     """Another tapeline process holds a lock for longer than we may wait."""
+
+
+class StoreError(TapelineError):
+    """The artifacts store cannot be used as given: unsupported URL, missing bucket, refused credentials."""
+
+
+class StoreConnectionError(TapelineError):
+    """The object store did not answer: possibly transient, so the flow retries it."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.cache import cached_build, fingerprint, manifest_problem, require_valid
+from stages.cache import fingerprint, manifest_problem
 from stages.codehash import code_fingerprint
 from stages.config import PipelineConfig, output_config
 from stages.data import build_data, data_result, source_identity
@@ -29,11 +29,13 @@ from stages.evaluate import build_evaluation, evaluate_result
 from stages.export import build_export, export_result
 from stages.model import build_model_dir, model_result
 from stages.results import EpochCallback, StageInputs, StageResult
+from stages.store import SavePartial, Store, open_store
 from stages.train import build_train_dir, train_result
 
 log = logging.getLogger("tapeline.graph")
 BuildFn = Callable[[Path, StageInputs], dict[str, Any]]
 ResultFn = Callable[[Path, dict[str, Any], bool, float], StageResult]
+Artifacts = Path | str
 
 
 @dataclass(frozen=True)
@@ -85,44 +87,87 @@ def fingerprints(config: PipelineConfig) -> dict[str, str]:
 
 
 def output_path(name: str, config: PipelineConfig, artifacts: Path) -> Path:
-    """Where stage `name`'s output for this config lives (built or not)."""
+    """Where stage `name`'s output for this config lives in an artifacts directory (built or not)."""
     return artifacts / name / fingerprints(config)[name]
 
 
-def find_output(name: str, config: PipelineConfig, artifacts: Path, verify: bool = False) -> StageResult:
-    """The valid cached output of stage `name`, or MissingUpstreamError saying to run that stage first."""
-    path = output_path(name, config, artifacts)
-    return STAGES[name].result(path, require_valid(path, name, verify), True, 0.0)
+def output_location(name: str, config: PipelineConfig, artifacts: Artifacts) -> str:
+    """Where stage `name`'s output for this config lives in any store, as a path or URL."""
+    return open_store(artifacts).location(name, fingerprints(config)[name])
 
 
-def run_stage(name: str, config: PipelineConfig, artifacts: Path, upstream: Mapping[str, StageResult] | None = None,
-              *, verify: bool = False, on_epoch_end: EpochCallback | None = None) -> StageResult:
+def located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local: Path, cached: bool,
+            seconds: float) -> StageResult:
+    """A stage result read from its manifest: `path` the local copy, `location` the store's."""
+    result = stage.result(local, manifest, cached, seconds)
+    return result.model_copy(update={"location": store.location(stage.name, fp)})
+
+
+def find_output(name: str, config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> StageResult:
+    """The valid cached output of stage `name` (fetched locally), or MissingUpstreamError saying to run it first."""
+    return find_output_by_fingerprint(name, fingerprints(config)[name], artifacts, verify)
+
+
+def find_output_by_fingerprint(name: str, fp: str, artifacts: Artifacts, verify: bool = False) -> StageResult:
+    """The valid output of stage `name` with fingerprint `fp`, fetched locally; MissingUpstreamError when none."""
+    store = open_store(artifacts)
+    manifest, local = store.fetch(name, fp, verify)
+    return located(STAGES[name], store, fp, manifest, local, True, 0.0)
+
+
+def usable_locally(result: StageResult, store: Store, verify: bool) -> StageResult:
+    """An upstream result whose `path` is a valid local copy: a result made on another machine (a Prefect
+    cache hit, say) is fetched again from the store by its fingerprint."""
+    if manifest_problem(result.path) is None:
+        return result
+    manifest, local = store.fetch(result.stage, result.fingerprint, verify)
+    return result.model_copy(update={"path": local})
+
+
+def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
+              upstream: Mapping[str, StageResult] | None = None, *, verify: bool = False,
+              on_epoch_end: EpochCallback | None = None) -> StageResult:
     """Run one stage: reuse its valid cached output, or build it. Upstream results not given are looked
     up by fingerprint; a missing one is a MissingUpstreamError naming the stage to run first."""
     stage = STAGES[name]
+    store = open_store(artifacts)
     started = time.perf_counter()
     given = dict(upstream or {})
-    inputs = {u: given[u] if u in given else find_output(u, config, artifacts, verify) for u in stage.upstream}
+    inputs = {u: usable_locally(given[u], store, verify) if u in given else find_output(u, config, store.root, verify)
+              for u in stage.upstream}
     fp = stage_fingerprint(stage, config, {u: r.fingerprint for u, r in inputs.items()})
-    manifest, cached = cached_build(
-        artifacts / name, fp, lambda staging: stage.build(staging, StageInputs(config, inputs, on_epoch_end)),
-        verify=verify, resumable=stage.resumable,
-    )
+
+    def make(staging: Path, save_partial: SavePartial) -> dict[str, Any]:
+        return stage.build(staging, StageInputs(config, inputs, with_partial_saves(on_epoch_end, save_partial)))
+
+    manifest, cached, local = store.build(name, fp, make, verify=verify, resumable=stage.resumable)
     seconds = time.perf_counter() - started
     log.info("%s %s %s in %.2f s", name, fp, "reused from cache" if cached else "built", seconds)
-    return stage.result(artifacts / name / fp, manifest, cached, seconds)
+    return located(stage, store, fp, manifest, local, cached, seconds)
 
 
-def output_is_valid(name: str, config: PipelineConfig, artifacts: Path, verify: bool = False) -> bool:
+def with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePartial) -> EpochCallback:
+    """The epoch callback, preceded by saving the checkpoints written so far to the store."""
+
+    def callback(row: dict[str, float], max_epochs: int) -> None:
+        save_partial()
+        if on_epoch_end is not None:
+            on_epoch_end(row, max_epochs)
+
+    return callback
+
+
+def output_is_valid(name: str, config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> bool:
     """Whether the stage's cached output exists and matches its manifest (sizes; SHA-256 with `verify`)."""
-    return manifest_problem(output_path(name, config, artifacts), verify) is None
+    return open_store(artifacts).problem(name, fingerprints(config)[name], verify) is None
 
 
-def plan(config: PipelineConfig, artifacts: Path, verify: bool = False) -> dict[str, Any]:
-    """What `tapeline run` would do, running nothing: each stage's fingerprint, output path and whether a
-    valid output is cached, and the stages that would run (the promotion step always runs)."""
+def plan(config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> dict[str, Any]:
+    """What `tapeline run` would do, running nothing: each stage's fingerprint, output location and whether
+    a valid output is cached, and the stages that would run (the promotion step always runs)."""
+    store = open_store(artifacts)
     stages = {}
     for name, fp in fingerprints(config).items():
-        path = artifacts / name / fp
-        stages[name] = {"fingerprint": fp, "cached": manifest_problem(path, verify) is None, "path": str(path)}
+        stages[name] = {"fingerprint": fp, "cached": store.problem(name, fp, verify) is None,
+                        "path": store.location(name, fp)}
     return {"stages": stages, "would_run": [name for name, row in stages.items() if not row["cached"]]}

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 from typing import Any, cast
 
-from stages.cache import file_lock
 from stages.config import PipelineConfig
-from stages.graph import GRAPH, run_stage
+from stages.graph import GRAPH, Artifacts, run_stage
 from stages.promotion import promote
-from stages.registry import append_run
+from stages.registry import record_row
 from stages.results import (
     DataResult,
     EpochCallback,
@@ -23,33 +21,34 @@ from stages.results import (
     StageResult,
     TrainResult,
 )
+from stages.store import open_store, with_lock
 
 
-def run_data(config: PipelineConfig, artifacts: Path, *, verify: bool = False) -> DataResult:
+def run_data(config: PipelineConfig, artifacts: Artifacts, *, verify: bool = False) -> DataResult:
     """The data stage: source -> split -> sharded TFRecords (or the cached output)."""
     return cast(DataResult, run_stage("data", config, artifacts, {}, verify=verify))
 
 
-def run_model(config: PipelineConfig, data: DataResult, artifacts: Path, *, verify: bool = False) -> ModelResult:
+def run_model(config: PipelineConfig, data: DataResult, artifacts: Artifacts, *, verify: bool = False) -> ModelResult:
     """The model stage: the seeded, initialized CNN."""
     return cast(ModelResult, run_stage("model", config, artifacts, {"data": data}, verify=verify))
 
 
-def run_train(config: PipelineConfig, data: DataResult, model: ModelResult, artifacts: Path, *,
+def run_train(config: PipelineConfig, data: DataResult, model: ModelResult, artifacts: Artifacts, *,
               verify: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
     """The train stage: the GradientTape loop with early stopping, resuming a killed run."""
     upstream = {"data": data, "model": model}
     return cast(TrainResult, run_stage("train", config, artifacts, upstream, verify=verify, on_epoch_end=on_epoch_end))
 
 
-def run_evaluate(config: PipelineConfig, data: DataResult, train: TrainResult, artifacts: Path, *,
+def run_evaluate(config: PipelineConfig, data: DataResult, train: TrainResult, artifacts: Artifacts, *,
                  verify: bool = False) -> EvaluateResult:
     """The evaluate stage: test-split metrics and pictures."""
     return cast(EvaluateResult, run_stage("evaluate", config, artifacts, {"data": data, "train": train}, verify=verify))
 
 
 def run_export(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
-               artifacts: Path, *, verify: bool = False) -> ExportResult:
+               artifacts: Artifacts, *, verify: bool = False) -> ExportResult:
     """The export stage: SavedModel / .keras / TFLite, verified, and the model card."""
     upstream = {"data": data, "train": train, "evaluate": evaluation}
     return cast(ExportResult, run_stage("export", config, artifacts, upstream, verify=verify))
@@ -60,13 +59,14 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def promote_run(config: PipelineConfig, results: dict[str, StageResult], artifacts: Path, run_id: str) -> Promotion:
+def promote_run(config: PipelineConfig, results: dict[str, StageResult], artifacts: Artifacts,
+                run_id: str) -> Promotion:
     """The promotion step on a run's stage results."""
     return promote(config, cast(DataResult, results["data"]), cast(TrainResult, results["train"]),
                    cast(EvaluateResult, results["evaluate"]), cast(ExportResult, results["export"]), artifacts, run_id)
 
 
-def run_all(config: PipelineConfig, artifacts: Path, verify: bool = False, run_id: str | None = None
+def run_all(config: PipelineConfig, artifacts: Artifacts, verify: bool = False, run_id: str | None = None
             ) -> dict[str, Any]:
     """Every stage of the graph in order, then the promotion step, in this process (the Prefect flow
     does the same with tasks)."""
@@ -90,7 +90,8 @@ def registry_row(run_id: str, config: PipelineConfig, results: dict[str, Any]) -
     }
 
 
-def record_run(artifacts: Path, row: dict[str, Any], timeout: float = 600) -> None:
-    """Append a run to the registry, one writer at a time."""
-    with file_lock(artifacts / ".registry.lock", timeout, "registry update"):
-        append_run(artifacts, row)
+def record_run(artifacts: Artifacts, row: dict[str, Any], timeout: float = 600) -> None:
+    """Add a run to the registry (one writer at a time on a directory; one object per run on a store)."""
+    store = open_store(artifacts)
+    with with_lock(store, ".registry.lock", timeout, "registry update"):
+        record_row(store, row)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from stages.errors import PredictError
-from stages.registry import production
+from stages.registry import local_version, read_production
 from stages.results import InputSpec
+from stages.store import open_store
 
 MAX_PIXELS = 4096 * 4096
 MAX_NPY_BYTES = 256 * 1024 * 1024
@@ -25,13 +26,15 @@ class Prediction:
     probability: float
 
 
-def resolve_model(model: Path | None, artifacts: Path) -> tuple[Path, InputSpec]:
-    """(SavedModel directory, input spec) of `--model DIR` (a version/export directory) or of production."""
+def resolve_model(model: Path | None, artifacts: Path | str) -> tuple[Path, InputSpec]:
+    """(SavedModel directory, input spec) of `--model DIR` (a version/export directory) or of production
+    (fetched into the read cache when the artifacts are on an object store)."""
     if model is None:
-        pointer = production(artifacts)
+        store = open_store(artifacts)
+        pointer, _ = read_production(store)
         if pointer is None:
             raise PredictError(f"no production model under {artifacts}: run `tapeline run` first, or pass --model DIR")
-        model = artifacts / pointer["path"]
+        model = local_version(store, pointer["version"])
     card_path = model / "model_card.json" if (model / "model_card.json").exists() else model.parent / "model_card.json"
     saved_model = model if (model / "saved_model.pb").exists() else model / "saved_model"
     if not (saved_model / "saved_model.pb").exists() or not card_path.exists():
@@ -104,7 +107,7 @@ def fit_to_spec(image: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
     return image
 
 
-def predict(paths: list[Path], model: Path | None, artifacts: Path) -> list[Prediction]:
+def predict(paths: list[Path], model: Path | None, artifacts: Path | str) -> list[Prediction]:
     """Classify each image with the SavedModel's serving_default signature."""
     import tensorflow as tf
 

@@ -13,20 +13,19 @@ import json
 import logging
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
-from stages.cache import file_lock, manifest_problem, read_manifest
 from stages.config import ExportConfig, PipelineConfig
-from stages.errors import CacheError
+from stages.errors import CacheError, LockTimeoutError
 from stages.evaluate import test_metrics
 from stages.export import render_model_card
-from stages.graph import run_stage
-from stages.registry import models_dir, production, publish_version, switch_production
+from stages.graph import Artifacts, find_output_by_fingerprint, run_stage
+from stages.registry import local_version, publish, read_production, switch
 from stages.results import DataResult, EvaluateResult, ExportResult, Promotion, TrainResult
-from stages.train import train_result
+from stages.store import LocalStore, RemoteStore, Store, open_store, with_lock
 
 RUNS = "runs"
+SWITCH_ATTEMPTS = 5
 log = logging.getLogger("tapeline.promotion")
 
 
@@ -42,9 +41,9 @@ def decide(challenger: float, champion: float | None, config: ExportConfig) -> t
                    f"by export.promote_min_delta {config.promote_min_delta}")
 
 
-def comparable(artifacts: Path, champion: dict[str, Any], data: DataResult) -> bool:
+def comparable(store: Store, champion: dict[str, Any], data: DataResult) -> bool:
     """Whether the champion takes the same images and classes as this run's data."""
-    card_path = artifacts / champion["path"] / "model_card.json"
+    card_path = local_version(store, champion["version"]) / "model_card.json"
     try:
         spec = json.loads(card_path.read_text())["input_spec"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -55,51 +54,63 @@ def comparable(artifacts: Path, champion: dict[str, Any], data: DataResult) -> b
     return same
 
 
-def champion_accuracy(config: PipelineConfig, artifacts: Path, champion: dict[str, Any], data: DataResult
+def champion_accuracy(config: PipelineConfig, store: Store, champion: dict[str, Any], data: DataResult
                       ) -> float | None:
     """The champion's test accuracy on this run's test split (None when not comparable).
 
     Read from the evaluate stage's output for (this data, the champion's trained model), built on first
     use; when the champion's train output is gone, its promoted .keras file is evaluated directly.
     """
-    if not comparable(artifacts, champion, data):
+    if not comparable(store, champion, data):
         return None
-    train_dir = artifacts / "train" / champion["train_fingerprint"]
-    if manifest_problem(train_dir) is None:
-        trained = train_result(train_dir, read_manifest(train_dir), True, 0.0)
-        evaluation = run_stage("evaluate", config, artifacts, {"data": data, "train": trained})
+    if store.problem("train", champion["train_fingerprint"]) is None:
+        trained = find_output_by_fingerprint("train", champion["train_fingerprint"], store.root)
+        evaluation = run_stage("evaluate", config, store.root, {"data": data, "train": trained})
         return evaluation.test_accuracy
     log.warning("the train output of production %s is gone; evaluating its promoted model", champion["version"])
-    metrics, *_ = test_metrics(artifacts / champion["path"] / "model.keras", data)
+    metrics, *_ = test_metrics(local_version(store, champion["version"]) / "model.keras", data)
     return float(metrics["test_accuracy"])
 
 
-def decide_and_switch(config: PipelineConfig, artifacts: Path, data: DataResult, train: TrainResult,
+def decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, train: TrainResult,
                       evaluation: EvaluateResult, export: ExportResult) -> Promotion:
-    """Under the promotion lock: compare with the current production model and switch when better."""
-    models_dir(artifacts).mkdir(parents=True, exist_ok=True)
-    with file_lock(models_dir(artifacts) / ".promotion.lock", config.export.lock_timeout_seconds, "promotion"):
-        current = production(artifacts)
-        if current is not None and current["train_fingerprint"] == train.fingerprint:
-            return Promotion(promoted=False, decision=f"already production ({current['version']})",
-                             model_path=artifacts / current["path"], test_accuracy=evaluation.test_accuracy,
-                             champion_version=current["version"], champion_accuracy=evaluation.test_accuracy)
-        theirs = champion_accuracy(config, artifacts, current, data) if current is not None else None
-        promoted, decision = decide(evaluation.test_accuracy, theirs, config.export)
-        outcome = Promotion(promoted=promoted, decision=decision, model_path=export.path,
-                            test_accuracy=evaluation.test_accuracy,
-                            champion_version=current["version"] if current and theirs is not None else None,
-                            champion_accuracy=theirs)
-        if not promoted:
-            return outcome
-        record = {"train_fingerprint": train.fingerprint, "test_accuracy": evaluation.test_accuracy,
-                  "champion_accuracy": theirs, "previous": current and current["version"],
-                  "decision": decision, "export": str(export.path),
-                  "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        version = publish_version(artifacts, export.path, record)
-        switch_production(artifacts, {**record, "version": version, "path": f"models/{version}"})
-        log.info("%s -> production is now %s", decision, version)
-        return outcome.model_copy(update={"model_path": models_dir(artifacts) / version})
+    """Compare with the current production model and switch when better: one decision at a time (a lock
+    on a directory; on an object store a conditional switch, re-deciding when another run won)."""
+    with with_lock(store, "models/.promotion.lock", config.export.lock_timeout_seconds, "promotion"):
+        for _ in range(SWITCH_ATTEMPTS):
+            current, etag = read_production(store)
+            if current is not None and current["train_fingerprint"] == train.fingerprint:
+                return Promotion(promoted=False, decision=f"already production ({current['version']})",
+                                 model_path=model_location(store, current["version"]),
+                                 test_accuracy=evaluation.test_accuracy, champion_version=current["version"],
+                                 champion_accuracy=evaluation.test_accuracy)
+            theirs = champion_accuracy(config, store, current, data) if current is not None else None
+            promoted, decision = decide(evaluation.test_accuracy, theirs, config.export)
+            outcome = Promotion(promoted=promoted, decision=decision, model_path=export.location or str(export.path),
+                                test_accuracy=evaluation.test_accuracy,
+                                champion_version=current["version"] if current and theirs is not None else None,
+                                champion_accuracy=theirs)
+            if not promoted:
+                return outcome
+            record = {"train_fingerprint": train.fingerprint, "test_accuracy": evaluation.test_accuracy,
+                      "champion_accuracy": theirs, "previous": current and current["version"],
+                      "decision": decision, "export": export.location or str(export.path),
+                      "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            version = publish(store, export.path, export.fingerprint, record)
+            if switch(store, {**record, "version": version, "path": f"models/{version}"}, etag):
+                log.info("%s -> production is now %s", decision, version)
+                return outcome.model_copy(update={"model_path": model_location(store, version)})
+            log.info("another run switched production while this one decided; deciding again")
+    raise LockTimeoutError(f"promotion: production changed {SWITCH_ATTEMPTS} times while this run decided; "
+                           "run the promotion step again (`tapeline stage promotion`)")
+
+
+def model_location(store: Store, version: str) -> str:
+    """Where a promoted version lives (a directory or a URL)."""
+    if isinstance(store, RemoteStore):
+        return store.url("models", version)
+    assert isinstance(store, LocalStore)
+    return str(store.path / "models" / version)
 
 
 def comparison(promotion: Promotion) -> dict[str, Any]:
@@ -110,31 +121,42 @@ def comparison(promotion: Promotion) -> dict[str, Any]:
                           "model_path": str(promotion.model_path)}}
 
 
-def write_run_record(artifacts: Path, run_id: str, evaluation: EvaluateResult, export: ExportResult,
-                     promotion: Promotion) -> Path:
-    """runs/<run_id>/: metrics.json and model_card.json/.md with the comparison; complete before it has its name."""
-    final = artifacts / RUNS / run_id
-    staging = final.with_name(f".partial-{run_id}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+def run_record_files(evaluation: EvaluateResult, export: ExportResult, promotion: Promotion) -> dict[str, bytes]:
+    """metrics.json and model_card.json/.md of one run, with the champion comparison and the decision."""
     extra = comparison(promotion)
-    (staging / "metrics.json").write_text(json.dumps({**evaluation.metrics(), **extra}, indent=2))
     card = {**json.loads((export.path / "model_card.json").read_text()), **extra}
-    (staging / "model_card.json").write_text(json.dumps(card, indent=2))
     champion = extra["champion"]
-    (staging / "model_card.md").write_text(render_model_card(card) + "\n".join([
+    markdown = render_model_card(card) + "\n".join([
         "## Promotion", "",
         f"- Production before this run: {champion['version']} (test accuracy {champion['test_accuracy']:.4f} "
         "on this test split)" if champion else "- Production before this run: none comparable",
         f"- Decision: {promotion.decision}", "",
-    ]))
+    ])
+    return {"metrics.json": json.dumps({**evaluation.metrics(), **extra}, indent=2).encode(),
+            "model_card.json": json.dumps(card, indent=2).encode(), "model_card.md": markdown.encode()}
+
+
+def write_run_record(store: Store, run_id: str, files: dict[str, bytes]) -> str:
+    """runs/<run_id>/ with `files`: complete before it has its name on disk; each file one PUT on a store."""
+    if isinstance(store, RemoteStore):
+        for name, data in files.items():
+            store.put_bytes(store.key(RUNS, run_id, name), data)
+        return store.url(RUNS, run_id)
+    assert isinstance(store, LocalStore)
+    final = store.path / RUNS / run_id
+    staging = final.with_name(f".partial-{run_id}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
     staging.rename(final)
-    return final
+    return str(final)
 
 
 def promote(config: PipelineConfig, data: DataResult, train: TrainResult, evaluation: EvaluateResult,
-            export: ExportResult, artifacts: Path, run_id: str) -> Promotion:
+            export: ExportResult, artifacts: Artifacts, run_id: str) -> Promotion:
     """The promotion step: decide (and switch production) one run at a time, then record the run."""
-    promotion = decide_and_switch(config, artifacts, data, train, evaluation, export)
-    record = write_run_record(artifacts, run_id, evaluation, export, promotion)
+    store = open_store(artifacts)
+    promotion = decide_and_switch(config, store, data, train, evaluation, export)
+    record = write_run_record(store, run_id, run_record_files(evaluation, export, promotion))
     return promotion.model_copy(update={"record": record})

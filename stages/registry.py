@@ -2,6 +2,11 @@
 
 `artifacts/models/<version>/` holds promoted models; `artifacts/models/production.json` points at
 one of them and is only ever replaced atomically. `artifacts/registry.parquet` has one row per run.
+
+On an object store the same names are used, without locks: a version is claimed by creating its
+`promotion.json` only if absent, `production.json` is switched with `If-Match` on the ETag read when
+the decision was made (a loser re-decides), and each run's row is its own object under `registry/`,
+read together, so concurrent runs never lose a row.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from typing import Any
 
 from stages.cache import check_files, fsync_tree, is_inside, quarantine, read_manifest, write_json_atomic
 from stages.errors import CacheError
+from stages.store import LocalStore, RemoteStore, Store, open_store, read_json_object
 
 log = logging.getLogger("tapeline.registry")
 POINTER = "production.json"
 REGISTRY = "registry.parquet"
+REGISTRY_OBJECTS = "registry"
+MODELS = "models"
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 REGISTRY_COLUMNS = (
     "run_id", "time", "data_fingerprint", "model_fingerprint", "train_fingerprint", "source", "max_epochs",
@@ -136,3 +144,118 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "-" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- any store
+
+def read_production(store: Store) -> tuple[dict[str, Any] | None, str | None]:
+    """(production pointer or None, the ETag to switch it conditionally; None for a directory)."""
+    if isinstance(store, LocalStore):
+        return production(store.path), None
+    assert isinstance(store, RemoteStore)
+    pointer, etag = read_json_object(store, store.key(MODELS, POINTER))
+    if pointer is None:
+        return None, None
+    version = str(pointer.get("version", ""))
+    if not VERSION_PATTERN.match(version) or pointer.get("path") != f"{MODELS}/{version}":
+        raise CacheError(f"{store.url(MODELS, POINTER)} points at {pointer.get('path')!r}; point it at a version "
+                         "models/vNNNN")
+    problem = store.problem(MODELS, version)
+    if problem is not None:
+        raise CacheError(f"production model {version} is damaged: {problem}; point production.json at another "
+                         "version")
+    return pointer, etag
+
+
+def local_version(store: Store, version: str) -> Path:
+    """A local directory with a promoted version's files (fetched into the read cache from an object store)."""
+    if isinstance(store, LocalStore):
+        return models_dir(store.path) / version
+    return store.fetch(MODELS, version)[1]
+
+
+def remote_versions(store: RemoteStore) -> list[int]:
+    """Numbers of the versions (claimed or complete) under models/."""
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.key(MODELS), refresh=True)]
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for n in names if (m := VERSION_PATTERN.match(n))]
+
+
+def publish_remote_version(store: RemoteStore, export_fp: str, record: dict[str, Any]) -> str:
+    """Copy a committed export to a new version: claim the number (create-if-absent), copy, commit its manifest."""
+    export = store.remote_manifest("export", export_fp)
+    if export is None:
+        raise CacheError(f"{store.location('export', export_fp)} has no manifest; run the export stage again")
+    number = max(remote_versions(store), default=0) + 1
+    while True:
+        version = f"v{number:04d}"
+        claim = json.dumps({**record, "version": version}, indent=2, default=str).encode()
+        if store.put_bytes(store.key(MODELS, version, "promotion.json"), claim, create=True):
+            break
+        number += 1
+    for entry in export["files"]:
+        store.fs.copy(store.key("export", export_fp, export["root"], entry["name"]),
+                      store.key(MODELS, version, export["root"], entry["name"]))
+    manifest = {**export, "fingerprint": version, "export": export_fp}
+    store.put_bytes(store.key(MODELS, version, "manifest.json"), json.dumps(manifest, indent=2).encode(), create=True)
+    return version
+
+
+def publish(store: Store, export_dir: Path, export_fp: str, record: dict[str, Any]) -> str:
+    """Publish an export as the next version; returns the version."""
+    if isinstance(store, LocalStore):
+        return publish_version(store.path, export_dir, record)
+    assert isinstance(store, RemoteStore)
+    return publish_remote_version(store, export_fp, record)
+
+
+def switch(store: Store, pointer: dict[str, Any], etag: str | None) -> bool:
+    """Point production at a complete version; on an object store only if production is still what was
+    read (`etag`; absent when there was none). False when another run switched it first."""
+    if isinstance(store, LocalStore):
+        switch_production(store.path, pointer)
+        return True
+    assert isinstance(store, RemoteStore)
+    data = json.dumps(pointer, indent=2, sort_keys=True, default=str).encode()
+    return store.put_bytes(store.key(MODELS, POINTER), data, create=etag is None, if_match=etag)
+
+
+def record_row(store: Store, row: dict[str, Any]) -> None:
+    """Add a run's row: to registry.parquet (call under the registry lock), or as its own object."""
+    if isinstance(store, LocalStore):
+        append_run(store.path, row)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert isinstance(store, RemoteStore)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in REGISTRY_COLUMNS}]), buffer)
+    store.put_bytes(store.key(REGISTRY_OBJECTS, f"{row['run_id']}.parquet"), buffer.getvalue().to_pybytes())
+
+
+def remote_runs(store: RemoteStore) -> list[dict[str, Any]]:
+    """Every row object under registry/, unordered; an unreadable one is named, never silently dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for name in sorted(store.listing(store.key(REGISTRY_OBJECTS))):
+        data = store.read_bytes(store.key(REGISTRY_OBJECTS, name))
+        try:
+            rows.extend(pq.read_table(pa.BufferReader(data)).to_pylist())
+        except (pa.ArrowException, OSError, TypeError) as exc:
+            raise CacheError(f"{store.url(REGISTRY_OBJECTS, name)} is corrupt ({exc}); delete it") from exc
+    return rows
+
+
+def runs_of(artifacts: Path | str, newest_first: bool = True) -> list[dict[str, Any]]:
+    """The registry of any store, newest first."""
+    store = open_store(artifacts)
+    if isinstance(store, LocalStore):
+        return read_runs(store.path, newest_first)
+    assert isinstance(store, RemoteStore)
+    rows = remote_runs(store)
+    return sorted(rows, key=lambda r: (r["time"], r["run_id"]), reverse=newest_first)

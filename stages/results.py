@@ -39,6 +39,7 @@ class StageResult(BaseModel):
     path: Path
     cached: bool
     seconds: float
+    location: str = ""
 
 
 class DataResult(StageResult):
@@ -88,11 +89,11 @@ class Promotion(BaseModel):
 
     promoted: bool
     decision: str
-    model_path: Path
+    model_path: str
     test_accuracy: float
     champion_version: str | None = None
     champion_accuracy: float | None = None
-    record: Path | None = None
+    record: str | None = None
 
 
 R = TypeVar("R", bound=StageResult)

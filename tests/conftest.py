@@ -32,3 +32,34 @@ def harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real S3-compatible server (SeaweedFS) for the session, stopped at the end."""
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the session's S3 server, its URL, and this process pointed at it (AWS settings,
+    an empty read cache)."""
+    import re
+    import uuid
+
+    import fsspec
+
+    from stages.store import open_remote
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TAPELINE_CACHE_DIR", str(tmp_path / "read-cache"))
+    open_remote.cache_clear()
+    bucket = f"t-{re.sub(r'[^a-z0-9]', '-', request.node.name.lower())[:40]}-{uuid.uuid4().hex[:6]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    yield f"s3://{bucket}/tapeline"
+    open_remote.cache_clear()

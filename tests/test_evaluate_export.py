@@ -92,7 +92,7 @@ def test_first_model_is_promoted_and_rerun_is_all_cache_hits(first_run) -> None:
     assert results["promotion"].promoted and results["promotion"].decision.startswith("promoted")
     pointer = production(artifacts)
     assert pointer["version"] == "v0001" and pointer["train_fingerprint"] == results["train"].fingerprint
-    record = json.loads((results["promotion"].record / "metrics.json").read_text())
+    record = json.loads((Path(results["promotion"].record) / "metrics.json").read_text())
     assert record["champion"] is None and record["promotion"]["promoted"] is True
     assert record["test_accuracy"] == results["evaluate"].test_accuracy
     again = run_all(config, artifacts)
@@ -120,10 +120,10 @@ def test_worse_challenger_is_not_promoted_better_is(tmp_path: Path, idx_dir: Pat
     assert worse["promotion"].champion_accuracy == good["evaluate"].test_accuracy
     assert not worse["promotion"].promoted and worse["promotion"].decision.startswith("kept production")
     assert production(artifacts)["version"] == "v0001"
-    card = json.loads((worse["promotion"].record / "model_card.json").read_text())
+    card = json.loads((Path(worse["promotion"].record) / "model_card.json").read_text())
     assert card["champion"] == {"version": "v0001", "test_accuracy": good["evaluate"].test_accuracy}
     assert card["promotion"]["decision"] == worse["promotion"].decision
-    assert "kept production" in (worse["promotion"].record / "model_card.md").read_text()
+    assert "kept production" in (Path(worse["promotion"].record) / "model_card.md").read_text()
     better = run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=6"), artifacts)
     assert better["evaluate"].test_accuracy > good["evaluate"].test_accuracy
     assert better["promotion"].promoted and production(artifacts)["version"] == "v0002"
@@ -163,7 +163,7 @@ def test_crash_between_version_write_and_switch_keeps_production(tmp_path: Path,
     def crash(*_args, **_kwargs) -> None:
         raise KeyboardInterrupt("killed before the pointer switch")
 
-    monkeypatch.setattr(stages.promotion, "switch_production", crash)
+    monkeypatch.setattr(stages.promotion, "switch", crash)
     with pytest.raises(KeyboardInterrupt):
         run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=4"), artifacts)
     assert (artifacts / "models" / POINTER).read_text() == before

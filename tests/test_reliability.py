@@ -60,7 +60,7 @@ CHILD = textwrap.dedent("""
     elif where == "export":
         stages.export.write_saved_model = stall(stages.export.write_saved_model)
     elif where == "promotion":
-        stages.promotion.publish_version = stall(stages.promotion.publish_version)
+        stages.promotion.publish = stall(stages.promotion.publish)
     run_all(load_config(None, sys.argv[3:]), Path(sys.argv[1]))
 """)
 
