@@ -108,7 +108,9 @@ def start_s3_server(directory: Path, timeout: float = 90) -> S3Server:
     s3, master, volume, filer = sorted(ports)
     command = [weed_binary(), "server", f"-dir={directory}", "-s3", f"-s3.port={s3}", f"-s3.config={config}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-ip=127.0.0.1",
-               "-ip.bind=127.0.0.1", "-metricsPort=0", "-s3.port.lance=0", "-s3.port.iceberg=0", "-s3.iam=false"]
+               "-ip.bind=127.0.0.1", "-metricsPort=0", "-s3.port.lance=0", "-s3.port.iceberg=0", "-s3.iam=false",
+               # one collection per bucket, several volumes each: small volumes, and many of them
+               "-master.volumeSizeLimitMB=64", "-volume.max=1000"]
     log = (directory / "weed.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(process, f"http://127.0.0.1:{s3}")

@@ -1,4 +1,5 @@
-"""End to end with real Prefect parts: server, process work pool, `prefect deploy`, deployment run, worker."""
+"""End to end with real parts: a Prefect server, a process work pool, `prefect deploy`, a deployment run, a
+worker, and the artifacts on a real S3-compatible server (`TAPELINE_ARTIFACTS=s3://…`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import httpx
 import pyarrow.parquet as pq
 import pytest
+
+from stages.registry import local_version, read_production, runs_of
+from stages.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -44,12 +49,13 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path):
-    """A real `prefect server start` on a free port with a temporary PREFECT_HOME; stopped by PID."""
+def server(tmp_path: Path, s3_url: str, s3_server):
+    """A real `prefect server start` on a free port with a temporary PREFECT_HOME; stopped by PID. The
+    worker's flow runs keep their artifacts in a fresh bucket."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PWD": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "TAPELINE_ARTIFACTS": str(tmp_path / "artifacts")}
+           "TAPELINE_ARTIFACTS": s3_url, "TAPELINE_CACHE_DIR": str(tmp_path / "worker-cache"), **s3_server.env()}
     env.pop("PREFECT_API_KEY", None)
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -84,14 +90,18 @@ def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_p
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     run = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()
     assert run["state"]["type"] == "COMPLETED", (run["state"], worker.stdout[-3000:])
-    artifacts = Path(env["TAPELINE_ARTIFACTS"])
-    registry = pq.read_table(artifacts / "registry.parquet").to_pylist()
+    artifacts = env["TAPELINE_ARTIFACTS"]
+    registry = runs_of(artifacts)
     assert [r["run_id"] for r in registry] == [flow_run_id]
     assert registry[0]["promoted"] is True
-    record = json.loads((artifacts / "runs" / flow_run_id / "metrics.json").read_text())
+    fs = fsspec.filesystem("s3")
+    bucket_prefix = artifacts.removeprefix("s3://")
+    record = json.loads(fs.cat_file(f"{bucket_prefix}/runs/{flow_run_id}/metrics.json"))
     assert record["promotion"]["promoted"] is True and record["test_accuracy"] == registry[0]["test_accuracy"]
-    production = json.loads((artifacts / "models" / "production.json").read_text())
-    assert (artifacts / production["path"] / "saved_model" / "saved_model.pb").exists()
+    production, _ = read_production(open_store(artifacts))
+    assert (local_version(open_store(artifacts), production["version"]) / "saved_model" / "saved_model.pb").exists()
+    assert not (ROOT / "artifacts" / "registry.parquet").exists() or \
+        flow_run_id not in str(pq.read_table(ROOT / "artifacts" / "registry.parquet").to_pylist())
     keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
     assert {"training-summary", "per-class-metrics", "evaluation-pictures", "training-progress"} <= keys
     nightly = httpx.get(f"{api}/deployments/name/training-pipeline/nightly").json()
