@@ -87,7 +87,7 @@ def data_builds(work: Path, repeats: int) -> tuple[dict[str, list[float]], list[
                 size = sum(p.stat().st_size for p in result.path.rglob("*") if p.is_file())
                 os.environ["TAPELINE_CACHE_DIR"] = str(work / f"fill-{i}")  # another machine: empty cache
                 started = time.perf_counter()
-                open_store(artifacts).fetch("data", fingerprints(config)["data"])
+                open_store(artifacts).fetch("data", fingerprints(config, artifacts)["data"])
                 fills.append(size / 1e6 / (time.perf_counter() - started))
             shutil.rmtree(work / f"cache-{name}-{i}", ignore_errors=True)
     return seconds, fills, size

@@ -14,7 +14,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from stages.results import EpochCallback
+from stages.results import EpochCallback, ValidateResult
 from stages.train import epoch_log_line
 
 
@@ -63,3 +63,13 @@ def publish_artifacts(summary: dict[str, Any], evaluate_dir: Path) -> None:
                 ("Worst misclassified test images", "worst_misclassified.png")]
     create_markdown_artifact("\n".join(png_markdown(t, evaluate_dir / f) for t, f in pictures),
                              key="evaluation-pictures", description="learning curves and confusion matrix")
+
+
+def publish_validation_report(result: ValidateResult) -> None:
+    """The validation report with its pictures (also when it failed: the evidence)."""
+    report = (result.path / "report.md").read_text()
+    body = report.split("![class histogram]")[0]
+    pictures = [("Class histogram", result.path / "class_histogram.png"),
+                ("Pixel intensity histogram", result.path / "pixel_histogram.png")]
+    create_markdown_artifact(body + "\n" + "\n".join(png_markdown(t, p) for t, p in pictures),
+                             key="validation-report", description="data validation before training")

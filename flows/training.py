@@ -22,12 +22,13 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.artifacts import progress_reporter, publish_artifacts
+from flows import events
+from flows.artifacts import progress_reporter, publish_artifacts, publish_validation_report
 from stages.config import PipelineConfig
-from stages.errors import DownloadError, StoreConnectionError, TapelineError
+from stages.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
 from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
 from stages.pipeline import new_run_id, promote_run, record_run, registry_row
-from stages.results import Promotion, StageResult
+from stages.results import Promotion, StageResult, ValidateResult
 from stages.store import is_remote, normalize_root
 
 
@@ -101,12 +102,29 @@ def run_stage_task(name: str, config: PipelineConfig, artifacts: Artifacts, upst
                                                    verify=verify, return_state=True)
     try:
         result: StageResult = state.result()
+    except ValidationError as exc:
+        report_validation(exc.result)
+        raise
     except Exception as exc:
         get_run_logger().error("stage %s failed: %s", name, exc)
         raise
+    if isinstance(result, ValidateResult):
+        report_validation(result)
     cached = state.name == "Cached" or result.cached
     return result, {"fingerprint": result.fingerprint, "cached": cached, "state": state.name,
                     "seconds": round(time.perf_counter() - started, 3), "path": str(result.path)}
+
+
+def report_validation(result: ValidateResult | None) -> None:
+    """Publish the validation report; when it failed, say so in the log and as an event."""
+    if result is None:
+        return
+    publish_validation_report(result)
+    if not result.passed:
+        get_run_logger().error("data validation failed: %s; report %s", result.errors, result.location)
+        events.validation_failed(result, flow_run.id)
+    elif result.warnings:
+        get_run_logger().warning("data validation warnings: %s", result.warnings)
 
 
 def run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promotion) -> dict[str, Any]:
@@ -121,8 +139,8 @@ def run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promo
     }
 
 
-@flow(name="training-pipeline", description="data -> model -> train -> evaluate -> export -> promotion, "
-      "cached by fingerprint")
+@flow(name="training-pipeline", description="data -> validate -> model -> train -> evaluate -> export -> "
+      "promotion, cached by fingerprint")
 def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = False  # noqa: B008 - frozen model
                       ) -> dict[str, Any]:
     """Run every stage of the graph as a Prefect task, then the promotion step; return the run summary.
@@ -137,6 +155,7 @@ def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = 
         logger.info("%s: %s (%s)", stage.name, stages[stage.name]["fingerprint"],
                     "cached" if stages[stage.name]["cached"] else "ran")
     promotion = promotion_task(config, results, artifacts, run_id)
+    events.promotion_decided(promotion, flow_run.id)
     summary = run_summary(run_id, stages, promotion)
     record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}),
                timeout=config.export.lock_timeout_seconds)

@@ -6,6 +6,7 @@ order. Unknown keys and invalid values fail before any work starts, naming the k
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +58,9 @@ class DataConfig(Section):
     batch_size: int = used_by("train", 32, gt=0, description="global batch size")
     shuffle_buffer: int = used_by("train", 10000, gt=0, description="tf.data shuffle buffer for training")
     shards: int = Field(4, gt=0, le=1024, description="TFRecord files per split")
+    drop_test_duplicates: bool = Field(
+        True, description="for sources with a fixed test split, drop training copies of test images (exact pixels)"
+    )
     tfds_data_dir: str | None = runtime(None, description="TFDS data_dir for tfds: sources")
     retries: int = runtime(2, ge=0, le=10, description="retries of the data stage (downloads) in the flow")
     timeout_seconds: float | None = runtime(None, gt=0, description="data stage time limit in the flow")
@@ -137,6 +141,23 @@ class EvalConfig(Section):
     timeout_seconds: float | None = runtime(None, gt=0, description="evaluate stage time limit in the flow")
 
 
+class ValidateConfig(Section):
+    """Data validation before training: what counts as an anomaly, and how bad each kind is."""
+
+    allow_schema_change: bool = Field(False, description="a schema change against the baseline is a warning, "
+                                      "not an error")
+    min_per_class: int = Field(10, ge=0, description="fewer examples of a class in a split is a warning")
+    max_label_drift: float = Field(0.1, ge=0, le=1, description="largest change of a class share vs the baseline")
+    max_pixel_drift: float = Field(0.05, ge=0, le=1, description="largest Jensen-Shannon divergence (bits) of the "
+                                   "grey-level histogram vs the baseline")
+    drift: Literal["warn", "error", "off"] = Field("warn", description="severity of label and pixel drift")
+    max_constant_share: float = Field(0.01, ge=0, le=1, description="largest share of constant images in a split")
+    near_duplicates: bool = Field(True, description="report test images that look like training images (warning)")
+    near_duplicate_distance: float = Field(3.0, gt=0, description="mean absolute grey-level difference under "
+                                           "which two images with the same average hash are near-duplicates")
+    timeout_seconds: float | None = runtime(None, gt=0, description="validate stage time limit in the flow")
+
+
 class ExportConfig(Section):
     """Export formats, the verification tolerance and the promotion gate."""
 
@@ -154,15 +175,21 @@ class ExportConfig(Section):
     timeout_seconds: float | None = runtime(None, gt=0, description="export stage time limit in the flow")
 
 
-class PipelineConfig(Section):
-    """The whole pipeline's configuration; also the Prefect flow's one parameter."""
+with warnings.catch_warnings():
+    # The section is named after its stage (`validate.*` keys are a contract); it shadows pydantic's
+    # deprecated `BaseModel.validate` classmethod, which nothing here calls.
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
-    seed: int = Field(0, ge=0, description="seed for splits, shuffling and initialization")
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvalConfig = EvalConfig()
-    export: ExportConfig = ExportConfig()
+    class PipelineConfig(Section):
+        """The whole pipeline's configuration; also the Prefect flow's one parameter."""
+
+        seed: int = Field(0, ge=0, description="seed for splits, shuffling and initialization")
+        data: DataConfig = DataConfig()
+        validate: ValidateConfig = ValidateConfig()
+        model: ModelConfig = ModelConfig()
+        train: TrainConfig = TrainConfig()
+        evaluate: EvalConfig = EvalConfig()
+        export: ExportConfig = ExportConfig()
 
 
 def field_marks(field: Any) -> dict[str, Any]:

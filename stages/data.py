@@ -6,6 +6,7 @@ inside the batched reader map, which measured faster than storing floats.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -32,9 +33,16 @@ def data_sources(config: DataConfig) -> list[Source]:
     return sources
 
 
-def source_identity(config: PipelineConfig) -> list[dict[str, Any]]:
-    """What the data fingerprint knows of the sources: checksums of their files, or a dataset name and version."""
+def source_identity(config: PipelineConfig, *_context: Any) -> list[dict[str, Any]]:
+    """What the data fingerprint knows of the sources: checksums of their files, or a dataset name and version
+    (the store and upstream fingerprints the graph also offers are not needed)."""
     return [source.identity() for source in data_sources(config.data)]
+
+
+def image_keys(images: np.ndarray) -> np.ndarray:
+    """A 16-byte hash of each image's decoded pixels: equal keys, equal images."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype="S16")
 
 
 # ---------------------------------------------------------------- splitting
@@ -55,6 +63,26 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return kept_idx, held_idx
 
 
+def grouped_holdout(images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """`stratified_holdout` over distinct images: every copy of an image lands in the same split. Each group is
+    drawn by its first copy (its label), so data without duplicates splits exactly as before."""
+    _, first, group = np.unique(image_keys(images), return_index=True, return_inverse=True)
+    representatives = np.sort(first)
+    _, held = stratified_holdout(labels[representatives], fraction, seed)
+    held_groups = np.zeros(len(first), bool)
+    held_groups[group[representatives[held]]] = True
+    held_mask = held_groups[group]
+    return np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
+
+
+def without_copies_of(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Training data without the exact copies of test images; and how many were dropped."""
+    keep = ~np.isin(image_keys(train_x), image_keys(test_x))
+    return train_x[keep], train_y[keep], int((~keep).sum())
+
+
 def limited(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Sorted indices of a seeded random subset of at most `limit` of `n` examples."""
     if limit is None or limit >= n:
@@ -71,21 +99,29 @@ def merge(parts: list[tuple[np.ndarray | None, np.ndarray | None]], where: str) 
     return np.concatenate([x for x, _ in present]), np.concatenate([y for _, y in present])
 
 
-def split_arrays(raws: list[RawData], config: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """train / validation / test arrays: test from the source (or carved), limit, then a stratified validation."""
+def split_arrays(raws: list[RawData], config: DataConfig, seed: int
+                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """(train / validation / test arrays, training copies of test images dropped): test from the source (or
+    carved), limit, then a stratified validation; carving is group-aware, so copies never straddle splits."""
     main = raws[0]
+    dropped = 0
     train_x, train_y = merge([(r.train_images, r.train_labels) for r in raws], config.source)
     if main.test_images is None:
-        keep, test = stratified_holdout(train_y, config.test_fraction, seed + 1)
+        keep, test = grouped_holdout(train_x, train_y, config.test_fraction, seed + 1)
         test_x, test_y = train_x[test], train_y[test]
         train_x, train_y = train_x[keep], train_y[keep]
         extra_test = [(r.test_images, r.test_labels) for r in raws[1:]]
         test_x, test_y = merge([(test_x, test_y), *extra_test], config.source)
     else:
         test_x, test_y = merge([(r.test_images, r.test_labels) for r in raws], config.source)
+        if config.drop_test_duplicates:
+            train_x, train_y, dropped = without_copies_of(train_x, train_y, test_x)
+            if dropped:
+                log.warning("dropped %d training images that are exact copies of test images "
+                            "(data.drop_test_duplicates)", dropped)
     pool = limited(len(train_y), config.limit, seed + 2)
     train_x, train_y = train_x[pool], train_y[pool]
-    keep, val = stratified_holdout(train_y, config.validation_fraction, seed)
+    keep, val = grouped_holdout(train_x, train_y, config.validation_fraction, seed)
     if len(val) == 0 or len(keep) == 0:
         raise DataSourceError(
             f"{config.source}: {len(train_y)} training examples leave an empty train or validation split; "
@@ -96,7 +132,7 @@ def split_arrays(raws: list[RawData], config: DataConfig, seed: int) -> dict[str
         "train": (train_x[keep][order], train_y[keep][order]),
         "validation": (train_x[val], train_y[val]),
         "test": (test_x, test_y),
-    }
+    }, dropped
 
 
 # ---------------------------------------------------------------- writing
@@ -145,7 +181,7 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     raws = [s.load() for s in sources]
     names = max((r.class_names for r in raws), key=len)
     loaded = time.perf_counter()
-    splits = split_arrays(raws, config.data, config.seed)
+    splits, dropped = split_arrays(raws, config.data, config.seed)
     shard_files = {split: write_shards(staging, split, x, y, config.data.shards) for split, (x, y) in splits.items()}
     files = {f["name"]: f for f in describe_files(staging)}
     shape = tuple(int(d) for d in splits["train"][0].shape[1:])
@@ -156,6 +192,7 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "source": {"spec": config.data.source, "extra": config.data.extra, "identity": identity},
         "input_spec": {"shape": shape, "class_names": list(names)},
         "encoding": ENCODING,
+        "dropped_test_duplicates": dropped,
         "normalization": "float32 = uint8 / 255, in the reader after batching",
         "splits": {
             split: {

@@ -49,3 +49,15 @@ class StoreError(TapelineError):
 
 class StoreConnectionError(TapelineError):
     """The object store did not answer: possibly transient, so the flow retries it."""
+
+
+class ValidationError(TapelineError):
+    """The data failed validation: the report names each error kind and count."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, object]]:
+        # Prefect pickles a failed task's exception: keep the result (the report) with it.
+        return type(self), (str(self), self.result)

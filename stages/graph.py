@@ -31,10 +31,12 @@ from stages.model import build_model_dir, model_result
 from stages.results import EpochCallback, StageInputs, StageResult
 from stages.store import SavePartial, Store, open_store
 from stages.train import build_train_dir, train_result
+from stages.validate import baseline_identity, build_validate, ensure_passed, validate_result
 
 log = logging.getLogger("tapeline.graph")
 BuildFn = Callable[[Path, StageInputs], dict[str, Any]]
 ResultFn = Callable[[Path, dict[str, Any], bool, float], StageResult]
+ExternalFn = Callable[[PipelineConfig, Store, Mapping[str, str]], Any]
 Artifacts = Path | str
 
 
@@ -47,7 +49,8 @@ class Stage:
     build: BuildFn
     result: ResultFn
     covers: tuple[str, ...]
-    external: Callable[[PipelineConfig], Any] | None = None
+    external: ExternalFn | None = None
+    gate: Callable[[Any], None] | None = None
     resumable: bool = False
 
     @property
@@ -58,6 +61,8 @@ class Stage:
 
 GRAPH: tuple[Stage, ...] = (
     Stage("data", (), build_data, data_result, covers=("seed", "data"), external=source_identity),
+    Stage("validate", ("data",), build_validate, validate_result, covers=("validate",), external=baseline_identity,
+          gate=ensure_passed),
     Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model")),
     Stage("train", ("data", "model"), build_train_dir, train_result, covers=("seed", "train"), resumable=True),
     Stage("evaluate", ("data", "train"), build_evaluation, evaluate_result, covers=("evaluate",)),
@@ -67,33 +72,39 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in GRAPH}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
 
 
-def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[str, str]) -> str:
-    """The fingerprint of `stage` given its upstream stages' fingerprints."""
+def external_inputs(stage: Stage, config: PipelineConfig, store: Store, upstream: Mapping[str, str]) -> Any:
+    """What `stage` reads from outside its upstream outputs: the source files' identity, a baseline."""
+    return stage.external(config, store, upstream) if stage.external else None
+
+
+def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[str, str], external: Any) -> str:
+    """The fingerprint of `stage` given its upstream stages' fingerprints and its external inputs."""
     return fingerprint({
         "stage": stage.name,
         "config": output_config(config, stage.name, stage.covers),
         "upstream": {name: upstream[name] for name in stage.upstream},
         "code": code_fingerprint(stage.module),
-        "external": stage.external(config) if stage.external else None,
+        "external": external,
     })
 
 
-def fingerprints(config: PipelineConfig) -> dict[str, str]:
-    """Every stage's fingerprint for this config, in graph order."""
+def fingerprints(config: PipelineConfig, artifacts: Artifacts = "artifacts") -> dict[str, str]:
+    """Every stage's fingerprint for this config and store, in graph order."""
+    store = open_store(artifacts)
     found: dict[str, str] = {}
     for stage in GRAPH:
-        found[stage.name] = stage_fingerprint(stage, config, found)
+        found[stage.name] = stage_fingerprint(stage, config, found, external_inputs(stage, config, store, found))
     return found
 
 
 def output_path(name: str, config: PipelineConfig, artifacts: Path) -> Path:
     """Where stage `name`'s output for this config lives in an artifacts directory (built or not)."""
-    return artifacts / name / fingerprints(config)[name]
+    return artifacts / name / fingerprints(config, artifacts)[name]
 
 
 def output_location(name: str, config: PipelineConfig, artifacts: Artifacts) -> str:
     """Where stage `name`'s output for this config lives in any store, as a path or URL."""
-    return open_store(artifacts).location(name, fingerprints(config)[name])
+    return open_store(artifacts).location(name, fingerprints(config, artifacts)[name])
 
 
 def located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local: Path, cached: bool,
@@ -105,7 +116,7 @@ def located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local
 
 def find_output(name: str, config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> StageResult:
     """The valid cached output of stage `name` (fetched locally), or MissingUpstreamError saying to run it first."""
-    return find_output_by_fingerprint(name, fingerprints(config)[name], artifacts, verify)
+    return find_output_by_fingerprint(name, fingerprints(config, artifacts)[name], artifacts, verify)
 
 
 def find_output_by_fingerprint(name: str, fp: str, artifacts: Artifacts, verify: bool = False) -> StageResult:
@@ -135,15 +146,21 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
     given = dict(upstream or {})
     inputs = {u: usable_locally(given[u], store, verify) if u in given else find_output(u, config, store.root, verify)
               for u in stage.upstream}
-    fp = stage_fingerprint(stage, config, {u: r.fingerprint for u, r in inputs.items()})
+    upstream_fps = {u: r.fingerprint for u, r in inputs.items()}
+    external = external_inputs(stage, config, store, upstream_fps)
+    fp = stage_fingerprint(stage, config, upstream_fps, external)
 
     def make(staging: Path, save_partial: SavePartial) -> dict[str, Any]:
-        return stage.build(staging, StageInputs(config, inputs, with_partial_saves(on_epoch_end, save_partial)))
+        hooks = with_partial_saves(on_epoch_end, save_partial)
+        return stage.build(staging, StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1]))
 
     manifest, cached, local = store.build(name, fp, make, verify=verify, resumable=stage.resumable)
     seconds = time.perf_counter() - started
     log.info("%s %s %s in %.2f s", name, fp, "reused from cache" if cached else "built", seconds)
-    return located(stage, store, fp, manifest, local, cached, seconds)
+    result = located(stage, store, fp, manifest, local, cached, seconds)
+    if stage.gate is not None:
+        stage.gate(result)
+    return result
 
 
 def with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePartial) -> EpochCallback:
@@ -159,7 +176,7 @@ def with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePar
 
 def output_is_valid(name: str, config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> bool:
     """Whether the stage's cached output exists and matches its manifest (sizes; SHA-256 with `verify`)."""
-    return open_store(artifacts).problem(name, fingerprints(config)[name], verify) is None
+    return open_store(artifacts).problem(name, fingerprints(config, artifacts)[name], verify) is None
 
 
 def plan(config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> dict[str, Any]:
@@ -167,7 +184,7 @@ def plan(config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> 
     a valid output is cached, and the stages that would run (the promotion step always runs)."""
     store = open_store(artifacts)
     stages = {}
-    for name, fp in fingerprints(config).items():
+    for name, fp in fingerprints(config, artifacts).items():
         stages[name] = {"fingerprint": fp, "cached": store.problem(name, fp, verify) is None,
                         "path": store.location(name, fp)}
     return {"stages": stages, "would_run": [name for name, row in stages.items() if not row["cached"]]}

@@ -49,6 +49,14 @@ class DataResult(StageResult):
     records: dict[str, int]
 
 
+class ValidateResult(StageResult):
+    """The data validation report: whether it passed, and the error and warning kinds with their counts."""
+
+    passed: bool
+    errors: dict[str, int]
+    warnings: dict[str, int]
+
+
 class ModelResult(StageResult):
     """The seeded, initialized model."""
 
@@ -109,6 +117,8 @@ class StageInputs:
     config: PipelineConfig
     upstream: Mapping[str, StageResult]
     on_epoch_end: EpochCallback | None = None
+    external: Any = None
+    fetch: Callable[[str, str], Path] | None = None
 
     def result(self, name: str, kind: type[R]) -> R:
         """The upstream result of stage `name`, typed."""

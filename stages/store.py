@@ -76,6 +76,10 @@ class Store(ABC):
         """(manifest, local directory) of a valid output; MissingUpstreamError when there is none."""
 
     @abstractmethod
+    def manifest(self, stage: str, fp: str) -> dict[str, Any] | None:
+        """The manifest of a valid output, without fetching its files; None when there is none."""
+
+    @abstractmethod
     def build(self, stage: str, fp: str, make: MakeFn, *, verify: bool = False, resumable: bool = False
               ) -> tuple[dict[str, Any], bool, Path]:
         """(manifest, cached, local directory): reuse the valid output or build and commit it.
@@ -106,6 +110,11 @@ class LocalStore(Store):
         """The directory itself, once its manifest validates."""
         path = self.path / stage / fp
         return require_valid(path, stage, verify), path
+
+    def manifest(self, stage: str, fp: str) -> dict[str, Any] | None:
+        """The manifest, when the output validates."""
+        path = self.path / stage / fp
+        return read_manifest(path) if manifest_problem(path) is None else None
 
     def build(self, stage: str, fp: str, make: MakeFn, *, verify: bool = False, resumable: bool = False
               ) -> tuple[dict[str, Any], bool, Path]:
@@ -251,6 +260,14 @@ class RemoteStore(Store):
             if digest.hexdigest() != entry["sha256"]:
                 return f"{self.url(stage, fp, manifest['root'], entry['name'])} does not match its sha256 checksum"
         return None
+
+    def manifest(self, stage: str, fp: str) -> dict[str, Any] | None:
+        """The committed manifest, when its objects match it."""
+        try:
+            found = self.remote_manifest(stage, fp)
+        except CacheError:
+            return None
+        return found if found is not None and self.remote_problem(stage, fp, found) is None else None
 
     def local_dir(self, stage: str, fp: str) -> Path:
         """The read-cache directory of an output (content-addressed: stage + fingerprint)."""

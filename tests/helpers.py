@@ -17,12 +17,14 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, np.uint8).tobytes()
 
 
-def synthetic_images(n: int, classes: int = 10, shape: tuple[int, ...] = (28, 28), seed: int = 0):
-    """Images whose class is a bright horizontal band at a class-specific height, plus noise."""
+def synthetic_images(n: int, classes: int = 10, shape: tuple[int, ...] = (28, 28), seed: int = 0,
+                     brightness: int = 0):
+    """Images whose class is a bright horizontal band at a class-specific height, plus noise (raised by
+    `brightness` grey levels)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % classes
     rng.shuffle(labels)
-    images = rng.integers(0, 60, size=(n, *shape), dtype=np.uint8)
+    images = rng.integers(brightness, 60 + brightness, size=(n, *shape), dtype=np.uint8)
     band = max(1, shape[0] // classes)
     for i, label in enumerate(labels):
         images[i, label * band : (label + 1) * band] = 220
@@ -30,11 +32,11 @@ def synthetic_images(n: int, classes: int = 10, shape: tuple[int, ...] = (28, 28
 
 
 def write_idx_dir(directory: Path, n_train: int = 300, n_test: int = 100, gz: bool = False, seed: int = 0,
-                  classes: int = 10) -> Path:
+                  classes: int = 10, brightness: int = 0) -> Path:
     """The four MNIST-format files of a synthetic dataset."""
     directory.mkdir(parents=True, exist_ok=True)
-    train_x, train_y = synthetic_images(n_train, classes, seed=seed)
-    test_x, test_y = synthetic_images(n_test, classes, seed=seed + 1)
+    train_x, train_y = synthetic_images(n_train, classes, seed=seed, brightness=brightness)
+    test_x, test_y = synthetic_images(n_test, classes, seed=seed + 1, brightness=brightness)
     files = {
         "train-images-idx3-ubyte": train_x, "train-labels-idx1-ubyte": train_y,
         "t10k-images-idx3-ubyte": test_x, "t10k-labels-idx1-ubyte": test_y,

@@ -59,7 +59,7 @@ def test_run_json_then_runs_and_predict(tmp_path: Path, idx_dir: Path, capsys: p
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # Prefect and stage logs go to stderr
     assert set(summary) >= {"run_id", "stages", "test_accuracy", "promoted", "model_path"}
-    assert set(summary["stages"]) == {"data", "model", "train", "evaluate", "export"}
+    assert set(summary["stages"]) == {"data", "validate", "model", "train", "evaluate", "export"}
     assert set(summary["stages"]["train"]) >= {"fingerprint", "cached", "seconds"}
     assert summary["promoted"] is True and Path(summary["model_path"]).is_dir()
 

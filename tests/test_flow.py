@@ -9,8 +9,18 @@ import pytest
 
 from stages.cache import manifest_problem
 from stages.config import PipelineConfig
+from stages.data import load_split
 from stages.graph import STAGE_NAMES
-from tests.helpers import reference_test_accuracy, tiny_config
+from tests.helpers import reference_test_accuracy, synthetic_images, tiny_config
+
+
+def write_parquet(path: Path, images, labels) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [img.reshape(-1).tolist() for img in images], "label": labels.tolist(),
+                             "height": [images.shape[1]] * len(images), "width": [images.shape[2]] * len(images)}),
+                   path)
 
 
 @pytest.fixture
@@ -39,7 +49,7 @@ def states(summary: dict) -> dict[str, str]:
 def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
     config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=2")
     first = run(config)
-    assert states(first) == dict.fromkeys(("data", "model", "train", "evaluate", "export"), "Completed")
+    assert states(first) == dict.fromkeys(STAGE_NAMES, "Completed")
     assert not any(row["cached"] for row in first["stages"].values())
     assert first["promoted"]
     assert first["test_accuracy"] == reference_test_accuracy(Path(first["stages"]["data"]["path"]),
@@ -47,7 +57,7 @@ def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
     before = file_times(flow_env)
 
     second = run(config)
-    assert states(second) == dict.fromkeys(("data", "model", "train", "evaluate", "export"), "Cached")
+    assert states(second) == dict.fromkeys(STAGE_NAMES, "Cached")
     assert second["all_cached"] and second["message"].startswith("nothing changed")
     assert second["decision"] == "already production (v0001)" and not second["promoted"]
     assert {n: r["fingerprint"] for n, r in second["stages"].items()} == \
@@ -58,13 +68,13 @@ def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
     shard = Path(first["stages"]["data"]["path"]) / "train-00000-of-00002.tfrecord"
     shard.unlink()
     rebuilt = run(config)
-    assert states(rebuilt) == {"data": "Completed", "model": "Cached", "train": "Cached", "evaluate": "Cached",
-                               "export": "Cached"}
+    assert states(rebuilt) == {"data": "Completed", "validate": "Cached", "model": "Cached", "train": "Cached",
+                               "evaluate": "Cached", "export": "Cached"}
     assert rebuilt["stages"]["data"]["fingerprint"] == first["stages"]["data"]["fingerprint"]
     assert shard.exists()
 
     longer = run(tiny_config(f"idx:{idx_dir}", "train.max_epochs=3"))
-    assert states(longer) == {"data": "Cached", "model": "Cached", "train": "Completed",
+    assert states(longer) == {"data": "Cached", "validate": "Cached", "model": "Cached", "train": "Completed",
                               "evaluate": "Completed", "export": "Completed"}
 
     from stages.registry import read_runs
@@ -79,8 +89,8 @@ def test_deleted_downstream_output_reruns_only_that_stage(flow_env: Path, idx_di
     first = run(config)
     shutil.rmtree(first["stages"]["evaluate"]["path"])
     again = run(config)
-    assert states(again) == {"data": "Cached", "model": "Cached", "train": "Cached", "evaluate": "Completed",
-                             "export": "Cached"}
+    assert states(again) == {"data": "Cached", "validate": "Cached", "model": "Cached", "train": "Cached",
+                             "evaluate": "Completed", "export": "Cached"}
 
 
 def test_run_verify_checksums_every_reused_output(flow_env: Path, idx_dir: Path) -> None:
@@ -92,8 +102,8 @@ def test_run_verify_checksums_every_reused_output(flow_env: Path, idx_dir: Path)
     shard.write_bytes(bytes(damaged))
     assert states(run(config)) == dict.fromkeys(STAGE_NAMES, "Cached")  # sizes match: only a checksum tells
     verified = run(config, verify=True)
-    assert states(verified) == {"data": "Completed", "model": "Cached", "train": "Cached", "evaluate": "Cached",
-                                "export": "Cached"}
+    assert states(verified) == {"data": "Completed", "validate": "Cached", "model": "Cached", "train": "Cached",
+                                "evaluate": "Cached", "export": "Cached"}
     assert shard.read_bytes() != bytes(damaged)
     assert manifest_problem(Path(first["stages"]["data"]["path"]), verify=True) is None
     assert len(list((flow_env / "data").glob(".invalid-*"))) == 1  # the damaged copy is kept aside
@@ -138,6 +148,66 @@ def test_downloads_are_retried_bad_input_is_not(flow_env: Path, idx_dir: Path,
     with pytest.raises(DataSourceError):
         run(tiny_config(f"idx:{idx_dir}", "data.retries=2", "seed=8"))
     assert calls.count("bad") == 1
+
+
+def api_events(name: str, deadline_seconds: float = 60) -> list[dict]:
+    """Events named `name` read back from the (real) Prefect server of the harness."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    deadline = time.monotonic() + deadline_seconds
+    while True:
+        response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter",
+                              json={"filter": {"event": {"name": [name]}}, "limit": 50})
+        found = response.json()["events"]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+def test_nightly_drop_clean_trains_conflict_stops_at_validate(flow_env: Path, idx_dir: Path, tmp_path: Path) -> None:
+    from stages.errors import ValidationError
+    from stages.graph import output_location
+    from stages.pipeline import run_data
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    images, labels = synthetic_images(60, seed=21)
+    write_parquet(incoming / "clean.parquet", images, labels)
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=1", f"data.extra={incoming}", "seed=5")
+    clean = run(config)
+    assert clean["stages"]["validate"]["state"] == "Completed" and clean["promoted"]
+    assert states(clean) == dict.fromkeys(STAGE_NAMES, "Completed")
+    promoted = api_events("tapeline.model.promoted")
+    assert any(e["payload"]["test_accuracy"] == clean["test_accuracy"] and
+               {"prefect.resource.id": f"prefect.flow-run.{clean['run_id']}", "prefect.resource.role": "flow-run"}
+               in e["related"] for e in promoted)
+
+    source_train, source_labels = load_split(run_data(config, flow_env).path, "train")
+    write_parquet(incoming / "relabelled.parquet", source_train[:4, ..., 0], (source_labels[:4] + 1) % 10)
+    with pytest.raises(ValidationError, match=r"label_conflict \(4\)"):
+        run(config)
+    assert not Path(output_location("model", config, flow_env)).exists()  # nothing downstream ran
+    failed = api_events("tapeline.validation.failed")
+    assert [e["payload"]["errors"] for e in failed] == [{"label_conflict": 4}]
+    assert failed[0]["related"][0]["prefect.resource.id"].startswith("prefect.flow-run.")
+
+
+def test_transient_store_errors_are_retried_bad_settings_are_not() -> None:
+    from flows.training import is_transient
+    from stages.errors import StoreConnectionError, StoreError
+
+    class Failed:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def result(self) -> None:
+            raise self.error
+
+    assert is_transient(None, None, Failed(StoreConnectionError("s3://b/p: timed out")))
+    assert not is_transient(None, None, Failed(StoreError("s3://b/p: bucket 'b' does not exist")))
 
 
 def test_flow_parameter_accepts_partial_json(harness) -> None:

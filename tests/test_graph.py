@@ -46,7 +46,7 @@ def plan_fingerprints(artifacts: Path, capsys: pytest.CaptureFixture[str], *over
 
 
 def test_the_graph_is_declared_once_in_order() -> None:
-    assert STAGE_NAMES == ("data", "model", "train", "evaluate", "export")
+    assert STAGE_NAMES == ("data", "validate", "model", "train", "evaluate", "export")
     seen: set[str] = set()
     for stage in GRAPH:
         assert set(stage.upstream) <= seen, f"{stage.name} depends on a later stage"
@@ -108,6 +108,8 @@ def test_runtime_keys_leave_fingerprints_and_used_by_keys_move(idx_dir: Path) ->
     assert runtime == base
     batch = fingerprints(tiny_config(source, "data.batch_size=8"))
     assert [n for n in STAGE_NAMES if batch[n] != base[n]] == ["train", "evaluate", "export"]
+    strict = fingerprints(tiny_config(source, "validate.drift=error"))
+    assert [n for n in STAGE_NAMES if strict[n] != base[n]] == ["validate"]  # a gate, not an input of model
     pictures = fingerprints(tiny_config(source, "evaluate.worst_examples=3"))
     assert [n for n in STAGE_NAMES if pictures[n] != base[n]] == ["evaluate", "export"]
 
@@ -137,7 +139,7 @@ def test_plan_reports_cached_outputs_and_what_would_run(tmp_path: Path, idx_dir:
     assert main(["plan", "--artifacts", str(artifacts), *(a for o in overrides for a in ("--set", o))]) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == f"data      {results['data'].fingerprint}  cached  {results['data'].path}"
-    assert text[3] == f"evaluate  {results['evaluate'].fingerprint}  to run  {results['evaluate'].path}"
+    assert text[4] == f"evaluate  {results['evaluate'].fingerprint}  to run  {results['evaluate'].path}"
     assert text[-2:] == ["would run: evaluate", "the promotion step runs on every run"]
 
 

@@ -142,7 +142,7 @@ def test_damaged_objects_are_found_and_rebuilt(s3_url: str, idx_dir: Path) -> No
 
     fs.rm(shard)
     again = run_all(config, s3_url)
-    assert [again[s].cached for s in STAGE_NAMES] == [False, True, True, True, True]
+    assert [again[s].cached for s in STAGE_NAMES] == [False, True, True, True, True, True]
 
     root = json.loads(fs.cat_file(f"{data_key}/manifest.json"))["root"]
     shard = f"{data_key}/{root}/train-00000-of-00002.tfrecord"
