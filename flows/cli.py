@@ -159,9 +159,9 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_predict(args: argparse.Namespace) -> int:
     """Print one line per image: path, class name, probability."""
-    from stages.predict import predict
+    from stages.predict import iter_predictions
 
-    for row in predict(args.images, args.model, normalize_root(args.artifacts)):
+    for row in iter_predictions(args.images, args.model, normalize_root(args.artifacts)):
         print(f"{row.path}\t{row.class_name}\t{row.probability:.4f}")
     return 0
 

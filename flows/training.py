@@ -157,8 +157,11 @@ def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = 
     promotion = promotion_task(config, results, artifacts, run_id)
     events.promotion_decided(promotion, flow_run.id)
     summary = run_summary(run_id, stages, promotion)
-    record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}),
-               timeout=config.export.lock_timeout_seconds)
+    try:  # bookkeeping never fails a run that trained and exported a model
+        record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}),
+                   timeout=config.export.lock_timeout_seconds)
+    except (TapelineError, OSError) as exc:
+        logger.warning("the run was not added to the registry: %s", exc)
     publish_artifacts(summary, results["evaluate"].path)
     logger.info("%s; test accuracy %.4f; %s", summary["message"], summary["test_accuracy"], summary["decision"])
     return summary

@@ -24,6 +24,7 @@ from typing import Any
 from stages.errors import CacheError, LockTimeoutError, MissingUpstreamError
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 * 1024**2
 FINGERPRINT_CHARS = 16
 log = logging.getLogger("tapeline.cache")
 
@@ -72,10 +73,42 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+def member(root: Path, name: Any) -> Path:
+    """The path of a file a state file names inside `root`, or CacheError when the name could lead outside
+    it (absolute, `..`, a symlink pointing out): such an output is invalid and is never read."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise CacheError(f"{root / MANIFEST} names {name!r}, which is not a plain relative path inside {root}")
+    path = root / name
+    try:
+        inside = is_inside(root, path)
+    except (OSError, RuntimeError):
+        raise CacheError(f"{path} is a symlink loop") from None
+    if not inside:
+        raise CacheError(f"{root / MANIFEST} names {name!r}, which leads outside {root} (a symlink?)")
+    return path
+
+
+def check_entries(root: Path, entries: Any) -> None:
+    """Every file entry is {name: a contained path, bytes: int, sha256: str}; CacheError naming the first
+    that is not."""
+    if not isinstance(entries, list):
+        raise CacheError(f"{root / MANIFEST} has no file list")
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+                or not isinstance(entry.get("sha256"), str):
+            raise CacheError(f"{root / MANIFEST} has a file entry without name, bytes and sha256: {entry!r:.120}")
+        member(root, entry.get("name"))
+
+
 def check_files(root: Path, files: list[dict[str, Any]], verify: bool) -> str | None:
     """Why the listed files do not match what is on disk, or None when they do."""
     for entry in files:
         path = root / entry["name"]
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a broken or looping symlink"
+        if path.exists() and not path.is_file():
+            return f"{path} is {'a directory' if path.is_dir() else 'not a regular file (a device or a pipe?)'}"
         if not path.is_file():
             return f"{path} is missing"
         size = path.stat().st_size
@@ -90,13 +123,24 @@ def read_manifest(root: Path) -> dict[str, Any]:
     """Load `root/manifest.json`, raising CacheError when it is missing or unreadable."""
     path = root / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        with path.open("rb") as f:
+            manifest = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
     except FileNotFoundError as exc:
         raise CacheError(f"{path} is missing") from exc
+    except IsADirectoryError as exc:
+        raise CacheError(f"{path} is a directory, not a manifest") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror or exc})") from exc
+    if not isinstance(manifest, dict):
         raise CacheError(f"{path} has no file list")
+    check_entries(root, manifest.get("files"))
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict):
+        raise CacheError(f"{path}: `splits` is not a mapping")
+    for split in splits.values():
+        check_entries(root, split.get("files") if isinstance(split, dict) else None)
     return manifest
 
 
@@ -166,9 +210,16 @@ def commit(staging: Path, final: Path, manifest: dict[str, Any]) -> dict[str, An
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path`, waiting at most `timeout` seconds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle_cm = path.open("a")
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise CacheError(f"{what}: {path.parent} is read-only ({exc.strerror}); this step must write there: "
+                             "use a writable --artifacts, or only read (plan, predict, runs, cache hits)") from None
+        raise
     deadline = time.monotonic() + timeout
-    with path.open("a") as handle:
+    with handle_cm as handle:
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -207,8 +258,9 @@ def cached_build(
     `resumable`, the staging directory has a stable name and survives a crash, so `build` can
     resume from what it left there (training checkpoints); otherwise a leftover is discarded.
     """
-    stage_root.mkdir(parents=True, exist_ok=True)
     final = stage_root / fp
+    if manifest_problem(final, verify) is None:  # a hit needs no lock, so a read-only store serves it
+        return read_manifest(final), True
     with file_lock(stage_root / f".{fp}.lock", lock_timeout, f"building {final}"):
         manifest = load_valid_manifest(final, verify)
         if manifest is not None:

@@ -18,6 +18,8 @@ from stages.errors import ConfigError
 SOURCE_SCHEMES = ("idx:", "tfds:", "parquet:")
 NAMED_SOURCES = ("fashion_mnist", "mnist")
 EXPORT_FORMATS = ("saved_model", "keras", "tflite")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_FILTERS, MAX_CONV_LAYERS = 4096, 32
 
 
 def runtime(default: Any, **kwargs: Any) -> Any:
@@ -48,15 +50,17 @@ class DataConfig(Section):
     extra: str | None = Field(
         None, description="directory (or glob) of extra labelled Parquet files appended to the training data"
     )
-    limit: int | None = Field(None, gt=0, description="cap on training examples (none = all)")
+    limit: int | None = Field(None, gt=0, le=1_000_000_000, description="cap on training examples (none = all)")
     validation_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of training data held out for early stopping"
     )
     test_fraction: float = Field(
         0.1, gt=0, lt=1, description="share held out as the test split when the source has no test split"
     )
-    batch_size: int = used_by("train", 32, gt=0, description="global batch size")
-    shuffle_buffer: int = used_by("train", 10000, gt=0, description="tf.data shuffle buffer for training")
+    batch_size: int = used_by("train", 32, gt=0, le=65536, description="global batch size")
+    shuffle_buffer: int = used_by(
+        "train", 10000, gt=0, le=10_000_000, description="tf.data shuffle buffer for training"
+    )
     shards: int = Field(4, gt=0, le=1024, description="TFRecord files per split")
     drop_test_duplicates: bool = Field(
         True, description="for sources with a fixed test split, drop training copies of test images (exact pixels)"
@@ -80,15 +84,17 @@ class ModelConfig(Section):
     """The CNN: the tutorial's architecture by default."""
 
     conv_filters: tuple[int, ...] = Field((32, 64, 64), min_length=1, description="filters of each 3x3 conv layer")
-    dense_units: int = Field(64, gt=0, description="units of the hidden dense layer")
+    dense_units: int = Field(64, gt=0, le=65536, description="units of the hidden dense layer")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the logits layer")
     batch_norm: bool = Field(False, description="batch normalization after each conv layer")
 
     @field_validator("conv_filters")
     @classmethod
     def _positive_filters(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(f <= 0 for f in value):
-            raise ValueError("every filter count must be > 0")
+        if any(f <= 0 or f > MAX_FILTERS for f in value):
+            raise ValueError(f"every filter count must be in 1..{MAX_FILTERS}")
+        if len(value) > MAX_CONV_LAYERS:
+            raise ValueError(f"at most {MAX_CONV_LAYERS} conv layers")
         return value
 
 
@@ -96,11 +102,11 @@ class TrainConfig(Section):
     """The GradientTape loop, early stopping (Keras semantics), checkpoints and performance switches."""
 
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate")
-    max_epochs: int = Field(100, gt=0, description="upper bound on epochs")
+    max_epochs: int = Field(100, gt=0, le=100_000, description="upper bound on epochs")
     monitor: str = Field("val_loss", description="loss | accuracy | val_loss | val_accuracy")
     mode: Literal["auto", "min", "max"] = Field("auto", description="direction of improvement")
     min_delta: float = Field(0.0, description="minimum change that counts as an improvement (absolute value)")
-    patience: int = Field(5, gt=0, description="epochs without improvement before stopping")
+    patience: int = Field(5, gt=0, le=100_000, description="epochs without improvement before stopping")
     baseline: float | None = Field(None, description="value the monitor must beat")
     restore_best_weights: bool = Field(True, description="end with the best epoch's weights")
     start_from_epoch: int = Field(0, ge=0, description="epochs to wait before early stopping starts")
@@ -109,8 +115,8 @@ class TrainConfig(Section):
     )
     reduce_lr_factor: float = Field(0.2, gt=0, lt=1, description="learning rate multiplier on a plateau")
     min_learning_rate: float = Field(1e-5, ge=0, description="the learning rate never drops below this")
-    checkpoints_to_keep: int = Field(3, gt=0, description="last N epoch checkpoints kept")
-    steps_per_execution: int = runtime(32, gt=0, description="training steps per tf.function call")
+    checkpoints_to_keep: int = Field(3, gt=0, le=1000, description="last N epoch checkpoints kept")
+    steps_per_execution: int = runtime(32, gt=0, le=100_000, description="training steps per tf.function call")
     input_pipeline: Literal["auto", "memory", "stream"] = Field(
         "stream", description="stream: read TFRecords through the shuffle buffer (the tutorial's order); memory: "
         "hold the uint8 training split in RAM, full seeded shuffle each epoch; auto: memory when it fits in 2 GiB "
@@ -146,7 +152,9 @@ class ValidateConfig(Section):
 
     allow_schema_change: bool = Field(False, description="a schema change against the baseline is a warning, "
                                       "not an error")
-    min_per_class: int = Field(10, ge=0, description="fewer examples of a class in a split is a warning")
+    min_per_class: int = Field(
+        10, ge=0, le=1_000_000_000, description="fewer examples of a class in a split is a warning"
+    )
     max_label_drift: float = Field(0.1, ge=0, le=1, description="largest change of a class share vs the baseline")
     max_pixel_drift: float = Field(0.05, ge=0, le=1, description="largest Jensen-Shannon divergence (bits) of the "
                                    "grey-level histogram vs the baseline")
@@ -247,11 +255,25 @@ def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict, with an error naming the file when it is unusable."""
+    """Read a YAML config file into a dict, with an error naming the file when it is unusable. At most
+    MAX_CONFIG_BYTES are read: a config is small, and `--config /dev/zero` must not fill the memory."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a device or a pipe?); give a YAML file")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
+    try:
+        loaded = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if loaded is None:

@@ -41,7 +41,7 @@ def source_identity(config: PipelineConfig, *_context: Any) -> list[dict[str, An
 
 def image_keys(images: np.ndarray) -> np.ndarray:
     """A 16-byte hash of each image's decoded pixels: equal keys, equal images."""
-    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    flat = np.ascontiguousarray(images).reshape(len(images), int(np.prod(images.shape[1:])))
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype="S16")
 
 

@@ -61,3 +61,7 @@ class ValidationError(TapelineError):
     def __reduce__(self) -> tuple[type, tuple[str, object]]:
         # Prefect pickles a failed task's exception: keep the result (the report) with it.
         return type(self), (str(self), self.result)
+
+
+class ImageError(TapelineError):
+    """An image cannot be used: undecodable, oversize, a decompression bomb, or an unsupported mode."""

@@ -8,8 +8,12 @@ stage is one module with a `build_*` and a `*_result` function, plus one entry h
 A stage's fingerprint hashes: the config keys that shape its output (`covers`, minus runtime knobs,
 plus keys another section marks `used_by` it), its upstream fingerprints, the code of its module and
 of every project module that module imports (`stages.codehash`), and, for stages that read outside
-the artifacts (the data sources), a cheap identity of what they read. Fingerprints depend on the
-config and the code only, never on what is on disk, so `plan` computes them all without running anything.
+their upstream outputs, a cheap identity of what they read (the data sources' checksums; validate's
+baseline, the data production was trained on). Fingerprints never depend on the outputs themselves,
+so `plan` computes them all without running anything.
+
+A stage may declare a `gate`, called on its result whether it was built or cached: validate's raises
+when the report has errors, so the run stops before the model stage and the report is kept.
 """
 
 from __future__ import annotations

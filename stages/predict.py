@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stages.errors import PredictError
+from stages.errors import ImageError, PredictError
 from stages.registry import local_version, read_production
 from stages.results import InputSpec
+from stages.sources import open_image
 from stages.store import open_store
 
-MAX_PIXELS = 4096 * 4096
+PREDICT_BATCH = 256
 MAX_NPY_BYTES = 256 * 1024 * 1024
 
 
@@ -39,8 +41,18 @@ def resolve_model(model: Path | None, artifacts: Path | str) -> tuple[Path, Inpu
     saved_model = model if (model / "saved_model.pb").exists() else model / "saved_model"
     if not (saved_model / "saved_model.pb").exists() or not card_path.exists():
         raise PredictError(f"{model} is not an exported model directory (expected saved_model/ and model_card.json)")
-    spec = json.loads(card_path.read_text())["input_spec"]
-    return saved_model, InputSpec(shape=tuple(spec["shape"]), class_names=tuple(spec["class_names"]))
+    return saved_model, card_input_spec(card_path)
+
+
+def card_input_spec(card_path: Path) -> InputSpec:
+    """The input spec a model card declares; PredictError naming the card when it has none that validates."""
+    try:
+        with card_path.open("rb") as f:
+            spec = json.loads(f.read(16 << 20).decode("utf-8"))["input_spec"]
+        return InputSpec(shape=tuple(spec["shape"]), class_names=tuple(spec["class_names"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise PredictError(f"{card_path} has no usable input_spec ({type(exc).__name__}: {str(exc)[:120]}); "
+                           "export the model again") from None
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -53,17 +65,10 @@ def read_image(path: Path) -> np.ndarray:
         raise PredictError(f"{path} is empty")
     if path.suffix.lower() == ".npy":
         return read_npy(path)
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise PredictError(f"{path} is {img.width}x{img.height} pixels, larger than tapeline accepts")
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "LA") else "L")
-            array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise PredictError(f"{path} is not an image tapeline can read (PNG, JPEG or .npy): {exc}") from exc
+        array = open_image(path, str(path))
+    except ImageError as exc:
+        raise PredictError(str(exc)) from None
     return array[..., np.newaxis] if array.ndim == 2 else array
 
 
@@ -107,16 +112,22 @@ def fit_to_spec(image: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
     return image
 
 
-def predict(paths: list[Path], model: Path | None, artifacts: Path | str) -> list[Prediction]:
-    """Classify each image with the SavedModel's serving_default signature."""
+def iter_predictions(paths: list[Path], model: Path | None, artifacts: Path | str,
+                     batch_size: int = PREDICT_BATCH) -> Iterator[Prediction]:
+    """Classify each image with the SavedModel's serving_default signature, `batch_size` images at a time,
+    so memory does not grow with the number of images."""
     import tensorflow as tf
 
     saved_model, spec = resolve_model(model, artifacts)
-    batch = np.stack([fit_to_spec(read_image(p), spec, p) for p in paths])
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-    out = serve(images=tf.constant(batch))
-    probabilities = out["probabilities"].numpy()
-    return [
-        Prediction(path, name.decode(), float(probabilities[i].max()))
-        for i, (path, name) in enumerate(zip(paths, out["class_name"].numpy(), strict=True))
-    ]
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        out = serve(images=tf.constant(np.stack([fit_to_spec(read_image(p), spec, p) for p in chunk])))
+        probabilities = out["probabilities"].numpy()
+        for i, (path, name) in enumerate(zip(chunk, out["class_name"].numpy(), strict=True)):
+            yield Prediction(path, name.decode(), float(probabilities[i].max()))
+
+
+def predict(paths: list[Path], model: Path | None, artifacts: Path | str) -> list[Prediction]:
+    """Every image's prediction, as a list (`iter_predictions` streams them)."""
+    return list(iter_predictions(paths, model, artifacts))

@@ -41,16 +41,29 @@ def models_dir(artifacts: Path) -> Path:
     return artifacts / "models"
 
 
+def read_pointer(path: Path) -> dict[str, Any]:
+    """production.json as a typed pointer; CacheError naming the file for any other content or kind of file."""
+    try:
+        with path.open("rb") as f:
+            pointer = json.loads(f.read(1 << 20).decode("utf-8"))
+    except IsADirectoryError as exc:
+        raise CacheError(f"{path} is a directory; remove it, or restore it from a version's promotion.json") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{path} is corrupt ({exc}); restore it from a version's promotion.json") from exc
+    fields = ("version", "path", "train_fingerprint")
+    if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in fields):
+        raise CacheError(f"{path} is not a production pointer (it needs string {', '.join(fields)}); restore it "
+                         "from a version's promotion.json")
+    return pointer
+
+
 def production(artifacts: Path) -> dict[str, Any] | None:
     """The production pointer ({version, path, train_fingerprint, test_accuracy, ...}) or None."""
     path = models_dir(artifacts) / POINTER
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        pointer = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"{path} is corrupt ({exc}); restore it from a version's promotion.json") from exc
-    target = artifacts / str(pointer.get("path", ""))
+    pointer = read_pointer(path)
+    target = artifacts / pointer["path"]
     if not VERSION_PATTERN.match(target.name) or not is_inside(models_dir(artifacts), target):
         raise CacheError(f"{path} points at {pointer.get('path')!r}, outside {models_dir(artifacts)}; "
                          "point it at a version directory models/vNNNN")
@@ -60,7 +73,7 @@ def production(artifacts: Path) -> dict[str, Any] | None:
     problem = check_files(target, manifest["files"], verify=False)
     if problem is not None:
         raise CacheError(f"production model {pointer['version']} is damaged: {problem}; restore it from "
-                         f"{manifest.get('fingerprint') and 'artifacts/export/' + manifest['fingerprint']} or "
+                         f"{manifest.get('fingerprint') and 'artifacts/export/' + str(manifest['fingerprint'])} or "
                          "point production.json at another version")
     return pointer
 
@@ -118,12 +131,17 @@ def read_runs(artifacts: Path, newest_first: bool = True) -> list[dict[str, Any]
     if not path.exists():
         return []
     try:
+        if not path.is_file():
+            raise OSError(f"{path} is not a file")
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as exc:
         raise CacheError(
             f"{path} is corrupt ({exc}); move it aside (rows are lost only from the table, every run's "
             "outputs stay under artifacts/) and the next run starts a new registry"
         ) from exc
+    if rows and not set(REGISTRY_COLUMNS) <= set(rows[0]):
+        raise CacheError(f"{path} has another schema (missing {sorted(set(REGISTRY_COLUMNS) - set(rows[0]))}); "
+                         "move it aside and the next run starts a new registry")
     # Times have one-second resolution: the append order breaks ties.
     ordered = sorted(enumerate(rows), key=lambda pair: (pair[1]["time"], pair[0]), reverse=newest_first)
     return [row for _, row in ordered]

@@ -11,6 +11,7 @@ import gzip
 import io
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from stages.cache import sha256_file
-from stages.errors import DataSourceError, DownloadError
+from stages.errors import DataSourceError, DownloadError, ImageError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -36,6 +37,7 @@ IDX_FILES = {
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MAX_CLASSES = 1000
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IDX_DATA_BYTES = 2 * 1024**3  # 45x Fashion-MNIST's training images
 
 
 @dataclass(frozen=True)
@@ -98,36 +100,54 @@ def source_sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------- IDX
 
-def read_idx_bytes(path: Path) -> bytes:
-    """The decompressed bytes of an IDX file (`.gz` or raw), with errors naming the file."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataSourceError(f"{path}: cannot read ({exc})") from exc
-
-
-def parse_idx(data: bytes, where: str) -> np.ndarray:
-    """Parse an IDX buffer: magic (0, 0, dtype, ndim), big-endian dims, then the values."""
+def idx_header(data: bytes, where: str) -> tuple[int, list[int], np.dtype]:
+    """(header length, dims, dtype) of an IDX buffer's header: magic (0, 0, dtype, ndim), big-endian dims."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES or not 1 <= data[3] <= 4:
         raise DataSourceError(
             f"{where}: bad IDX magic number {data[:4].hex() or '(empty)'}; expected 0000 + dtype code + ndim "
             "(for example 00000803 for uint8 images): is this an MNIST-format IDX file?"
         )
-    ndim = data[3]
-    header = 4 + 4 * ndim
+    header = 4 + 4 * data[3]
     if len(data) < header:
         raise DataSourceError(f"{where}: truncated IDX header ({len(data)} bytes)")
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = np.dtype(IDX_DTYPES[data[2]])
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
+    return header, dims, np.dtype(IDX_DTYPES[data[2]])
+
+
+def read_idx_bytes(path: Path) -> bytes:
+    """The decompressed bytes of an IDX file (`.gz` or raw), read with memory bounded by its header: the
+    header is checked first, a raw file's size is compared with it before its body is read, and a `.gz`
+    is decompressed as a stream of at most the declared size (plus one byte, to notice a surplus)."""
+    compressed = path.suffix == ".gz"
+    try:
+        with (gzip.open(path, "rb") if compressed else path.open("rb")) as f:
+            head = f.read(4)
+            head += f.read(4 * head[3]) if len(head) == 4 and 1 <= head[3] <= 4 else b""
+            header, dims, dtype = idx_header(head, str(path))
+            declared = math.prod(dims) * dtype.itemsize
+            if declared > MAX_IDX_DATA_BYTES:
+                raise DataSourceError(f"{path}: header declares dims {dims} ({declared / 1e9:.1f} GB of data), more "
+                                      f"than tapeline reads ({MAX_IDX_DATA_BYTES / 2**30:.0f} GiB): is the header "
+                                      "corrupt?")
+            if not compressed and path.stat().st_size != header + declared:
+                raise DataSourceError(
+                    f"{path}: header declares dims {dims} ({declared} bytes of data) but the file holds "
+                    f"{path.stat().st_size - header}; the file is truncated or corrupt: fetch it again")
+            return head + f.read(declared + 1)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataSourceError(f"{path}: cannot read ({exc})") from exc
+
+
+def parse_idx(data: bytes, where: str) -> np.ndarray:
+    """Parse an IDX buffer: magic (0, 0, dtype, ndim), big-endian dims, then the values."""
+    header, dims, dtype = idx_header(data, where)
     expected = math.prod(dims) * dtype.itemsize
     # Compare sizes before allocating anything: a lying header must not cost memory.
     if len(data) - header != expected:
         raise DataSourceError(
             f"{where}: header declares dims {dims} ({expected} bytes of data) but the file holds "
-            f"{len(data) - header}; the file is truncated or corrupt: fetch it again"
+            f"{len(data) - header}{' or more' if len(data) - header == expected + 1 else ''}; the file is "
+            "truncated or corrupt: fetch it again"
         )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
@@ -309,20 +329,60 @@ def parquet_files(pattern: str) -> list[Path]:
     return files
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+WIDE_MODES = ("I", "F")
+COLOUR_MODES = ("RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa")
+
+
+def pillow_pixels(img: Any, where: str) -> np.ndarray:
+    """A decoded Pillow image as uint8 [H, W] (grey) or [H, W, 3] (colour), for training data and `predict`.
+
+    16-bit images are scaled from 0..65535 (not clipped: a clipped scan turns white), 32-bit integer and
+    float images from their own min..max; palette, alpha, CMYK and other colour modes become RGB (alpha
+    dropped), 1-bit becomes grey. Anything else is refused by name."""
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES:
+        return np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
+    if mode in WIDE_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ImageError(f"{where}: {mode} image holds non-finite values")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return np.round(scaled).astype(np.uint8)
+    if mode in ("L", "RGB"):
+        return np.asarray(img, dtype=np.uint8)
+    if mode in ("1", "LA", "La"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode in COLOUR_MODES:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    raise ImageError(f"{where}: Pillow image mode {mode!r} is not supported; convert it to 8-bit grey or RGB")
+
+
+def open_image(data: bytes | Path, where: str) -> np.ndarray:
+    """PNG/JPEG/… bytes or file as uint8 [H, W] or [H, W, 3], refusing oversize images and decompression
+    bombs by name before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{where} is {img.width}x{img.height} pixels, larger than tapeline accepts "
+                                 f"({MAX_IMAGE_PIXELS} pixels)")
+            return pillow_pixels(img, where)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{where} is a decompression bomb ({exc}); refused") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{where} is not an image tapeline can read (PNG, JPEG or .npy): {exc}") from exc
+
+
 def decode_image_cell(cell: Any, shape: tuple[int, int, int] | None, where: str) -> np.ndarray:
     """A Parquet image cell (PNG/JPEG bytes or a flat list of uint8) as uint8 [H, W, C]."""
     if isinstance(cell, bytes | bytearray):
-        from PIL import Image, UnidentifiedImageError
-
         try:
-            with Image.open(io.BytesIO(cell)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise DataSourceError(f"{where}: image of {img.width}x{img.height} pixels is too large")
-                array = np.asarray(img.convert("L") if img.mode in ("1", "P", "I", "I;16", "F") else img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            array = open_image(cell, where)
+        except ImageError as exc:
             raise DataSourceError(f"{where}: image bytes cannot be decoded ({exc})") from exc
-        if array.dtype != np.uint8:
-            raise DataSourceError(f"{where}: image is {array.dtype}, expected 8-bit pixels")
         return with_channels(array[np.newaxis])[0]
     if isinstance(cell, list | np.ndarray):
         values = np.asarray(cell)

@@ -37,10 +37,12 @@ from stages.cache import (
     MANIFEST,
     cached_build,
     canonical_json,
+    check_entries,
     check_files,
     describe_files,
     file_lock,
     manifest_problem,
+    member,
     read_manifest,
     require_valid,
 )
@@ -223,6 +225,8 @@ class RemoteStore(Store):
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list) \
                 or not isinstance(manifest.get("root"), str) or manifest.get("fingerprint") != fp:
             raise CacheError(f"{self.url(stage, fp, MANIFEST)} is not a tapeline manifest for {fp}")
+        member(self.local_dir(stage, fp), manifest["root"])
+        check_entries(self.local_dir(stage, fp), manifest["files"])
         return manifest
 
     def remote_problem(self, stage: str, fp: str, manifest: dict[str, Any]) -> str | None:

@@ -150,8 +150,9 @@ def test_downloads_are_retried_bad_input_is_not(flow_env: Path, idx_dir: Path,
     assert calls.count("bad") == 1
 
 
-def api_events(name: str, deadline_seconds: float = 60) -> list[dict]:
-    """Events named `name` read back from the (real) Prefect server of the harness."""
+def api_events(name: str, wanted, deadline_seconds: float = 60) -> list[dict]:
+    """Events named `name` that satisfy `wanted`, read back from the (real) Prefect server of the harness
+    (events arrive asynchronously; other tests' events are on the same server)."""
     import time
 
     import httpx
@@ -161,7 +162,7 @@ def api_events(name: str, deadline_seconds: float = 60) -> list[dict]:
     while True:
         response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter",
                               json={"filter": {"event": {"name": [name]}}, "limit": 50})
-        found = response.json()["events"]
+        found = [event for event in response.json()["events"] if wanted(event)]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(1)
@@ -180,19 +181,19 @@ def test_nightly_drop_clean_trains_conflict_stops_at_validate(flow_env: Path, id
     clean = run(config)
     assert clean["stages"]["validate"]["state"] == "Completed" and clean["promoted"]
     assert states(clean) == dict.fromkeys(STAGE_NAMES, "Completed")
-    promoted = api_events("tapeline.model.promoted")
-    assert any(e["payload"]["test_accuracy"] == clean["test_accuracy"] and
-               {"prefect.resource.id": f"prefect.flow-run.{clean['run_id']}", "prefect.resource.role": "flow-run"}
-               in e["related"] for e in promoted)
+    flow_run = {"prefect.resource.id": f"prefect.flow-run.{clean['run_id']}", "prefect.resource.role": "flow-run"}
+    (promoted,) = api_events("tapeline.model.promoted", lambda e: flow_run in e["related"])
+    assert promoted["payload"]["test_accuracy"] == clean["test_accuracy"]
+    assert promoted["payload"]["decision"] == clean["decision"]
 
     source_train, source_labels = load_split(run_data(config, flow_env).path, "train")
     write_parquet(incoming / "relabelled.parquet", source_train[:4, ..., 0], (source_labels[:4] + 1) % 10)
     with pytest.raises(ValidationError, match=r"label_conflict \(4\)"):
         run(config)
     assert not Path(output_location("model", config, flow_env)).exists()  # nothing downstream ran
-    failed = api_events("tapeline.validation.failed")
-    assert [e["payload"]["errors"] for e in failed] == [{"label_conflict": 4}]
-    assert failed[0]["related"][0]["prefect.resource.id"].startswith("prefect.flow-run.")
+    (failed,) = api_events("tapeline.validation.failed", lambda e: e["payload"]["errors"] == {"label_conflict": 4})
+    assert failed["related"][0]["prefect.resource.id"].startswith("prefect.flow-run.")
+    assert failed["payload"]["report"].endswith("report.md")
 
 
 def test_transient_store_errors_are_retried_bad_settings_are_not() -> None:
