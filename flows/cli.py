@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from stages.config import config_keys, load_config
@@ -191,5 +194,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+NATIVE_STARTUP_NOISE = (b"All log messages before absl::InitializeLog() is called",
+                        b"oneDNN custom operations are on", b"cpu_feature_guard.cc")
+
+
+@contextlib.contextmanager
+def without_native_startup_noise() -> Iterator[None]:
+    """Keep TensorFlow's start-up INFO lines (printed by its C++ runtime straight to file descriptor 2,
+    before any log level applies) off the terminal; every other line of stderr passes through."""
+    read_fd, write_fd = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as lines, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+            for line in lines:
+                if not any(noise in line for noise in NATIVE_STARTUP_NOISE):
+                    out.write(line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        thread.join(timeout=5)
+
+
+def console() -> None:
+    """The `tapeline` console script: `main` with TensorFlow's start-up noise filtered out of stderr."""
+    with without_native_startup_noise():
+        code = main()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
