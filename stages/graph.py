@@ -92,7 +92,7 @@ def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[st
     })
 
 
-def fingerprints(config: PipelineConfig, artifacts: Artifacts = "artifacts") -> dict[str, str]:
+def fingerprints(config: PipelineConfig, artifacts: Artifacts) -> dict[str, str]:
     """Every stage's fingerprint for this config and store, in graph order."""
     store = open_store(artifacts)
     found: dict[str, str] = {}

@@ -205,11 +205,17 @@ class RemoteStore(Store):
         prefix = key.rstrip("/") + "/"
         return {name[len(prefix):]: int(info["size"]) for name, info in found.items() if name.startswith(prefix)}
 
-    def upload_dir(self, local: Path, key: str) -> None:
-        """Upload every file under `local` to `key/…`."""
+    def upload_dir(self, local: Path, key: str, uploaded: dict[str, tuple[int, int]] | None = None) -> None:
+        """Upload every file under `local` to `key/…`; with `uploaded` (name -> size, mtime), only the files
+        that changed since the last call with the same dict."""
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            name, stat = path.relative_to(local).as_posix(), path.stat()
+            if uploaded is not None and uploaded.get(name) == (stat.st_size, stat.st_mtime_ns):
+                continue
             with guarded(self.root):
-                self.fs.put_file(str(path), f"{key}/{path.relative_to(local).as_posix()}")
+                self.fs.put_file(str(path), f"{key}/{name}")
+            if uploaded is not None:
+                uploaded[name] = (stat.st_size, stat.st_mtime_ns)
 
     # -- stage outputs
 
@@ -241,18 +247,23 @@ class RemoteStore(Store):
                        f"the manifest says {entry['bytes']}"
         return None
 
-    def problem(self, stage: str, fp: str, verify: bool = False) -> str | None:
-        """Manifest and object sizes; with `verify`, the SHA-256 of a fetched copy too."""
+    def checked(self, stage: str, fp: str, verify: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, why the output is not valid): manifest and object sizes; with `verify`, the SHA-256 of
+        every object streamed from the store. One manifest read and one listing serve every caller."""
         try:
             manifest = self.remote_manifest(stage, fp)
         except CacheError as exc:
-            return str(exc)
+            return None, str(exc)
         if manifest is None:
-            return f"{self.url(stage, fp)} has no manifest"
+            return None, f"{self.url(stage, fp)} has no manifest"
         problem = self.remote_problem(stage, fp, manifest)
         if problem is None and verify:
             problem = self.checksum_problem(stage, fp, manifest)
-        return problem
+        return manifest, problem
+
+    def problem(self, stage: str, fp: str, verify: bool = False) -> str | None:
+        """Why the output is not valid (None when it is)."""
+        return self.checked(stage, fp, verify)[1]
 
     def checksum_problem(self, stage: str, fp: str, manifest: dict[str, Any]) -> str | None:
         """The first object whose SHA-256 (streamed from the store) differs from the manifest, or None."""
@@ -314,19 +325,17 @@ class RemoteStore(Store):
 
     def fetch(self, stage: str, fp: str, verify: bool = False) -> tuple[dict[str, Any], Path]:
         """The committed output, downloaded (once) into the read cache."""
-        problem = self.problem(stage, fp)
-        if problem is not None:
+        manifest, problem = self.checked(stage, fp)
+        if manifest is None or problem is not None:
             raise MissingUpstreamError(f"no valid {stage} output for this config ({problem}): run "
                                        f"`tapeline stage {stage}` with the same config first")
-        manifest = self.remote_manifest(stage, fp)
-        assert manifest is not None  # problem() just read it
         local = self.materialize(stage, fp, manifest)
         if verify and (damage := check_files(local, manifest["files"], verify=True)) is not None:
             shutil.rmtree(local, ignore_errors=True)
             raise MissingUpstreamError(f"{damage}; run again to fetch {self.url(stage, fp)} afresh")
         return manifest, local
 
-    def set_aside(self, stage: str, fp: str) -> None:
+    def set_aside(self, stage: str, fp: str, problem: str) -> None:
         """Move an invalid manifest aside (kept for inspection) so the output can be committed again."""
         key = self.key(stage, fp, MANIFEST)
         data = self.read_bytes(key)
@@ -334,18 +343,16 @@ class RemoteStore(Store):
             aside = self.key(stage, fp, f".invalid-manifest-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
             self.put_bytes(aside, data)
             self.remove(key)
-            log.warning("moved the invalid manifest %s aside; the output will be rebuilt", self.url(stage, fp))
+            log.warning("cached output %s is not usable (%s): its manifest is moved aside and it is rebuilt",
+                        self.url(stage, fp), problem)
 
     def build(self, stage: str, fp: str, make: MakeFn, *, verify: bool = False, resumable: bool = False
               ) -> tuple[dict[str, Any], bool, Path]:
         """Reuse the committed output, or build locally, upload under a fresh attempt and commit."""
-        problem = self.problem(stage, fp, verify)
-        if problem is None:
-            manifest, local = self.fetch(stage, fp)
-            return manifest, True, local
-        if self.read_bytes(self.key(stage, fp, MANIFEST)) is not None:
-            log.warning("cached output %s is not usable: %s", self.url(stage, fp), problem)
-            self.set_aside(stage, fp)
+        manifest, problem = self.checked(stage, fp, verify)
+        if manifest is not None and problem is None:
+            return manifest, True, self.materialize(stage, fp, manifest)
+        self.set_aside(stage, fp, str(problem))  # no-op when there is no manifest at all
         staging = cache_dir() / "staging" / (f"{stage}-{fp}" if resumable else f"{stage}-{fp}-{uuid.uuid4().hex[:8]}")
         partial = self.key(stage, fp, PARTIAL)
         if not resumable:
@@ -357,12 +364,7 @@ class RemoteStore(Store):
         uploaded: dict[str, tuple[int, int]] = {}
 
         def save_partial() -> None:
-            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-                name, stat = path.relative_to(staging).as_posix(), path.stat()
-                if uploaded.get(name) != (stat.st_size, stat.st_mtime_ns):
-                    with guarded(self.root):
-                        self.fs.put_file(str(path), f"{partial}/{name}")
-                    uploaded[name] = (stat.st_size, stat.st_mtime_ns)
+            self.upload_dir(staging, partial, uploaded)
 
         try:
             body = make(staging, save_partial if resumable else (lambda: None))

@@ -97,20 +97,24 @@ def test_comment_only_edit_keeps_every_fingerprint(tmp_path: Path, edited_source
     assert plan_fingerprints(tmp_path / "a", capsys) == base
 
 
-def test_runtime_keys_leave_fingerprints_and_used_by_keys_move(idx_dir: Path) -> None:
+def test_runtime_keys_leave_fingerprints_and_used_by_keys_move(idx_dir: Path, tmp_path: Path) -> None:
     source = f"idx:{idx_dir}"
-    base = fingerprints(tiny_config(source))
-    runtime = fingerprints(tiny_config(source, "data.retries=5",
+
+    def fingerprints_of(config):
+        return fingerprints(config, tmp_path / "a")
+
+    base = fingerprints_of(tiny_config(source))
+    runtime = fingerprints_of(tiny_config(source, "data.retries=5",
                                        "data.timeout_seconds=9", "train.retries=3", "train.timeout_seconds=60",
                                        "train.steps_per_execution=7", "evaluate.timeout_seconds=5",
                                        "export.lock_timeout_seconds=5", "export.timeout_seconds=5",
                                        "export.min_accuracy=0.5", "export.promote_min_delta=0.01"))
     assert runtime == base
-    batch = fingerprints(tiny_config(source, "data.batch_size=8"))
+    batch = fingerprints_of(tiny_config(source, "data.batch_size=8"))
     assert [n for n in STAGE_NAMES if batch[n] != base[n]] == ["train", "evaluate", "export"]
-    strict = fingerprints(tiny_config(source, "validate.drift=error"))
+    strict = fingerprints_of(tiny_config(source, "validate.drift=error"))
     assert [n for n in STAGE_NAMES if strict[n] != base[n]] == ["validate"]  # a gate, not an input of model
-    pictures = fingerprints(tiny_config(source, "evaluate.worst_examples=3"))
+    pictures = fingerprints_of(tiny_config(source, "evaluate.worst_examples=3"))
     assert [n for n in STAGE_NAMES if pictures[n] != base[n]] == ["evaluate", "export"]
 
 

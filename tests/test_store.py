@@ -95,12 +95,12 @@ CHILD = textwrap.dedent("""
     url, where = sys.argv[1], sys.argv[2]
     original = stages.store.RemoteStore.upload_dir
 
-    def stalled(self, local, key):
+    def stalled(self, local, key, uploaded=None):
         if f"/{where}/" in key and "/attempt-" in key:
             first = sorted(p for p in local.rglob("*") if p.is_file())[0]
             self.fs.put_file(str(first), f"{key}/{first.relative_to(local).as_posix()}")
             time.sleep(120)
-        return original(self, local, key)
+        return original(self, local, key, uploaded)
 
     stages.store.RemoteStore.upload_dir = stalled
     run_all(load_config(None, sys.argv[3:]), url)
