@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from stages.config import config_keys, load_config
+from stages.config import PRESETS, PipelineConfig, config_keys, load_config
 from stages.errors import TapelineError
 from stages.graph import STAGE_NAMES
 from stages.store import normalize_root, open_store
@@ -59,8 +59,12 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_config(parser: argparse.ArgumentParser) -> None:
     """--config FILE and repeatable --set KEY=VALUE."""
     parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="named bundle of config keys, applied under the "
+                        "file's keys and --set (replaces the file's `preset:`)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.max_epochs=3 (repeatable)")
+    parser.add_argument("--workers", type=int, metavar="N", help="train with N worker processes (train.workers=N; "
+                        "the train stage starts them locally unless TF_CONFIG already places this one in a cluster)")
     parser.add_argument("--verify", action="store_true", help="verify cached outputs by checksum, not only size")
 
 
@@ -100,9 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from(args: argparse.Namespace) -> PipelineConfig:
+    """The config of --config, --preset, --set and --workers (a shorthand for --set train.workers=N)."""
+    workers = [] if args.workers is None else [f"train.workers={args.workers}"]
+    return load_config(args.config, [*args.overrides, *workers], args.preset)
+
+
 def command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
-    config = load_config(args.config, args.overrides)
+    config = config_from(args)
     open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     from flows.training import training_pipeline
@@ -123,7 +133,7 @@ def command_stage(args: argparse.Namespace) -> int:
     """Run one stage (or the promotion step) in this process."""
     from stages.graph import find_output, run_stage
 
-    config = load_config(args.config, args.overrides)
+    config = config_from(args)
     artifacts = normalize_root(args.artifacts)
     if args.name == PROMOTION:
         from stages.pipeline import new_run_id, promote_run
@@ -155,7 +165,8 @@ def command_plan(args: argparse.Namespace) -> int:
     """Print each stage's fingerprint and cache status, and which stages `tapeline run` would run."""
     from stages.graph import plan
 
-    result = plan(load_config(args.config, args.overrides), normalize_root(args.artifacts), verify=args.verify)
+    config = config_from(args)
+    result = plan(config, normalize_root(args.artifacts), verify=args.verify)
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
 

@@ -22,6 +22,20 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_FILTERS, MAX_CONV_LAYERS = 4096, 32
 
 
+# The v1 defaults (until the speed work) and the tutorial's own settings, kept reproducible by name; `fast`
+# trades the last half point of accuracy for a shorter schedule.
+_V0_TRAINING: dict[str, Any] = {
+    "data": {"batch_size": 32},
+    "model": {"batch_norm": False, "dropout": 0.0, "dense_units": 64, "conv_filters": [32, 64, 64]},
+    "train": {"learning_rate": 1e-3, "precision": "float32", "random_shift": 0, "random_flip": False},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tutorial": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "constant"}},
+    "v1": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "plateau", "input_pipeline": "stream"}},
+    "fast": {"train": {"decay_epochs": 8}},
+}
+
+
 def runtime(default: Any, **kwargs: Any) -> Any:
     """A knob of how a stage runs (retries, timeouts, speed) that never changes its output: every
     fingerprint leaves it out."""
@@ -57,7 +71,7 @@ class DataConfig(Section):
     test_fraction: float = Field(
         0.1, gt=0, lt=1, description="share held out as the test split when the source has no test split"
     )
-    batch_size: int = used_by("train", 32, gt=0, le=65536, description="global batch size")
+    batch_size: int = used_by("train", 128, gt=0, le=65536, description="global batch size")
     shuffle_buffer: int = used_by(
         "train", 10000, gt=0, le=10_000_000, description="tf.data shuffle buffer for training"
     )
@@ -86,7 +100,7 @@ class ModelConfig(Section):
     conv_filters: tuple[int, ...] = Field((32, 64, 64), min_length=1, description="filters of each 3x3 conv layer")
     dense_units: int = Field(64, gt=0, le=65536, description="units of the hidden dense layer")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the logits layer")
-    batch_norm: bool = Field(False, description="batch normalization after each conv layer")
+    batch_norm: bool = Field(True, description="batch normalization after each conv layer")
 
     @field_validator("conv_filters")
     @classmethod
@@ -101,7 +115,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """The GradientTape loop, early stopping (Keras semantics), checkpoints and performance switches."""
 
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate")
+    learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate (the peak of the cosine schedule)")
     max_epochs: int = Field(100, gt=0, le=100_000, description="upper bound on epochs")
     monitor: str = Field("val_loss", description="loss | accuracy | val_loss | val_accuracy")
     mode: Literal["auto", "min", "max"] = Field("auto", description="direction of improvement")
@@ -110,23 +124,46 @@ class TrainConfig(Section):
     baseline: float | None = Field(None, description="value the monitor must beat")
     restore_best_weights: bool = Field(True, description="end with the best epoch's weights")
     start_from_epoch: int = Field(0, ge=0, description="epochs to wait before early stopping starts")
-    reduce_lr_patience: int = Field(
-        1, ge=0, description="epochs without improvement of the monitor before the learning rate drops (0 = never)"
+    lr_schedule: Literal["cosine", "plateau", "constant"] = Field(
+        "cosine", description="cosine: linear warm-up for warmup_epochs, then cosine decay to min_learning_rate at "
+        "decay_epochs, where training ends; plateau: drop by reduce_lr_factor when the monitor stalls (v1); "
+        "constant: learning_rate throughout (the tutorial)"
     )
-    reduce_lr_factor: float = Field(0.2, gt=0, lt=1, description="learning rate multiplier on a plateau")
+    warmup_epochs: int = Field(1, ge=0, le=100_000, description="cosine: epochs of linear warm-up from a tenth of "
+                               "learning_rate")
+    decay_epochs: int = Field(12, gt=0, le=100_000, description="cosine: the epoch at which the rate reaches "
+                              "min_learning_rate and training ends (max_epochs still caps it)")
+    reduce_lr_patience: int = Field(
+        1, ge=0, description="plateau: epochs without improvement of the monitor before the learning rate drops "
+        "(0 = never)"
+    )
+    reduce_lr_factor: float = Field(0.2, gt=0, lt=1, description="plateau: learning rate multiplier on a plateau")
     min_learning_rate: float = Field(1e-5, ge=0, description="the learning rate never drops below this")
     checkpoints_to_keep: int = Field(3, gt=0, le=1000, description="last N epoch checkpoints kept")
     steps_per_execution: int = runtime(32, gt=0, le=100_000, description="training steps per tf.function call")
+    random_shift: int = Field(2, ge=0, le=64, description="training-only augmentation: shift each image by up to "
+                              "this many pixels each way (0 = off)")
+    random_flip: bool = Field(True, description="training-only augmentation: flip half the images left-right "
+                              "(turn off for digits and text)")
     input_pipeline: Literal["auto", "memory", "stream"] = Field(
-        "stream", description="stream: read TFRecords through the shuffle buffer (the tutorial's order); memory: "
+        "auto", description="stream: read TFRecords through the shuffle buffer (the tutorial's order); memory: "
         "hold the uint8 training split in RAM, full seeded shuffle each epoch; auto: memory when it fits in 2 GiB "
         "on one replica"
     )
     deterministic: bool = Field(False, description="TF op determinism (slower)")
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field(
-        "auto", description="tf.distribute strategy"
+        "auto", description="tf.distribute strategy; auto: multi_worker under TF_CONFIG or with workers > 1, mirrored "
+        "over several GPUs, else default"
     )
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field("float32", description="compute precision")
+    workers: int = Field(1, ge=1, le=1024, description="training processes (MultiWorkerMirroredStrategy); locally "
+                         "tapeline starts them, on a cluster TF_CONFIG must name this many workers; data.batch_size "
+                         "is the global batch")
+    worker_timeout_seconds: float = runtime(120, gt=0, le=86_400, description="a worker that stops answering stops "
+                                            "the others within this long, with an error naming it")
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "auto", description="compute precision; auto: mixed_float16 on GPUs that have tensor cores, mixed_bfloat16 on "
+        "CPUs with AMX, float32 elsewhere (logits and loss are float32 in every case)"
+    )
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
     retries: int = runtime(0, ge=0, le=10, description="retries of the train stage in the flow")
     timeout_seconds: float | None = runtime(None, gt=0, description="train stage time limit in the flow")
@@ -191,6 +228,8 @@ with warnings.catch_warnings():
     class PipelineConfig(Section):
         """The whole pipeline's configuration; also the Prefect flow's one parameter."""
 
+        preset: str | None = runtime(None, description=f"named bundle of keys applied before the file's own keys and "
+                                     f"--set: {', '.join(PRESETS)}")
         seed: int = Field(0, ge=0, description="seed for splits, shuffling and initialization")
         data: DataConfig = DataConfig()
         validate: ValidateConfig = ValidateConfig()
@@ -198,6 +237,27 @@ with warnings.catch_warnings():
         train: TrainConfig = TrainConfig()
         evaluate: EvalConfig = EvalConfig()
         export: ExportConfig = ExportConfig()
+
+
+def expand_preset(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config tree with its `preset` (if any) filled in underneath: every key the tree sets itself wins."""
+    name = tree.get("preset")
+    if name is None:
+        return tree
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    return merge(PRESETS[name], tree)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A nested dict of `base` with `top`'s keys set over it (sections merged key by key)."""
+    merged = _deep_copy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def field_marks(field: Any) -> dict[str, Any]:
@@ -286,9 +346,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def validate_config(tree: dict[str, Any]) -> PipelineConfig:
     """Validate a nested dict into a PipelineConfig, raising ConfigError naming each bad key."""
     try:
-        return PipelineConfig.model_validate(tree)
+        config = PipelineConfig.model_validate(expand_preset(tree))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: PipelineConfig) -> None:
+    """Rules that span sections: the global batch must split evenly over the training workers."""
+    if config.data.batch_size % config.train.workers:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} does not split evenly over train.workers="
+                          f"{config.train.workers}; use a multiple of {config.train.workers}")
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -301,9 +370,13 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Defaults, then the optional YAML file, then `--set` overrides; validated."""
+def load_config(path: Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> PipelineConfig:
+    """Defaults, then the preset (`preset` here, else the file's `preset:` key), then the optional YAML file,
+    then `--set` overrides; validated."""
     tree = read_config_file(path) if path is not None else {}
+    if preset is not None:
+        tree = {**tree, "preset": preset}
     return validate_config(apply_overrides(tree, overrides or []))
 
 

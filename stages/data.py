@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,66 @@ def parse_batch(serialized: Any, shape: tuple[int, int, int], normalize: bool) -
     return images, features["label"]
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Training-only augmentation: integer shifts of up to `shift` pixels each way (zeros fill in) and
+    horizontal flips of half the images. Drawn with stateless ops keyed by (seed, epoch, batch), so an
+    epoch sees the same augmented batches whether or not the run was resumed."""
+
+    shift: int = 0
+    flip: bool = False
+
+    @property
+    def active(self) -> bool:
+        """Whether this changes any image."""
+        return self.shift > 0 or self.flip
+
+
+NO_AUGMENT = Augment()
+
+
+def augment_batch(images: Any, augment: Augment, key: Any) -> Any:
+    """A batch of float images (B, H, W, C), shifted and flipped per image as `augment` says, deterministic in `key`
+    (an int64 pair)."""
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    if augment.shift > 0:
+        offsets = tf.random.stateless_uniform((count, 2), seed=key, minval=-augment.shift,
+                                              maxval=augment.shift + 1, dtype=tf.int32)
+        offsets = tf.cast(offsets, tf.float32)
+        ones, zeros = tf.ones((count, 1)), tf.zeros((count, 1))
+        # Row of a projective transform mapping output (x, y) to input (x + dx, y + dy).
+        transforms = tf.concat([ones, zeros, offsets[:, :1], zeros, ones, offsets[:, 1:], zeros, zeros], axis=1)
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
+            interpolation="NEAREST", fill_mode="CONSTANT")
+    if augment.flip:
+        flip = tf.random.stateless_uniform((count, 1, 1, 1), seed=key + [0, 1 << 40]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    return images
+
+
+def epoch_seed(seed: int, epoch: Any) -> Any:
+    """The seed of one epoch's shuffle and augmentation (the formula both input pipelines share)."""
+    return seed * 100_003 + epoch
+
+
+def with_augmentation(ds: Any, augment: Augment, seed: int, epoch: Any, lane: int = 0, lanes: int = 1) -> Any:
+    """Augment every (images, labels) batch of `ds`, keyed by (seed, epoch, batch index); worker `lane` of
+    `lanes` draws its own keys."""
+    import tensorflow as tf
+
+    if not augment.active:
+        return ds
+    base = tf.cast(epoch_seed(seed, epoch), tf.int64)
+
+    def apply(index: Any, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        return augment_batch(batch[0], augment, tf.stack([base, index * lanes + lane])), batch[1]
+
+    return ds.enumerate().map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def make_dataset(
     data_path: Path,
     split: str,
@@ -258,11 +319,12 @@ def make_dataset(
     seed: int = 0,
     epoch: int = 0,
     normalize: bool = True,
+    augment: Augment = NO_AUGMENT,
 ) -> Any:
     """A batched tf.data.Dataset of (float32 images in [0, 1], int64 labels) from a split's TFRecords.
 
-    For training the shard order and the shuffle are seeded by (seed, epoch), so a resumed run sees
-    exactly the batches an uninterrupted run would have seen in that epoch.
+    For training the shard order, the shuffle and the augmentation are seeded by (seed, epoch), so a
+    resumed run sees exactly the batches an uninterrupted run would have seen in that epoch.
     """
     import tensorflow as tf
 
@@ -270,22 +332,50 @@ def make_dataset(
     shape = tuple(manifest["input_spec"]["shape"])
     files = split_files(data_path, split)
     if training:
-        epoch_seed = seed * 100_003 + epoch
-        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=epoch_seed)
+        shuffle_seed = epoch_seed(seed, epoch)
+        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed)
         ds = ds.interleave(
             tf.data.TFRecordDataset, cycle_length=len(files), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-        ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     else:
         ds = tf.data.TFRecordDataset(files)
     ds = ds.batch(batch_size).map(lambda s: parse_batch(s, shape, normalize), num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
+        ds = with_augmentation(ds, augment, seed, epoch)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def make_worker_dataset(data_path: Path, global_batch: int, workers: int, index: int, *, shuffle_buffer: int,
+                        seed: int, epoch: int, augment: Augment = NO_AUGMENT) -> Any:
+    """Worker `index`'s training batches for `epoch` when `workers` train together: its shard of the split
+    (whole files when there are at least as many files as workers, else every `workers`-th record of the
+    same seeded order), in batches of global_batch / workers. The shard repeats, so every worker has a batch
+    for each of the epoch's steps even when shards differ by a few records."""
+    import tensorflow as tf
+
+    shape = tuple(read_manifest(data_path)["input_spec"]["shape"])
+    files = split_files(data_path, "train")
+    shuffle_seed = epoch_seed(seed, epoch)
+    by_file = len(files) >= workers
+    ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed)
+    if by_file:
+        ds = ds.shard(workers, index)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=-(-len(files) // workers) if by_file else len(files),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not by_file:
+        ds = ds.shard(workers, index)
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False).repeat()
+    ds = ds.batch(global_batch // workers).map(lambda s: parse_batch(s, shape, True),
+                                               num_parallel_calls=tf.data.AUTOTUNE)
+    return with_augmentation(ds, augment, seed, epoch, index, workers).prefetch(tf.data.AUTOTUNE)
+
+
 def make_memory_dataset(images: Any, labels: Any, batch_size: int, *, seed: int = 0, epoch: int = 0,
-                        epochs: int = 1) -> Any:
+                        epochs: int = 1, augment: Augment = NO_AUGMENT) -> Any:
     """Training batches gathered from uint8 tensors held in memory, `epochs` epochs from `epoch` on, each a
-    full permutation seeded by (seed, epoch), normalized after batching exactly as the TFRecord reader does.
+    full permutation seeded by (seed, epoch), normalized after batching exactly as the TFRecord reader does
+    and augmented with the same keys.
 
     No parsing and no shuffle buffer in the hot loop, and one iterator serves every epoch: creating and
     tearing down an iterator over captured tensors costs seconds per epoch.
@@ -300,7 +390,8 @@ def make_memory_dataset(images: Any, labels: Any, batch_size: int, *, seed: int 
     def one_epoch(number: Any) -> Any:
         key = tf.stack([tf.constant(seed, tf.int64), number])
         order = tf.random.experimental.stateless_shuffle(tf.range(records, dtype=tf.int32), seed=key)
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(gather)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(gather)
+        return with_augmentation(batches, augment, seed, number)
 
     return tf.data.Dataset.range(epoch, epoch + epochs).flat_map(one_epoch).prefetch(2)
 

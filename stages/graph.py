@@ -19,6 +19,8 @@ when the report has errors, so the run stops before the model stage and the repo
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.cache import fingerprint, manifest_problem
+from stages.cluster import Cluster, check_workers, current_cluster, launch_local_workers, worker_command
 from stages.codehash import code_fingerprint
 from stages.config import PipelineConfig, output_config
 from stages.data import build_data, data_result, source_identity
@@ -56,6 +59,7 @@ class Stage:
     external: ExternalFn | None = None
     gate: Callable[[Any], None] | None = None
     resumable: bool = False
+    distributed: bool = False
 
     @property
     def module(self) -> str:
@@ -68,7 +72,8 @@ GRAPH: tuple[Stage, ...] = (
     Stage("validate", ("data",), build_validate, validate_result, covers=("validate",), external=baseline_identity,
           gate=ensure_passed),
     Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model")),
-    Stage("train", ("data", "model"), build_train_dir, train_result, covers=("seed", "train"), resumable=True),
+    Stage("train", ("data", "model"), build_train_dir, train_result, covers=("seed", "train"), resumable=True,
+          distributed=True),
     Stage("evaluate", ("data", "train"), build_evaluation, evaluate_result, covers=("evaluate",)),
     Stage("export", ("data", "train", "evaluate"), build_export, export_result, covers=("export",)),
 )
@@ -154,9 +159,19 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
     external = external_inputs(stage, config, store, upstream_fps)
     fp = stage_fingerprint(stage, config, upstream_fps, external)
 
+    def stage_inputs(hooks: EpochCallback | None) -> StageInputs:
+        return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1])
+
+    if stage.distributed:
+        cluster = current_cluster()
+        check_workers(cluster, config.train.workers)
+        if cluster is None and config.train.workers > 1:
+            return run_local_workers(stage, config, store, fp, verify, started)
+        if cluster is not None and not cluster.is_chief:
+            return run_as_follower(stage, store, fp, stage_inputs(None), cluster, verify, started)
+
     def make(staging: Path, save_partial: SavePartial) -> dict[str, Any]:
-        hooks = with_partial_saves(on_epoch_end, save_partial)
-        return stage.build(staging, StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1]))
+        return stage.build(staging, stage_inputs(with_partial_saves(on_epoch_end, save_partial)))
 
     manifest, cached, local = store.build(name, fp, make, verify=verify, resumable=stage.resumable)
     seconds = time.perf_counter() - started
@@ -165,6 +180,46 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
     if stage.gate is not None:
         stage.gate(result)
     return result
+
+
+def run_local_workers(stage: Stage, config: PipelineConfig, store: Store, fp: str, verify: bool,
+                      started: float) -> StageResult:
+    """Train with `train.workers` local processes (TF_CONFIG on loopback ports); the chief commits the output,
+    which is then read like any cached one."""
+    if store.problem(stage.name, fp, verify) is None:
+        manifest, local = store.fetch(stage.name, fp, verify)
+        return located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="tapeline-workers-") as tmp:
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(config.model_dump_json())
+        log.info("starting %d training workers", config.train.workers)
+        launch_local_workers(worker_command(config_file, store.root), config.train.workers,
+                             config.train.worker_timeout_seconds)
+    manifest, local = store.fetch(stage.name, fp, verify)
+    seconds = time.perf_counter() - started
+    log.info("%s %s built by %d workers in %.2f s", stage.name, fp, config.train.workers, seconds)
+    return located(stage, store, fp, manifest, local, False, seconds)
+
+
+def run_as_follower(stage: Stage, store: Store, fp: str, inputs: StageInputs, cluster: Cluster, verify: bool,
+                    started: float) -> StageResult:
+    """A non-chief worker's share of a distributed stage: train in a private temporary directory, starting
+    from the chief's checkpoints, and commit nothing (TensorFlow has every worker save; only the chief's
+    copy is kept)."""
+    if store.problem(stage.name, fp, verify) is None:
+        manifest, local = store.fetch(stage.name, fp, verify)
+        return located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
+    staging = Path(tempfile.mkdtemp(prefix=f"tapeline-{stage.name}-worker{cluster.index}-"))
+    try:
+        store.copy_partial(stage.name, fp, staging)
+        body = stage.build(staging, inputs)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info("%s %s trained as %s in %.2f s; the chief commits the output", stage.name, fp, cluster.name(), seconds)
+    location = store.location(stage.name, fp)
+    result = stage.result(Path(location), {**body, "fingerprint": fp}, False, seconds)
+    return result.model_copy(update={"location": location})
 
 
 def with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePartial) -> EpochCallback:

@@ -82,6 +82,10 @@ class Store(ABC):
         """The manifest of a valid output, without fetching its files; None when there is none."""
 
     @abstractmethod
+    def copy_partial(self, stage: str, fp: str, target: Path) -> None:
+        """Copy what a resumable build of `stage`/`fp` saved so far (the chief's checkpoints) into `target`."""
+
+    @abstractmethod
     def build(self, stage: str, fp: str, make: MakeFn, *, verify: bool = False, resumable: bool = False
               ) -> tuple[dict[str, Any], bool, Path]:
         """(manifest, cached, local directory): reuse the valid output or build and commit it.
@@ -117,6 +121,12 @@ class LocalStore(Store):
         """The manifest, when the output validates."""
         path = self.path / stage / fp
         return read_manifest(path) if manifest_problem(path) is None else None
+
+    def copy_partial(self, stage: str, fp: str, target: Path) -> None:
+        """Copy the checkpoints of the build in progress (`.partial-<fp>/checkpoints`)."""
+        source = self.path / stage / f".partial-{fp}" / "checkpoints"
+        if source.is_dir():
+            shutil.copytree(source, target / "checkpoints", dirs_exist_ok=True)
 
     def build(self, stage: str, fp: str, make: MakeFn, *, verify: bool = False, resumable: bool = False
               ) -> tuple[dict[str, Any], bool, Path]:
@@ -372,6 +382,10 @@ class RemoteStore(Store):
         finally:
             if not resumable:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def copy_partial(self, stage: str, fp: str, target: Path) -> None:
+        """Download the checkpoints the chief uploaded so far."""
+        self.download_dir(self.key(stage, fp, PARTIAL), target)
 
     def download_dir(self, key: str, local: Path) -> None:
         """Download every object under `key` into `local` (a resumed run's checkpoints)."""

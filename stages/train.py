@@ -10,23 +10,27 @@ resumes and ends where an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stages.cache import package_versions
+from stages.cluster import Cluster, check_port_free, current_cluster, worker_failure
 from stages.config import PipelineConfig, TrainConfig
-from stages.data import load_split, make_dataset, make_memory_dataset
+from stages.data import Augment, load_split, make_dataset, make_memory_dataset, make_worker_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
-from stages.errors import TrainingError
+from stages.errors import ConfigError, TrainingError
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
 
@@ -152,19 +156,67 @@ def make_step_functions(
 
 # ---------------------------------------------------------------- environment
 
-def make_strategy(name: str) -> Any:
-    """The tf.distribute strategy for `train.strategy`."""
+def make_strategy(config: TrainConfig, cluster: Cluster | None = None) -> Any:
+    """The tf.distribute strategy for `train.strategy`: MultiWorkerMirroredStrategy on a TF_CONFIG cluster (its
+    collectives time out after `worker_timeout_seconds`), mirrored over several GPUs, else the default. Created
+    before any other TensorFlow op: a multi-worker strategy cannot join a cluster after the runtime started."""
     import tensorflow as tf
 
+    if cluster is not None and config.strategy not in ("auto", "multi_worker"):
+        raise ConfigError(f"train.strategy={config.strategy} cannot train on the TF_CONFIG cluster; use auto or "
+                          "multi_worker")
+    if cluster is not None or config.strategy == "multi_worker":
+        if cluster is not None:
+            check_port_free(cluster)
+            configure_coordination(cluster, config.worker_timeout_seconds)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=config.worker_timeout_seconds)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     gpus = tf.config.list_logical_devices("GPU")
-    if name == "auto":
-        name = "mirrored" if len(gpus) > 1 else "default"
+    name = ("mirrored" if len(gpus) > 1 else "default") if config.strategy == "auto" else config.strategy
     if name == "default":
         return tf.distribute.get_strategy()
-    if name == "mirrored":
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def configure_coordination(cluster: Cluster, timeout: float) -> None:
+    """Have TensorFlow's coordination service give up on a worker that never joins after `timeout` seconds
+    (its default is an hour) and on one silent for min(timeout, 10 s). The strategy would configure the
+    service itself with the defaults; this goes through the runtime's private API, so failing is harmless."""
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+    except ImportError:
+        return
+    with contextlib.suppress(Exception):
+        context.context().configure_coordination_service(
+            service_type="standalone", service_leader="/job:worker/replica:0/task:0",
+            cluster_register_timeout_in_ms=int(timeout * 1000),
+            heartbeat_timeout_in_ms=int(min(timeout, 10) * 1000),
+            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=cluster.size)],
+        )
+
+
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 matmuls run fastest."""
+    try:
+        return " amx_bf16" in cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def resolve_precision(name: str) -> str:
+    """`train.precision` with `auto` decided for this machine: mixed_float16 on GPUs with tensor cores
+    (compute capability 7.0+), mixed_bfloat16 on CPUs with AMX, float32 elsewhere."""
+    if name != "auto":
+        return name
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "mixed_float16" if tuple(capability) >= (7, 0) else "float32"
+    return "mixed_bfloat16" if cpu_has_amx() else "float32"
 
 
 @contextlib.contextmanager
@@ -180,12 +232,36 @@ def precision_policy(name: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def make_optimizer(config: TrainConfig) -> Any:
-    """Adam, wrapped for loss scaling under mixed_float16."""
+def learning_rate_for(config: TrainConfig, steps_per_epoch: int) -> Any:
+    """The optimizer's learning rate: a float (constant, plateau) or, for `cosine`, a per-step schedule that warms
+    up linearly from a tenth of `learning_rate` over `warmup_epochs` and decays to `min_learning_rate` at
+    `decay_epochs`."""
     import keras
 
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
-    if config.precision == "mixed_float16":
+    if config.lr_schedule != "cosine":
+        return config.learning_rate
+    warmup = min(config.warmup_epochs, config.decay_epochs - 1) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10 if warmup else config.learning_rate,
+        decay_steps=config.decay_epochs * steps_per_epoch - warmup,
+        alpha=min(config.min_learning_rate / config.learning_rate, 1.0),
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def epoch_limit(config: TrainConfig) -> int:
+    """The last epoch training may run: `max_epochs`, and under the cosine schedule no further than
+    `decay_epochs`, where the rate is at its floor."""
+    return min(config.max_epochs, config.decay_epochs) if config.lr_schedule == "cosine" else config.max_epochs
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int, precision: str) -> Any:
+    """Adam with the configured learning rate (schedule), wrapped for loss scaling under mixed_float16."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate_for(config, steps_per_epoch))
+    if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -299,6 +375,14 @@ def progress_bar(steps: int) -> Any | None:
     return keras.utils.Progbar(steps, unit_name="step")
 
 
+VALIDATION_BATCH = 1024
+
+
+def augmentation(config: TrainConfig) -> Augment:
+    """The training augmentation the config asks for."""
+    return Augment(shift=config.random_shift, flip=config.random_flip)
+
+
 @dataclass
 class Trainer:
     """The model, optimizer, step functions and checkpointer of one training run."""
@@ -313,22 +397,43 @@ class Trainer:
     val_metrics: EpochMetrics
     checkpointer: Checkpointer
     train_in_memory: tuple[Any, Any] | None
+    precision: str = "float32"
+    cluster: Cluster | None = None
     memory_iterator: Any = field(default=None, repr=False)
     memory_next_epoch: int = -1
+    validation_iterator: Any = field(default=None, repr=False)
 
     def distributed(self, split: str, epoch: int) -> Any:
-        """An iterator over a split (for the in-memory training split: one iterator for all epochs)."""
-        data = self.config.data
-        if split == "train" and self.train_in_memory is not None:
+        """An iterator over the training split for `epoch` (in memory: one iterator for all epochs)."""
+        data, augment = self.config.data, augmentation(self.config.train)
+        if self.train_in_memory is not None:
             if self.memory_iterator is None or self.memory_next_epoch != epoch:
                 ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed,
-                                         epoch=epoch, epochs=self.config.train.max_epochs - epoch)
+                                         epoch=epoch, epochs=self.config.train.max_epochs - epoch, augment=augment)
                 self.memory_iterator = iter(ds)
             self.memory_next_epoch = epoch + 1
             return self.memory_iterator
-        ds = make_dataset(self.data.path, split, data.batch_size, training=split == "train",
-                          shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch)
+        if self.cluster is not None:
+            return iter(self.strategy.distribute_datasets_from_function(lambda context: make_worker_dataset(
+                self.data.path, data.batch_size, context.num_input_pipelines, context.input_pipeline_id,
+                shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch, augment=augment)))
+        ds = make_dataset(self.data.path, split, data.batch_size, training=True, shuffle_buffer=data.shuffle_buffer,
+                          seed=self.config.seed, epoch=epoch, augment=augment)
         return iter(self.strategy.experimental_distribute_dataset(ds))
+
+    def validation_batches(self) -> tuple[Any, int]:
+        """One iterator over the validation split repeated, kept for the whole run (a new one per epoch costs a
+        reader start-up each time), and the number of batches that make one pass."""
+        if self.validation_iterator is None:
+            def whole_split(_context: Any = None) -> Any:
+                return make_dataset(self.data.path, "validation", VALIDATION_BATCH).repeat()
+
+            # On a cluster every worker evaluates the whole split: the all-reduced sums are then N times one
+            # worker's, so the means (and every early-stopping decision) are the same everywhere.
+            self.validation_iterator = iter(
+                self.strategy.distribute_datasets_from_function(whole_split) if self.cluster is not None
+                else self.strategy.experimental_distribute_dataset(whole_split()))
+        return self.validation_iterator, steps_for(self.data.records["validation"], VALIDATION_BATCH)
 
     def check_finite(self, epoch: int) -> None:
         """Raise TrainingError naming the epoch and step of the first non-finite loss."""
@@ -368,8 +473,9 @@ class Trainer:
         import tensorflow as tf
 
         self.val_metrics.reset_state()
-        steps = steps_for(self.data.records["validation"], self.config.data.batch_size)
-        self.steps.evaluate(self.distributed("validation", 0), tf.constant(steps, tf.int64))
+        iterator, steps = self.validation_batches()
+        if steps:
+            self.steps.evaluate(iterator, tf.constant(steps, tf.int64))
         return self.val_metrics.result()
 
     def learning_rate(self) -> float:
@@ -380,6 +486,9 @@ class Trainer:
 def uses_memory_pipeline(config: TrainConfig, data: DataResult, replicas: int) -> bool:
     """Whether the training split is held in memory (see `train.input_pipeline`)."""
     if config.input_pipeline != "auto":
+        if config.input_pipeline == "memory" and config.workers > 1:
+            raise ConfigError("train.input_pipeline=memory holds the whole split in one process; with train.workers "
+                              "> 1 use stream or auto")
         return config.input_pipeline == "memory"
     split_bytes = data.records["train"] * int(np.prod(data.input_spec.shape))
     return replicas == 1 and split_bytes <= MEMORY_BUDGET_BYTES
@@ -393,15 +502,16 @@ def memory_split(data: DataResult) -> tuple[Any, Any]:
     return tf.constant(images), tf.constant(labels)
 
 
-def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelResult, checkpoints: Path) -> Trainer:
+def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelResult, checkpoints: Path,
+                  precision: str = "float32", strategy: Any = None, cluster: Cluster | None = None) -> Trainer:
     """Model (from the model stage's seeded weights), optimizer and step functions under the strategy."""
     import keras
 
-    strategy = make_strategy(config.train.strategy)
+    strategy = strategy or make_strategy(config.train, cluster)
     with strategy.scope():
         model = build_model(config.model, data.input_spec)
         model.load_weights(model_result.path / WEIGHTS_FILE)
-        optimizer = make_optimizer(config.train)
+        optimizer = make_optimizer(config.train, steps_for(data.records["train"], config.data.batch_size), precision)
         optimizer.build(model.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     train_metrics, val_metrics = EpochMetrics("train"), EpochMetrics("val")
@@ -410,12 +520,65 @@ def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelR
     checkpointer = Checkpointer(checkpoints, model, optimizer, config.train.checkpoints_to_keep)
     in_memory = memory_split(data) if uses_memory_pipeline(config.train, data, strategy.num_replicas_in_sync) else None
     return Trainer(config, data, strategy, model, optimizer, steps, train_metrics, val_metrics, checkpointer,
-                   in_memory)
+                   in_memory, precision, cluster if cluster is not None and cluster.size > 1 else None)
+
+
+@contextlib.contextmanager
+def peers_checked(cluster: Cluster | None, timeout: float) -> Iterator[None]:
+    """On a cluster, turn TensorFlow's errors about a dead or silent peer into one TrainingError naming it."""
+    import tensorflow as tf
+
+    lost_peer = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                 tf.errors.CancelledError, tf.errors.InternalError)
+    try:
+        yield
+    except lost_peer as exc:
+        if cluster is None:
+            raise
+        raise worker_failure(cluster, exc, timeout) from exc
+
+
+class EpochSideWork:
+    """Work after an epoch that the next epoch need not wait for: TensorBoard events (their flush syncs to disk),
+    the epoch callback (a Prefect API call, an upload of the checkpoint to the store). It runs on one background
+    thread, one epoch deep: the next epoch trains meanwhile, and the next checkpoint is written only once this
+    work is done (an upload must not see the checkpoint files rotate under it). Its errors surface there."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tapeline-epoch-end")
+        self.pending: Future[None] | None = None
+
+    def wait(self) -> None:
+        """Block until the previous epoch's work is done; re-raise its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run `work` in the background, in a copy of this thread's context (Prefect's run context lives there)."""
+        self.wait()
+        self.pending = self.executor.submit(contextvars.copy_context().run, work)
+
+    def close(self) -> None:
+        """Stop the thread once its work is done (errors of unfinished work were already raised by `wait`)."""
+        self.executor.shutdown(wait=True)
+
+
+def report_epoch(writer: Any, row: dict[str, float], on_epoch_end: EpochCallback | None, max_epochs: int) -> None:
+    """TensorBoard scalars of the epoch, then the epoch callback."""
+    import tensorflow as tf
+
+    with writer.as_default(step=int(row["epoch"])):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):
+            tf.summary.scalar(key, row[key])
+    writer.flush()
+    if on_epoch_end is not None:
+        on_epoch_end(row, max_epochs)
 
 
 def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
         on_epoch_end: EpochCallback | None = None) -> TrainingState:
-    """Train from the last checkpoint (or the start) until early stopping or `max_epochs`."""
+    """Train from the last checkpoint (or the start) until early stopping or the epoch limit."""
     import tensorflow as tf
 
     config = trainer.config.train
@@ -424,26 +587,30 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
     state = trainer.checkpointer.restore_latest(early_stopping, schedule) or TrainingState(0, [], None, 0.0)
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     stopped = bool(state.history) and early_stopping.stopped_epoch > 0
-    epoch = state.epoch
-    while epoch < config.max_epochs and not stopped:
-        loss, accuracy, seconds = trainer.train_epoch(epoch)
-        val_loss, val_accuracy = trainer.validate()
-        row = {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
-               "val_accuracy": val_accuracy, "learning_rate": trainer.learning_rate(), "seconds": seconds,
-               "images_per_second": trainer.data.records["train"] / seconds}
-        stopped = early_stopping.on_epoch_end(epoch, row, trainer.model.get_weights)
-        trainer.optimizer.learning_rate = schedule.on_epoch_end(row, row["learning_rate"])
-        epoch += 1
-        state = TrainingState(epoch, [*state.history, row], early_stopping.state(), state.wall_seconds + seconds,
-                              schedule.state())
-        trainer.checkpointer.save(state, early_stopping)
-        with writer.as_default(step=epoch):
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):
-                tf.summary.scalar(key, row[key])
-        writer.flush()
-        log.info(epoch_log_line(row))
-        if on_epoch_end is not None:
-            on_epoch_end(row, config.max_epochs)
+    epoch, last = state.epoch, epoch_limit(config)
+    side_work = EpochSideWork()
+    try:
+        while epoch < last and not stopped:
+            with peers_checked(trainer.cluster, config.worker_timeout_seconds):
+                loss, accuracy, seconds = trainer.train_epoch(epoch)
+                val_loss, val_accuracy = trainer.validate()
+            row = {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
+                   "val_accuracy": val_accuracy, "learning_rate": trainer.learning_rate(), "seconds": seconds,
+                   "images_per_second": trainer.data.records["train"] / seconds}
+            stopped = early_stopping.on_epoch_end(epoch, row, trainer.model.get_weights)
+            if config.lr_schedule == "plateau":
+                trainer.optimizer.learning_rate = schedule.on_epoch_end(row, row["learning_rate"])
+            epoch += 1
+            state = TrainingState(epoch, [*state.history, row], early_stopping.state(),
+                                  state.wall_seconds + seconds, schedule.state())
+            side_work.wait()
+            with peers_checked(trainer.cluster, config.worker_timeout_seconds):
+                trainer.checkpointer.save(state, early_stopping)
+            log.info(epoch_log_line(row))
+            side_work.submit(partial(report_epoch, writer, row, on_epoch_end, config.max_epochs))
+        side_work.wait()
+    finally:
+        side_work.close()
     restore = early_stopping.weights_to_restore()
     if restore is not None:
         trainer.model.set_weights(restore)
@@ -485,11 +652,14 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     import tensorflow as tf
 
     config, data, model_result, on_epoch_end = inputs.config, inputs.data, inputs.model, inputs.on_epoch_end
+    cluster = current_cluster()
+    strategy = make_strategy(config.train, cluster)  # first: a cluster must be joined before any other op
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    with precision_policy(config.train.precision):
-        trainer = build_trainer(config, data, model_result, staging / "checkpoints")
+    precision = resolve_precision(config.train.precision)
+    with precision_policy(precision):
+        trainer = build_trainer(config, data, model_result, staging / "checkpoints", precision, strategy, cluster)
         early_stopping = make_early_stopping(config.train)
         state = fit(trainer, early_stopping, staging, on_epoch_end)
         trainer.model.save(staging / "model.keras")
@@ -502,6 +672,8 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     return {
         "stage": "train", "config": config.train.model_dump(mode="json"),
         "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
+        "workers": cluster.size if cluster is not None else 1, "precision": precision,
+        "input_pipeline": "memory" if trainer.train_in_memory is not None else "stream",
         "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
         "summary": summary, "versions": package_versions(),
     }

@@ -1,0 +1,209 @@
+"""The training recipe of the defaults: augmentation, the cosine schedule, presets, automatic precision and the
+epoch-end work that runs beside training."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from flows.cli import main
+from stages.config import PRESETS, load_config
+from stages.data import Augment, augment_batch, load_split, make_dataset, make_memory_dataset
+from stages.errors import ConfigError
+from stages.pipeline import run_data, run_model, run_train
+from stages.train import (
+    build_trainer,
+    cpu_has_amx,
+    epoch_limit,
+    fit,
+    learning_rate_for,
+    make_early_stopping,
+    resolve_precision,
+)
+from tests.helpers import Interrupted, tiny_overrides
+from tests.test_train import assert_same_weights, history
+
+# The current defaults on tiny data: the tiny CNN and batches of the other tests, nothing of the v1 recipe.
+DEFAULT_RECIPE = ["data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256", "model.conv_filters=[8, 16]",
+                  "model.dense_units=16", "train.steps_per_execution=4"]
+
+
+def recipe_config(source: str, *more: str):
+    return load_config(None, [f"data.source={source}", *DEFAULT_RECIPE, *more])
+
+
+def dot_images(count: int, row: int = 14, col: int = 10) -> tf.Tensor:
+    images = np.zeros((count, 28, 28, 1), np.float32)
+    images[:, row, col, 0] = 1.0
+    return tf.constant(images)
+
+
+def test_shift_moves_each_image_by_at_most_the_configured_pixels() -> None:
+    shifted = augment_batch(dot_images(64), Augment(shift=2), tf.constant([7, 0], tf.int64)).numpy()
+    offsets = []
+    for image in shifted:
+        rows, cols, _ = np.nonzero(image)
+        assert len(rows) == 1 and image.sum() == 1.0  # moved, not blurred or lost
+        offsets.append((rows[0] - 14, cols[0] - 10))
+    assert {dy for dy, _ in offsets} == {dx for _, dx in offsets} == {-2, -1, 0, 1, 2}
+
+
+def test_flip_mirrors_about_half_of_the_images() -> None:
+    flipped = augment_batch(dot_images(64), Augment(flip=True), tf.constant([7, 0], tf.int64)).numpy()
+    columns = [int(np.nonzero(image)[1][0]) for image in flipped]
+    assert set(columns) == {10, 17} and 16 <= columns.count(17) <= 48
+
+
+def test_augmentation_is_a_function_of_its_key() -> None:
+    augment = Augment(shift=2, flip=True)
+    a = augment_batch(dot_images(32), augment, tf.constant([1, 5], tf.int64)).numpy()
+    b = augment_batch(dot_images(32), augment, tf.constant([1, 5], tf.int64)).numpy()
+    c = augment_batch(dot_images(32), augment, tf.constant([1, 6], tf.int64)).numpy()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_augmented_epochs_are_the_same_after_a_resume(tmp_path: Path, idx_dir: Path) -> None:
+    config = recipe_config(f"idx:{idx_dir}")
+    data = run_data(config, tmp_path)
+    images, labels = tf.constant(load_split(data.path, "train")[0]), tf.constant(load_split(data.path, "train")[1])
+    augment = Augment(shift=2, flip=True)
+    two_epochs = [x.numpy() for x, _ in make_memory_dataset(images, labels, 32, epoch=3, epochs=2, augment=augment)]
+    resumed = [x.numpy() for x, _ in make_memory_dataset(images, labels, 32, epoch=4, augment=augment)]
+    per_epoch = len(resumed)
+    assert all(np.array_equal(a, b) for a, b in zip(two_epochs[per_epoch:], resumed, strict=True))
+    plain = [x.numpy() for x, _ in make_memory_dataset(images, labels, 32, epoch=4)]
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, resumed, strict=True))
+    stream = [x.numpy() for x, _ in make_dataset(data.path, "train", 32, training=True, epoch=4, augment=augment)]
+    again = [x.numpy() for x, _ in make_dataset(data.path, "train", 32, training=True, epoch=4, augment=augment)]
+    assert all(np.array_equal(a, b) for a, b in zip(stream, again, strict=True))
+    # Only training data is augmented.
+    validation = [x.numpy() for x, _ in make_dataset(data.path, "validation", 32, augment=augment)]
+    reference = load_split(data.path, "validation", normalize=True)[0]
+    assert np.array_equal(np.concatenate(validation), reference)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
+    config = load_config(None, ["train.learning_rate=0.01", "train.min_learning_rate=0.0001",
+                                "train.warmup_epochs=1", "train.decay_epochs=4"]).train
+    schedule = learning_rate_for(config, steps_per_epoch=10)
+    values = [float(schedule(step)) for step in range(41)]
+    assert values[0] == pytest.approx(0.001)
+    assert values[10] == pytest.approx(0.01)
+    assert values[40] == pytest.approx(0.0001)
+    assert all(a < b for a, b in zip(values[:10], values[1:11], strict=True))
+    assert all(a > b for a, b in zip(values[10:40], values[11:41], strict=True))
+    assert learning_rate_for(load_config(None, ["train.lr_schedule=plateau"]).train, 10) == 0.002
+    assert epoch_limit(config) == 4
+    assert epoch_limit(load_config(None, ["train.lr_schedule=plateau"]).train) == 100
+
+
+def test_default_recipe_trains_to_the_end_of_its_schedule(tmp_path: Path, idx_dir: Path) -> None:
+    config = recipe_config(f"idx:{idx_dir}", "train.decay_epochs=4", "train.patience=10")
+    data = run_data(config, tmp_path)
+    result = run_train(config, data, run_model(config, data, tmp_path), tmp_path)
+    rows = history(result.path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and not result.stopped_early
+    rates = [r["learning_rate"] for r in rows]
+    assert rates[0] == pytest.approx(0.002) and rates[-1] == pytest.approx(1e-5)  # end of warm-up, then the floor
+    assert rows[-1]["val_accuracy"] > 0.5
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["precision"] == resolve_precision("auto")
+    assert manifest["input_pipeline"] == "memory"
+
+
+def test_default_recipe_resumes_to_the_same_weights(tmp_path: Path, idx_dir: Path) -> None:
+    config = recipe_config(f"idx:{idx_dir}", "train.decay_epochs=4", "train.patience=10")
+    whole = run_train(config, *upstream_of(config, tmp_path / "whole"), tmp_path / "whole")
+    data, model = upstream_of(config, tmp_path / "cut")
+
+    def stop_after_two(row: dict, _max: int) -> None:
+        if row["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_train(config, data, model, tmp_path / "cut", on_epoch_end=stop_after_two)
+    resumed = run_train(config, data, model, tmp_path / "cut")
+    assert [r["val_loss"] for r in history(resumed.path)] == pytest.approx([r["val_loss"] for r in history(whole.path)])
+    assert_same_weights(whole.path / "model.keras", resumed.path / "model.keras", atol=1e-6)
+
+
+def upstream_of(config, artifacts: Path):
+    data = run_data(config, artifacts)
+    return data, run_model(config, data, artifacts)
+
+
+def test_epoch_callback_runs_beside_training_in_the_callers_context(tmp_path: Path, idx_dir: Path) -> None:
+    config = load_config(None, tiny_overrides(f"idx:{idx_dir}", "train.max_epochs=3"))
+    data, model = upstream_of(config, tmp_path)
+    marker = contextvars.ContextVar("marker")
+    marker.set("flow-run-42")
+    seen: list[tuple[int, str, str]] = []
+
+    def record(row: dict, _max: int) -> None:
+        seen.append((int(row["epoch"]), threading.current_thread().name, marker.get()))
+
+    fit(build_trainer(config, data, model, tmp_path / "ckpt"), make_early_stopping(config.train), tmp_path / "run",
+        record)
+    assert [epoch for epoch, _, _ in seen] == [1, 2, 3]
+    assert all(name.startswith("tapeline-epoch-end") and value == "flow-run-42" for _, name, value in seen)
+
+
+def test_epoch_callback_error_stops_training_before_the_next_checkpoint(tmp_path: Path, idx_dir: Path) -> None:
+    config = load_config(None, tiny_overrides(f"idx:{idx_dir}", "train.max_epochs=5"))
+    data, model = upstream_of(config, tmp_path)
+
+    def fail_first(row: dict, _max: int) -> None:
+        if row["epoch"] == 1:
+            raise Interrupted
+
+    trainer = build_trainer(config, data, model, tmp_path / "ckpt")
+    with pytest.raises(Interrupted):
+        fit(trainer, make_early_stopping(config.train), tmp_path / "run", fail_first)
+    assert trainer.checkpointer.manager.latest_checkpoint.endswith("ckpt-1")
+
+
+def test_presets_fill_in_under_the_file_and_set(tmp_path: Path) -> None:
+    tutorial = load_config(None, [], "tutorial")
+    assert (tutorial.data.batch_size, tutorial.train.learning_rate, tutorial.train.lr_schedule,
+            tutorial.train.precision, tutorial.model.batch_norm, tutorial.train.random_shift,
+            tutorial.train.random_flip) == (32, 1e-3, "constant", "float32", False, 0, False)
+    v1 = load_config(None, ["preset=v1"])
+    assert (v1.train.lr_schedule, v1.train.input_pipeline, v1.train.reduce_lr_patience) == ("plateau", "stream", 1)
+    assert load_config(None, ["data.batch_size=64"], "tutorial").data.batch_size == 64
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("preset: tutorial\ndata:\n  batch_size: 16\n")
+    from_file = load_config(config_file)
+    assert (from_file.preset, from_file.data.batch_size, from_file.train.lr_schedule) == ("tutorial", 16, "constant")
+    assert load_config(config_file, [], "v1").train.lr_schedule == "plateau"  # --preset replaces the file's
+    assert load_config(None, [], "fast").train.decay_epochs == PRESETS["fast"]["train"]["decay_epochs"]
+    with pytest.raises(ConfigError, match=r"^preset: unknown preset 'quick'; use one of tutorial, v1, fast$"):
+        load_config(None, ["preset=quick"])
+
+
+def test_preset_changes_the_train_fingerprint_but_not_the_data(tmp_path: Path, idx_dir: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    def plan_of(*args: str) -> dict[str, str]:
+        assert main(["plan", "--json", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}", *args]) == 0
+        stages = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]
+        return {name: row["fingerprint"] for name, row in stages.items()}
+
+    default, tutorial = plan_of(), plan_of("--preset", "tutorial")
+    assert default["data"] == tutorial["data"] and default["train"] != tutorial["train"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--preset", "quick", "--artifacts", str(tmp_path)])
+    assert exit_info.value.code == 2 and "invalid choice: 'quick'" in capsys.readouterr().err
+
+
+def test_cpu_has_amx_reads_the_cpu_flags(tmp_path: Path) -> None:
+    with_amx, without = tmp_path / "a", tmp_path / "b"
+    with_amx.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    without.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert cpu_has_amx(with_amx) and not cpu_has_amx(without) and not cpu_has_amx(tmp_path / "missing")
+    assert resolve_precision("float32") == "float32" and resolve_precision("mixed_float16") == "mixed_float16"
+    assert resolve_precision("auto") == ("mixed_bfloat16" if cpu_has_amx() else "float32")  # no GPU here
