@@ -1,5 +1,6 @@
 """Training throughput, side by side in one process: the tutorial's loop as written, Keras `fit` with
-its defaults, and tapeline's train-stage loop reading its TFRecord cache (default settings).
+its defaults, and tapeline's train-stage loop with the `tutorial` preset (the tutorial's CNN, fp32, batch 32,
+Adam 1e-3; the input pipeline left to `auto`, which holds the split in memory).
 
 Same data (Fashion-MNIST when installed, else synthetic of the same shape), same CNN, batch 32.
 Rounds are interleaved (A B C A B C …); round 0 of each contender is its warm-up (tracing) and is
@@ -112,7 +113,7 @@ def tutorial_contender(train, validation):
         train_acc_metric.reset_state()
         train_loss_metric.reset_state()
 
-    return epoch, lambda: keras_accuracy(model, validation)
+    return epoch, lambda split=validation: keras_accuracy(model, split)
 
 
 def keras_accuracy(model, validation) -> float:
@@ -125,11 +126,12 @@ def fit_contender(train, validation):
     """(b) Keras `model.fit` with its defaults on the same model, data and batch size."""
     import keras
 
-    from stages.config import ModelConfig
+    from stages.config import PRESETS, ModelConfig
     from stages.model import build_model
     from stages.results import InputSpec
 
-    model = build_model(ModelConfig(), InputSpec(shape=(28, 28, 1), class_names=tuple("0123456789")))
+    model = build_model(ModelConfig(**PRESETS["tutorial"]["model"]),
+                        InputSpec(shape=(28, 28, 1), class_names=tuple("0123456789")))
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     x, y = train
@@ -137,24 +139,25 @@ def fit_contender(train, validation):
     def epoch() -> None:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
 
-    return epoch, lambda: keras_accuracy(model, validation)
+    return epoch, lambda split=validation: keras_accuracy(model, split)
 
 
 def tapeline_contender(config, data, validation, artifacts: Path, *overrides: str):
     """(c) tapeline's train-stage loop (Trainer.train_epoch) reading the TFRecord cache."""
     from stages.config import load_config
     from stages.pipeline import run_model
-    from stages.train import build_trainer, precision_policy
+    from stages.train import build_trainer, precision_policy, resolve_precision
 
     config = load_config(None, [f"data.source={config.data.source}"]
                          + ([f"data.limit={config.data.limit}"] if config.data.limit else []) + list(overrides))
     model = run_model(config, data, artifacts)
-    with precision_policy(config.train.precision):
-        trainer = build_trainer(config, data, model, Path(tempfile.mkdtemp()) / "ckpt")
+    precision = resolve_precision(config.train.precision)
+    with precision_policy(precision):
+        trainer = build_trainer(config, data, model, Path(tempfile.mkdtemp()) / "ckpt", precision)
     counter = {"epoch": 0}
 
     def epoch() -> None:
-        with precision_policy(config.train.precision):
+        with precision_policy(precision):
             trainer.train_epoch(counter["epoch"])
         counter["epoch"] += 1
 
@@ -186,15 +189,15 @@ def main() -> None:
     contenders = {
         "tutorial": tutorial_contender(train, validation),
         "keras_fit": fit_contender(train, validation),
-        "tapeline": tapeline_contender(config, data, validation, artifacts),
+        "tapeline": tapeline_contender(config, data, validation, artifacts, "preset=tutorial"),
     }
     if args.levers:
         contenders["tapeline_steps_per_execution_1"] = tapeline_contender(
-            config, data, validation, artifacts, "train.steps_per_execution=1")
-        contenders["tapeline_input_in_memory"] = tapeline_contender(
-            config, data, validation, artifacts, "train.input_pipeline=memory")
+            config, data, validation, artifacts, "preset=tutorial", "train.steps_per_execution=1")
+        contenders["tapeline_input_stream"] = tapeline_contender(
+            config, data, validation, artifacts, "preset=tutorial", "train.input_pipeline=stream")
         contenders["tapeline_mixed_bfloat16"] = tapeline_contender(
-            config, data, validation, artifacts, "train.precision=mixed_bfloat16")
+            config, data, validation, artifacts, "preset=tutorial", "train.precision=mixed_bfloat16")
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for round_index in range(args.rounds + 1):
         for name, (epoch, _) in contenders.items():

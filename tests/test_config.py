@@ -16,14 +16,28 @@ def test_defaults_match_the_documented_values() -> None:
     assert config.data.source == "fashion_mnist"
     assert config.data.limit is None
     assert config.data.validation_fraction == 0.1
-    assert config.data.batch_size == 32
+    assert config.data.batch_size == 256
     assert config.data.shuffle_buffer == 10000
-    assert config.train.learning_rate == 1e-3
+    assert config.train.learning_rate == 3e-3
+    assert (config.train.lr_schedule, config.train.warmup_epochs, config.train.decay_epochs) == ("cosine", 1, 14)
+    assert (config.train.random_shift, config.train.random_flip) == (1, False)
+    assert (config.train.precision, config.train.input_pipeline) == ("auto", "auto")
     assert config.train.patience == 5
     assert config.train.max_epochs == 100
     assert config.train.restore_best_weights is True
-    assert config.model.conv_filters == (32, 64, 64)
+    assert (config.train.workers, config.train.worker_timeout_seconds) == (1, 120)
+    assert (config.model.conv_filters, config.model.dense_units, config.model.dropout) == ((32, 64), 128, 0.2)
     assert config.export.formats == ("saved_model", "keras", "tflite")
+
+
+def test_v1_preset_is_the_defaults_before_the_speed_work() -> None:
+    v1 = load_config(None, ["preset=v1"])
+    assert (v1.data.batch_size, v1.train.learning_rate, v1.train.lr_schedule) == (32, 1e-3, "plateau")
+    assert (v1.train.reduce_lr_patience, v1.train.reduce_lr_factor, v1.train.min_learning_rate) == (1, 0.2, 1e-5)
+    assert (v1.train.precision, v1.train.input_pipeline, v1.train.random_shift, v1.train.random_flip) == (
+        "float32", "stream", 0, False)
+    assert (v1.model.conv_filters, v1.model.dense_units, v1.model.dropout, v1.model.batch_norm) == (
+        (32, 64, 64), 64, 0.0, False)
 
 
 def test_file_then_overrides_in_order(tmp_path: Path) -> None:
@@ -75,7 +89,7 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_every_key_is_listed_for_help() -> None:
     keys = {k for k, _, _ in config_keys()}
     assert {"seed", "data.source", "data.limit", "data.shards", "train.patience", "export.min_accuracy"} <= keys
-    sections = {name for name in PipelineConfig.model_fields if name != "seed"}
+    sections = {name for name in PipelineConfig.model_fields if name not in ("seed", "preset")}
     assert sections == {"data", "validate", "model", "train", "evaluate", "export"}
 
 

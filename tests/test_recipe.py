@@ -98,7 +98,8 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert values[40] == pytest.approx(0.0001)
     assert all(a < b for a, b in zip(values[:10], values[1:11], strict=True))
     assert all(a > b for a, b in zip(values[10:40], values[11:41], strict=True))
-    assert learning_rate_for(load_config(None, ["train.lr_schedule=plateau"]).train, 10) == 0.002
+    plateau = load_config(None, ["train.lr_schedule=plateau", "train.learning_rate=0.002"]).train
+    assert learning_rate_for(plateau, 10) == 0.002
     assert epoch_limit(config) == 4
     assert epoch_limit(load_config(None, ["train.lr_schedule=plateau"]).train) == 100
 
@@ -110,7 +111,8 @@ def test_default_recipe_trains_to_the_end_of_its_schedule(tmp_path: Path, idx_di
     rows = history(result.path)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and not result.stopped_early
     rates = [r["learning_rate"] for r in rows]
-    assert rates[0] == pytest.approx(0.002) and rates[-1] == pytest.approx(1e-5)  # end of warm-up, then the floor
+    # The end of the warm-up (the peak), then the floor.
+    assert rates[0] == pytest.approx(config.train.learning_rate) and rates[-1] == pytest.approx(1e-5)
     assert rows[-1]["val_accuracy"] > 0.5
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["precision"] == resolve_precision("auto")

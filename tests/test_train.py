@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages.config import PipelineConfig
+from stages.config import PipelineConfig, load_config
 from stages.data import load_split
 from stages.errors import TrainingError
 from stages.model import WEIGHTS_FILE
 from stages.pipeline import run_data, run_model, run_train
 from stages.results import DataResult, ModelResult
 from stages.train import HISTORY_COLUMNS, build_trainer, fit, make_early_stopping
-from tests.helpers import Interrupted, interrupt_after, tiny_config
+from tests.helpers import Interrupted, interrupt_after, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,10 +143,8 @@ CHILD = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["between-epochs", "mid-epoch"])
 def test_killed_subprocess_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path, where: str) -> None:
-    overrides = [f"data.source=idx:{idx_dir}", "data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256",
-                 "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=4", "train.patience=3",
-                 "train.steps_per_execution=4"]
-    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
+    overrides = tiny_overrides(f"idx:{idx_dir}", "train.max_epochs=4", "train.patience=3")
+    config = load_config(None, overrides)
     whole = run_train(config, *upstream(config, tmp_path / "a"), tmp_path / "a")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "b"), where, *overrides], env=env,
@@ -227,8 +225,9 @@ MIRRORED = textwrap.dedent("""
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path: Path, idx_dir: Path) -> None:
     # Both read the TFRecord stream: the in-memory pipeline is single-replica only.
-    overrides = [f"data.source=idx:{idx_dir}", "data.shards=2", "model.conv_filters=[8, 16]", "model.dense_units=16",
-                 "train.max_epochs=1", "train.steps_per_execution=4", "train.input_pipeline=stream"]
+    overrides = ["preset=v1", f"data.source=idx:{idx_dir}", "data.shards=2", "model.conv_filters=[8, 16]",
+                 "model.dense_units=16", "train.max_epochs=1", "train.steps_per_execution=4",
+                 "train.input_pipeline=stream"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path), *overrides], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
