@@ -646,6 +646,15 @@ def best_epoch_summary(state: TrainingState, early_stopping: EarlyStopping, conf
     }
 
 
+def float32_copy(model: Any, config: PipelineConfig, data: DataResult) -> Any:
+    """The trained model rebuilt under the float32 policy with the same weights (mixed-precision training keeps
+    float32 variables): what is saved, evaluated and exported never carries a bf16/fp16 compute policy, which
+    TFLite cannot convert and serving hardware may not have."""
+    copy = build_model(config.model, data.input_spec)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Train (resuming from checkpoints left in `staging`) and save the model, history and summary."""
     import keras
@@ -662,7 +671,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         trainer = build_trainer(config, data, model_result, staging / "checkpoints", precision, strategy, cluster)
         early_stopping = make_early_stopping(config.train)
         state = fit(trainer, early_stopping, staging, on_epoch_end)
-        trainer.model.save(staging / "model.keras")
+    float32_copy(trainer.model, config, data).save(staging / "model.keras")
     write_history(staging / "history.parquet", state.history)
     summary = best_epoch_summary(state, early_stopping, config.train)
     (staging / "best.json").write_text(json.dumps(summary, indent=2))

@@ -8,6 +8,7 @@ import json
 import threading
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,7 +17,7 @@ from flows.cli import main
 from stages.config import PRESETS, load_config
 from stages.data import Augment, augment_batch, load_split, make_dataset, make_memory_dataset
 from stages.errors import ConfigError
-from stages.pipeline import run_data, run_model, run_train
+from stages.pipeline import run_data, run_evaluate, run_export, run_model, run_train
 from stages.train import (
     build_trainer,
     cpu_has_amx,
@@ -117,6 +118,12 @@ def test_default_recipe_trains_to_the_end_of_its_schedule(tmp_path: Path, idx_di
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["precision"] == resolve_precision("auto")
     assert manifest["input_pipeline"] == "memory"
+    # Trained in mixed precision (on AMX CPUs), saved and exported in float32: TFLite converts it.
+    saved = keras.models.load_model(result.path / "model.keras")
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+    evaluation = run_evaluate(config, data, result, tmp_path)
+    exported = run_export(config, data, result, evaluation, tmp_path)
+    assert (exported.path / "model.tflite").stat().st_size > 0
 
 
 def test_default_recipe_resumes_to_the_same_weights(tmp_path: Path, idx_dir: Path) -> None:
