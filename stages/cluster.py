@@ -144,17 +144,31 @@ def failed_worker(message: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def lost_peer_reason(text: str, timeout: float) -> str:
+    """How TensorFlow noticed a peer was gone, in a few words."""
+    if "heartbeat" in text:
+        return "stopped sending heartbeats"
+    if any(sign in text for sign in ("Socket closed", "Connection reset", "failed to connect", "Connection refused",
+                                     "UNAVAILABLE", "unavailable")):
+        return "dropped its connection"
+    if "Deadline" in text or "deadline" in text or "timed out" in text:
+        return f"did not answer within train.worker_timeout_seconds={timeout:g}"
+    return "stopped answering"
+
+
 def worker_failure(cluster: Cluster, exc: BaseException, timeout: float) -> TrainingError:
-    """The one error a worker raises when a peer died or stopped answering."""
+    """The one error a worker raises when a peer died or stopped answering (TensorFlow's own message, long and
+    multi-line, is logged as a warning)."""
     text = str(exc)
+    condensed = " ".join(text.split())
+    shown = condensed if len(condensed) <= 800 else f"{condensed[:200]} … {condensed[-600:]}"
+    log.warning("TensorFlow reported: %s", shown)
     blamed = failed_worker(text.split("The error could be from")[0])
     who = cluster.name(blamed) if blamed is not None and blamed < cluster.size and blamed != cluster.index \
         else "another worker"
-    reason = "stopped sending heartbeats" if "heartbeat" in text else \
-        f"did not answer within train.worker_timeout_seconds={timeout:g}"
     return TrainingError(
-        f"{who} {reason}; {cluster.name()} stopped too. Run the same command on every worker again: each resumes "
-        "from the chief's last checkpoint"
+        f"{who} {lost_peer_reason(text, timeout)}; {cluster.name()} stopped too. Run the same command on every "
+        "worker again: each resumes from the chief's last checkpoint"
     )
 
 

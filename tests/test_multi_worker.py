@@ -192,10 +192,13 @@ def test_dead_worker_stops_the_chief_and_a_rerun_resumes(tmp_path: Path, bigger_
     assert chief.returncode == 2, chief_log[-3000:]
     assert stopped_after < 30 + 5
     port = json.loads(configs[1])["cluster"]["worker"][1].rsplit(":", 1)[1]
-    assert error_lines(chief_log) == [
-        f"tapeline: error: worker 1 (127.0.0.1:{port}) stopped sending heartbeats; worker 0 "
-        f"({json.loads(configs[0])['cluster']['worker'][0]}) stopped too. Run the same command on every worker "
-        "again: each resumes from the chief's last checkpoint"]
+    chief_address = json.loads(configs[0])["cluster"]["worker"][0]
+    # How TensorFlow notices depends on timing: the connection drops at once, the heartbeats stop within 10 s.
+    [line] = error_lines(chief_log)
+    assert re.fullmatch(
+        rf"tapeline: error: worker 1 \(127\.0\.0\.1:{port}\) (dropped its connection|stopped sending heartbeats); "
+        rf"worker 0 \({re.escape(chief_address)}\) stopped too\. Run the same command on every worker again: each "
+        r"resumes from the chief's last checkpoint", line), line
     finished = int(re.findall(r"epoch (\d+): loss", chief_log)[-1])
     assert not list((tmp_path / "train").glob("[!.]*"))  # nothing committed
 
