@@ -38,4 +38,6 @@ lint: $(STAMP)
 bench: $(STAMP) dataset
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/time_to_accuracy.py
+	$(PY) benchmarks/epoch_gaps.py
+	$(PY) benchmarks/multi_worker.py
 	$(PY) benchmarks/pipeline_overhead.py

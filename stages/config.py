@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.errors import ConfigError
 
@@ -239,6 +239,17 @@ with warnings.catch_warnings():
         evaluate: EvalConfig = EvalConfig()
         export: ExportConfig = ExportConfig()
 
+        @model_validator(mode="before")
+        @classmethod
+        def _expand_preset(cls, data: Any) -> Any:
+            # Here rather than in load_config, so a preset given as a Prefect flow parameter expands too.
+            return expand_preset(data) if isinstance(data, dict) else data
+
+        @model_validator(mode="after")
+        def _consistent(self) -> PipelineConfig:
+            check_consistency(self)
+            return self
+
 
 def expand_preset(tree: dict[str, Any]) -> dict[str, Any]:
     """The config tree with its `preset` (if any) filled in underneath: every key the tree sets itself wins."""
@@ -347,11 +358,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def validate_config(tree: dict[str, Any]) -> PipelineConfig:
     """Validate a nested dict into a PipelineConfig, raising ConfigError naming each bad key."""
     try:
-        config = PipelineConfig.model_validate(expand_preset(tree))
+        return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
-    check_consistency(config)
-    return config
 
 
 def check_consistency(config: PipelineConfig) -> None:

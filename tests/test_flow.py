@@ -215,7 +215,10 @@ def test_flow_parameter_accepts_partial_json(harness) -> None:
     from flows.training import training_pipeline
 
     params = training_pipeline.validate_parameters({"config": {"train": {"max_epochs": 1}}})
-    assert params["config"].train.max_epochs == 1 and params["config"].data.batch_size == 32
+    assert params["config"].train.max_epochs == 1 and params["config"].data.batch_size == 256
+    # A preset given as a flow parameter expands like --preset, under the keys given next to it.
+    tutorial = training_pipeline.validate_parameters({"config": {"preset": "tutorial", "data": {"batch_size": 64}}})
+    assert (tutorial["config"].train.lr_schedule, tutorial["config"].data.batch_size) == ("constant", 64)
     schema = training_pipeline.parameters.model_dump()
     assert "config" in schema["properties"]
     assert os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS") == "tapeline"
