@@ -20,8 +20,17 @@ from tests.helpers import tiny_config
 FASHION = InputSpec(shape=(28, 28, 1), class_names=tuple(str(i) for i in range(10)))
 
 
-def test_default_is_the_tutorial_cnn() -> None:
+def test_default_cnn_has_two_convs_and_a_wider_dense_layer() -> None:
     model = build_model(load_config().model, FASHION)
+    kinds = [type(layer).__name__ for layer in model.layers[1:]]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense", "Dropout", "Dense"]
+    # 3x3x1x32+32, 3x3x32x64+64, (11*11*64)x128+128, 128x10+10
+    assert model.count_params() == 320 + 18_496 + 11 * 11 * 64 * 128 + 128 + 1_290
+    assert model.get_layer("dropout").rate == 0.2
+
+
+def test_tutorial_preset_is_the_tutorial_cnn() -> None:
+    model = build_model(load_config(None, [], "tutorial").model, FASHION)
     kinds = [type(layer).__name__ for layer in model.layers[1:]]
     assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense", "Dense"]
     assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [32, 64, 64]
