@@ -379,6 +379,13 @@ def progress_bar(steps: int) -> Any | None:
 VALIDATION_BATCH = 1024
 
 
+def release_beside(holder: list[Any]) -> None:
+    """Drop the references in `holder` (the caller's last ones) on a short-lived thread: tearing down a tf.data
+    iterator waits for its reader threads, which held the training thread for up to 7 s between epochs
+    (seen with py-spy under the v1 preset). Not a daemon, so the process still waits for it at exit."""
+    threading.Thread(target=holder.clear, name="tapeline-iterator-release").start()
+
+
 def augmentation(config: TrainConfig) -> Augment:
     """The training augmentation the config asks for."""
     return Augment(shift=config.random_shift, flip=config.random_flip)
@@ -406,13 +413,15 @@ class Trainer:
     stream_iterator: Any = field(default=None, repr=False)
 
     def replace_stream_iterator(self, new: Any) -> Any:
-        """Make `new` the current training iterator and drop the previous one on a short-lived thread: tearing
-        down a tf.data iterator waits for its reader threads, which held the training thread for up to 7 s
-        between epochs (measured with py-spy under the v1 preset)."""
-        holder = [self.stream_iterator]
+        """Make `new` the current training iterator and drop the previous one beside training."""
+        release_beside([self.stream_iterator])
         self.stream_iterator = new
-        threading.Thread(target=holder.clear, name="tapeline-iterator-release", daemon=True).start()
         return new
+
+    def release_iterators(self) -> None:
+        """Drop every tf.data iterator beside the work that follows training (saving, committing)."""
+        release_beside([self.memory_iterator, self.validation_iterator, self.stream_iterator])
+        self.memory_iterator = self.validation_iterator = self.stream_iterator = None
 
     def distributed(self, split: str, epoch: int) -> Any:
         """An iterator over the training split for `epoch` (in memory: one iterator for all epochs)."""
@@ -683,6 +692,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         trainer = build_trainer(config, data, model_result, staging / "checkpoints", precision, strategy, cluster)
         early_stopping = make_early_stopping(config.train)
         state = fit(trainer, early_stopping, staging, on_epoch_end)
+        trainer.release_iterators()
     float32_copy(trainer.model, config, data).save(staging / "model.keras")
     write_history(staging / "history.parquet", state.history)
     summary = best_epoch_summary(state, early_stopping, config.train)
