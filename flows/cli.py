@@ -215,11 +215,12 @@ def without_native_startup_noise() -> Iterator[None]:
     before any log level applies) off the terminal; every other line of stderr passes through."""
     read_fd, write_fd = os.pipe()
     saved = os.dup(2)
+    out_fd = os.dup(saved)  # the pump's own copy, made here: `saved` may be closed before the thread runs
     os.dup2(write_fd, 2)
     os.close(write_fd)
 
     def pump() -> None:
-        with os.fdopen(read_fd, "rb") as lines, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+        with os.fdopen(read_fd, "rb") as lines, os.fdopen(out_fd, "wb", buffering=0) as out:
             for line in lines:
                 if not any(noise in line for noise in NATIVE_STARTUP_NOISE):
                     out.write(line)

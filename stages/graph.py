@@ -182,13 +182,21 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
     return result
 
 
+def cached_result(stage: Stage, store: Store, fp: str, verify: bool, started: float) -> StageResult | None:
+    """The stage's valid committed output as a cached result, or None when there is none."""
+    if store.problem(stage.name, fp, verify) is not None:
+        return None
+    manifest, local = store.fetch(stage.name, fp, verify)
+    return located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
+
+
 def run_local_workers(stage: Stage, config: PipelineConfig, store: Store, fp: str, verify: bool,
                       started: float) -> StageResult:
     """Train with `train.workers` local processes (TF_CONFIG on loopback ports); the chief commits the output,
     which is then read like any cached one."""
-    if store.problem(stage.name, fp, verify) is None:
-        manifest, local = store.fetch(stage.name, fp, verify)
-        return located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
+    cached = cached_result(stage, store, fp, verify, started)
+    if cached is not None:
+        return cached
     with tempfile.TemporaryDirectory(prefix="tapeline-workers-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(config.model_dump_json())
@@ -206,9 +214,9 @@ def run_as_follower(stage: Stage, store: Store, fp: str, inputs: StageInputs, cl
     """A non-chief worker's share of a distributed stage: train in a private temporary directory, starting
     from the chief's checkpoints, and commit nothing (TensorFlow has every worker save; only the chief's
     copy is kept)."""
-    if store.problem(stage.name, fp, verify) is None:
-        manifest, local = store.fetch(stage.name, fp, verify)
-        return located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
+    cached = cached_result(stage, store, fp, verify, started)
+    if cached is not None:
+        return cached
     staging = Path(tempfile.mkdtemp(prefix=f"tapeline-{stage.name}-worker{cluster.index}-"))
     try:
         store.copy_partial(stage.name, fp, staging)
