@@ -358,7 +358,9 @@ def make_worker_dataset(data_path: Path, global_batch: int, workers: int, index:
     files = split_files(data_path, "train")
     shuffle_seed = epoch_seed(seed, epoch)
     by_file = len(files) >= workers
-    ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed)
+    # The same file order on every pass: the shard repeats, and each pass must take the same files.
+    ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed,
+                                                           reshuffle_each_iteration=False)
     if by_file:
         ds = ds.shard(workers, index)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=-(-len(files) // workers) if by_file else len(files),

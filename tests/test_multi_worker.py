@@ -223,3 +223,24 @@ def test_malformed_tf_config_from_the_command_line(tmp_path: Path, bigger_idx: P
     assert error_lines(done.stderr) == ['tapeline: error: TF_CONFIG cluster.worker must be a non-empty list of '
                                         '"host:port" addresses']
     assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("shards", "by_file"), [(4, True), (1, False)])
+def test_worker_shards_split_the_training_data_exactly(tmp_path: Path, bigger_idx: Path, shards: int,
+                                                       by_file: bool) -> None:
+    from stages.data import load_split, make_worker_dataset, split_files
+
+    config = load_config(None, worker_overrides(bigger_idx, f"data.shards={shards}"))
+    data = run_data(config, tmp_path)
+    assert (len(split_files(data.path, "train")) >= 2) == by_file  # by file, else every 2nd record
+    images, _ = load_split(data.path, "train", normalize=True)
+    shards_seen: list[set[bytes]] = []
+    for index in (0, 1):
+        batches = make_worker_dataset(data.path, 64, 2, index, shuffle_buffer=256, seed=0, epoch=3)
+        assert [len(x) for x, _ in batches.take(3)] == [32, 32, 32]  # global batch 64 over 2 workers
+        keys = [x.numpy().tobytes() for x, _ in batches.unbatch().take(2 * len(images))]
+        shard = set(keys)
+        assert len(set(keys[:len(shard)])) == len(shard)  # one pass visits each of its records once
+        shards_seen.append(shard)
+    assert not shards_seen[0] & shards_seen[1]
+    assert shards_seen[0] | shards_seen[1] == {x.tobytes() for x in images}
