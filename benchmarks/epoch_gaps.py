@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,15 +23,12 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.cluster import free_ports  # noqa: E402
+
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 EPOCH_LINE = re.compile(r"epoch (\d+): loss .*\(([\d.]+) s, \d+ img/s\)")
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def epoch_arrivals(command: list[str], env: dict[str, str]) -> list[tuple[float, int, float]]:
@@ -63,7 +59,7 @@ def summary_of(shares: list[float]) -> dict:
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """A Prefect server on a free port with its own database; returns it and its API URL once healthy."""
-    port = free_port()
+    [port] = free_ports(1)
     server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
                                "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

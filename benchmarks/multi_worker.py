@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def train_round(artifacts: Path, overrides: list[str], workers: int, threads: in
     args = [a for o in [*overrides, f"train.workers={workers}"] for a in ("--set", o)]
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1",
            "TF_CPP_MIN_LOG_LEVEL": "3"}
-    subprocess.run(["rm", "-rf", str(artifacts / "train")], check=True)
+    shutil.rmtree(artifacts / "train", ignore_errors=True)
     done = subprocess.run([TAPELINE, "stage", "train", "--artifacts", str(artifacts), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:

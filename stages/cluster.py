@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from stages.errors import ConfigError, TrainingError
 
@@ -250,7 +250,3 @@ def worker_command(config_file: Path, artifacts: str) -> list[str]:
     """The command a local worker runs: the train stage of this config, in a fresh interpreter."""
     return [sys.executable, "-m", "stages.worker", str(config_file), artifacts]
 
-
-def cluster_summary(cluster: Cluster | None) -> dict[str, Any]:
-    """What a train manifest records about the cluster that trained it."""
-    return {"workers": 1 if cluster is None else cluster.size}

@@ -423,7 +423,7 @@ class Trainer:
         release_beside([self.memory_iterator, self.validation_iterator, self.stream_iterator])
         self.memory_iterator = self.validation_iterator = self.stream_iterator = None
 
-    def distributed(self, split: str, epoch: int) -> Any:
+    def training_batches(self, epoch: int) -> Any:
         """An iterator over the training split for `epoch` (in memory: one iterator for all epochs)."""
         data, augment = self.config.data, augmentation(self.config.train)
         if self.train_in_memory is not None:
@@ -438,7 +438,7 @@ class Trainer:
                 lambda context: make_worker_dataset(
                     self.data.path, data.batch_size, context.num_input_pipelines, context.input_pipeline_id,
                     shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch, augment=augment))))
-        ds = make_dataset(self.data.path, split, data.batch_size, training=True, shuffle_buffer=data.shuffle_buffer,
+        ds = make_dataset(self.data.path, "train", data.batch_size, training=True, shuffle_buffer=data.shuffle_buffer,
                           seed=self.config.seed, epoch=epoch, augment=augment)
         return self.replace_stream_iterator(iter(self.strategy.experimental_distribute_dataset(ds)))
 
@@ -476,7 +476,7 @@ class Trainer:
         chunk = self.config.train.steps_per_execution
         bar = progress_bar(total)
         started = time.perf_counter()
-        iterator = self.distributed("train", epoch)
+        iterator = self.training_batches(epoch)
         self.train_metrics.reset_state()
         done = 0
         while done < total:

@@ -16,7 +16,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.cluster import Cluster, check_port_free, check_workers, launch_local_workers, parse_tf_config
+from stages.cluster import (
+    Cluster,
+    check_port_free,
+    check_workers,
+    launch_local_workers,
+    local_tf_configs,
+    parse_tf_config,
+)
 from stages.config import load_config
 from stages.errors import ConfigError, TrainingError
 from stages.pipeline import run_data, run_model, run_train
@@ -46,14 +53,6 @@ def cli_args(artifacts: Path, overrides: list[str]) -> list[str]:
 def prepare_upstream(artifacts: Path, overrides: list[str]) -> None:
     config = load_config(None, overrides)
     run_model(config, run_data(config, artifacts), artifacts)
-
-
-def tf_configs(count: int) -> list[str]:
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in (a, b)][:count]
-    return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}) for i in range(count)]
 
 
 def start_worker(tf_config: str, args: list[str], log: Path) -> subprocess.Popen:
@@ -174,7 +173,7 @@ def test_dead_worker_stops_the_chief_and_a_rerun_resumes(tmp_path: Path, bigger_
                                  "train.workers=2", "train.worker_timeout_seconds=30")
     prepare_upstream(tmp_path, overrides)
     args = cli_args(tmp_path, overrides)
-    configs = tf_configs(2)
+    configs = local_tf_configs(2)
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
     chief, follower = (start_worker(c, args, log) for c, log in zip(configs, logs, strict=True))
     try:
