@@ -112,7 +112,10 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
 
 def command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
+    from stages.builder import check_builder
+
     config = config_from(args)
+    check_builder(config.model)  # before any work: a bad model.builder is one line here, not a failed flow run
     open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     from flows.training import training_pipeline
@@ -131,9 +134,11 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_stage(args: argparse.Namespace) -> int:
     """Run one stage (or the promotion step) in this process."""
+    from stages.builder import check_builder
     from stages.graph import find_output, run_stage
 
     config = config_from(args)
+    check_builder(config.model)
     artifacts = normalize_root(args.artifacts)
     if args.name == PROMOTION:
         from stages.pipeline import new_run_id, promote_run

@@ -24,6 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import events
 from flows.artifacts import progress_reporter, publish_artifacts, publish_validation_report
+from stages.builder import check_builder
 from stages.config import PipelineConfig
 from stages.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
 from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
@@ -146,6 +147,7 @@ def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = 
     """Run every stage of the graph as a Prefect task, then the promotion step; return the run summary.
     With `verify`, every cached output is checked by SHA-256 before it is reused."""
     logger = get_run_logger()
+    check_builder(config.model)  # on the worker: its copy of the user's code must import, before any work
     artifacts = artifacts_dir()
     run_id = str(flow_run.id) if flow_run.id else new_run_id()
     results: dict[str, StageResult] = {}

@@ -189,9 +189,14 @@ def fsync_tree(root: Path) -> None:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary sibling, fsync it, then rename it over `path`."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary sibling, fsync it, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -96,12 +96,32 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     """The CNN: two 3x3 conv layers and a 128-unit dense layer by default (the tutorial's three conv layers and
-    64 units are the `tutorial` and `v1` presets' model)."""
+    64 units are the `tutorial` and `v1` presets' model); or a Keras model of the user's own (`builder`)."""
 
+    builder: str | None = Field(
+        None, json_schema_extra={"omit_when_default": True}, max_length=4096,
+        description="the user's model: path/to/file.py:function or package.module:function, called as "
+        "function(input_shape=(H, W, C), num_classes=N, **model.params) -> keras.Model with logits (none = the CNN)",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"omit_when_default": True},
+        description="keyword arguments of model.builder (--set model.params.width=64)",
+    )
     conv_filters: tuple[int, ...] = Field((32, 64), min_length=1, description="filters of each 3x3 conv layer")
     dense_units: int = Field(128, gt=0, le=65536, description="units of the hidden dense layer")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the logits layer")
     batch_norm: bool = Field(False, description="batch normalization after each conv layer")
+
+    @field_validator("builder")
+    @classmethod
+    def _builder_reference(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        target, sep, function = value.rpartition(":")
+        if not sep or not target.strip() or not function.isidentifier():
+            raise ValueError(f"{value!r} is not a reference to a function; use path/to/file.py:function or "
+                             "package.module:function")
+        return value
 
     @field_validator("conv_filters")
     @classmethod
@@ -166,6 +186,10 @@ class TrainConfig(Section):
         "CPUs with AMX, float32 elsewhere (logits and loss are float32 in every case)"
     )
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
+    init_from: str = Field(
+        "none", json_schema_extra={"omit_when_default": True}, min_length=1, max_length=4096, description="warm start: none | production (the production model's "
+        "weights, when there is one) | the path or URL of an exported model; optimizer state starts fresh"
+    )
     retries: int = runtime(0, ge=0, le=10, description="retries of the train stage in the flow")
     timeout_seconds: float | None = runtime(None, gt=0, description="train stage time limit in the flow")
 
@@ -258,7 +282,12 @@ def expand_preset(tree: dict[str, Any]) -> dict[str, Any]:
         return tree
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; use one of {', '.join(PRESETS)}")
-    return merge(PRESETS[name], tree)
+    preset = PRESETS[name]
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("builder") is not None:
+        # A preset's CNN keys describe the built-in CNN; the user's own model takes the rest of the preset.
+        preset = {section: keys for section, keys in preset.items() if section != "model"}
+    return merge(preset, tree)
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +317,8 @@ def output_config(config: PipelineConfig, stage: str, covers: tuple[str, ...]) -
             for key, sub in type(value).model_fields.items():
                 marks = field_marks(sub)
                 owner = marks.get("used_by", name if name in covers else None)
+                if marks.get("omit_when_default") and getattr(value, key) == sub.get_default(call_default_factory=True):
+                    continue  # a key added later leaves the fingerprints of configs without it as they were
                 if owner == stage and marks.get("affects_output", True):
                     selected[f"{name}.{key}"] = getattr(value, key)
         elif name in covers and field_marks(field).get("affects_output", True):
@@ -363,8 +394,21 @@ def validate_config(tree: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(format_validation_error(exc)) from None
 
 
+CNN_KEYS = ("conv_filters", "dense_units", "dropout", "batch_norm")
+
+
 def check_consistency(config: PipelineConfig) -> None:
-    """Rules that span sections: the global batch must split evenly over the training workers."""
+    """Rules that span keys: the global batch must split evenly over the training workers; the CNN's keys and
+    model.params belong to one kind of model each."""
+    model = config.model
+    cnn_keys = sorted(set(CNN_KEYS) & model.model_fields_set)
+    if model.builder is not None and cnn_keys:
+        raise ConfigError(f"model.{cnn_keys[0]} shapes the built-in CNN, which model.builder={model.builder} "
+                          f"replaces; drop model.{', model.'.join(cnn_keys)}, or pass it to your builder through "
+                          f"model.params")
+    if model.builder is None and model.params:
+        raise ConfigError("model.params are arguments of model.builder, which is not set; set model.builder=FILE.py:"
+                          "FUNCTION, or drop model.params")
     if config.data.batch_size % config.train.workers:
         raise ConfigError(f"data.batch_size={config.data.batch_size} does not split evenly over train.workers="
                           f"{config.train.workers}; use a multiple of {config.train.workers}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.builder import import_user_code
 from stages.cache import package_versions
 from stages.data import load_split
 from stages.results import METRICS_FILE, DataResult, EvaluateResult, StageInputs
@@ -181,6 +182,7 @@ def build_evaluation(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     config, data, train = inputs.config, inputs.data, inputs.train
+    import_user_code(config.model)
     names = data.input_spec.class_names
     metrics, raw, labels, logits = test_metrics(train.path / "model.keras", data)
     metrics["class_names"] = list(names)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.builder import import_user_code
 from stages.cache import describe_files, package_versions
 from stages.config import PipelineConfig
 from stages.data import load_split
@@ -166,6 +167,7 @@ def build_export(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     import keras
 
     config, data, train, evaluation = inputs.config, inputs.data, inputs.train, inputs.evaluate
+    import_user_code(config.model)
     model = keras.models.load_model(train.path / KERAS_FILE, compile=False)
     formats = config.export.formats
     if "saved_model" in formats or "tflite" in formats:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.builder import builder_identity
 from stages.cache import fingerprint, manifest_problem
 from stages.cluster import Cluster, check_workers, current_cluster, launch_local_workers, worker_command
 from stages.codehash import code_fingerprint
@@ -39,6 +40,7 @@ from stages.results import EpochCallback, StageInputs, StageResult
 from stages.store import SavePartial, Store, open_store
 from stages.train import build_train_dir, train_result
 from stages.validate import baseline_identity, build_validate, ensure_passed, validate_result
+from stages.warmstart import init_identity
 
 log = logging.getLogger("tapeline.graph")
 BuildFn = Callable[[Path, StageInputs], dict[str, Any]]
@@ -67,13 +69,18 @@ class Stage:
         return self.build.__module__
 
 
+def user_model_code(config: PipelineConfig, *_context: Any) -> dict[str, Any] | None:
+    """The code of the user's `model.builder` and of every module of theirs it imports (None for the CNN)."""
+    return builder_identity(config.model.builder)
+
+
 GRAPH: tuple[Stage, ...] = (
     Stage("data", (), build_data, data_result, covers=("seed", "data"), external=source_identity),
     Stage("validate", ("data",), build_validate, validate_result, covers=("validate",), external=baseline_identity,
           gate=ensure_passed),
-    Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model")),
-    Stage("train", ("data", "model"), build_train_dir, train_result, covers=("seed", "train"), resumable=True,
-          distributed=True),
+    Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model"), external=user_model_code),
+    Stage("train", ("data", "model"), build_train_dir, train_result, covers=("seed", "train"), external=init_identity,
+          resumable=True, distributed=True),
     Stage("evaluate", ("data", "train"), build_evaluation, evaluate_result, covers=("evaluate",)),
     Stage("export", ("data", "train", "evaluate"), build_export, export_result, covers=("export",)),
 )
@@ -160,7 +167,7 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
     fp = stage_fingerprint(stage, config, upstream_fps, external)
 
     def stage_inputs(hooks: EpochCallback | None) -> StageInputs:
-        return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1])
+        return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1], store)
 
     if stage.distributed:
         cluster = current_cluster()

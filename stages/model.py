@@ -1,4 +1,5 @@
-"""The model stage: build the CNN from the config and the data's input spec, save its seeded init."""
+"""The model stage: build the model (the CNN, or the user's `model.builder`) for the data's input spec, and
+save its seeded initialization."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from stages.builder import build_user_model
 from stages.cache import package_versions
 from stages.config import ModelConfig
 from stages.errors import ConfigError
@@ -18,6 +20,14 @@ log = logging.getLogger("tapeline.model")
 
 
 def build_model(config: ModelConfig, spec: InputSpec) -> Any:
+    """The model of `config` for images of `spec`: the user's `model.builder` (checked), else the CNN; its
+    output is logits."""
+    if config.builder is not None:
+        return build_user_model(config, spec.shape, spec.num_classes)
+    return build_cnn(config, spec)
+
+
+def build_cnn(config: ModelConfig, spec: InputSpec) -> Any:
     """The tutorial's CNN, generalized: 3x3 ReLU convs with 2x2 max-pooling after all but the last,
     Flatten, a hidden Dense, optional dropout, and float32 logits (also under mixed precision)."""
     import keras
@@ -87,9 +97,17 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     log.info("built %s with %d parameters", model.name, summary["parameters"])
     return {
         "stage": "model", "config": config.model.model_dump(mode="json"),
-        "seed": config.seed, "input_spec": data.input_spec.model_dump(mode="json"),
+        "builder": builder_record(config.model.builder, inputs.external), "seed": config.seed, "input_spec": data.input_spec.model_dump(mode="json"),
         "upstream": {"data": data.fingerprint}, "parameters": summary["parameters"], "versions": package_versions(),
     }
+
+
+def builder_record(reference: str | None, identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The builder and the files its code fingerprint covered (module, path relative to its import root,
+    hash of the normalized code), as recorded in the model manifest; None for the CNN."""
+    if reference is None or identity is None:
+        return None
+    return {"reference": reference, **identity}
 
 
 def model_result(path: Path, manifest: dict[str, Any], cached: bool, seconds: float) -> ModelResult:

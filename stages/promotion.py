@@ -22,6 +22,7 @@ from stages.export import render_model_card
 from stages.graph import Artifacts, find_output_by_fingerprint, run_stage
 from stages.registry import local_version, publish, read_production, switch
 from stages.results import DataResult, EvaluateResult, ExportResult, Promotion, TrainResult
+from stages.serving import publish_serving
 from stages.store import LocalStore, RemoteStore, Store, open_store, with_lock
 
 RUNS = "runs"
@@ -99,6 +100,9 @@ def decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, tr
             version = publish(store, export.path, export.fingerprint, record)
             if switch(store, {**record, "version": version, "path": f"models/{version}"}, etag):
                 log.info("%s -> production is now %s", decision, version)
+                served = publish_serving(store, version, export.formats)
+                if served is not None:
+                    log.info("published %s for TF Serving at %s", version, served)
                 return outcome.model_copy(update={"model_path": model_location(store, version)})
             log.info("another run switched production while this one decided; deciding again")
     raise LockTimeoutError(f"promotion: production changed {SWITCH_ATTEMPTS} times while this run decided; "

@@ -119,6 +119,7 @@ class StageInputs:
     on_epoch_end: EpochCallback | None = None
     external: Any = None
     fetch: Callable[[str, str], Path] | None = None
+    store: Any = None  # the artifacts Store (promoted models are read from it)
 
     def result(self, name: str, kind: type[R]) -> R:
         """The upstream result of stage `name`, typed."""

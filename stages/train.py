@@ -34,6 +34,7 @@ from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import ConfigError, TrainingError
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
+from stages.warmstart import describe, warm_start
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
@@ -524,14 +525,18 @@ def memory_split(data: DataResult) -> tuple[Any, Any]:
 
 
 def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelResult, checkpoints: Path,
-                  precision: str = "float32", strategy: Any = None, cluster: Cluster | None = None) -> Trainer:
-    """Model (from the model stage's seeded weights), optimizer and step functions under the strategy."""
+                  precision: str = "float32", strategy: Any = None, cluster: Cluster | None = None,
+                  init: tuple[dict[str, Any], Any] | None = None) -> Trainer:
+    """Model (from the model stage's seeded weights, or the weights of `init`'s exported model: a warm start),
+    optimizer and step functions under the strategy. A checkpoint restored later overrides both."""
     import keras
 
     strategy = strategy or make_strategy(config.train, cluster)
     with strategy.scope():
         model = build_model(config.model, data.input_spec)
         model.load_weights(model_result.path / WEIGHTS_FILE)
+        if init is not None:
+            warm_start(model, init[0], init[1], data.input_spec)
         optimizer = make_optimizer(config.train, steps_for(data.records["train"], config.data.batch_size), precision)
         optimizer.build(model.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -688,8 +693,11 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     precision = resolve_precision(config.train.precision)
+    init = inputs.external
+    log.info("training %s", describe(init, config.train.init_from))
     with precision_policy(precision):
-        trainer = build_trainer(config, data, model_result, staging / "checkpoints", precision, strategy, cluster)
+        trainer = build_trainer(config, data, model_result, staging / "checkpoints", precision, strategy, cluster,
+                                None if init is None else (init, inputs.store))
         early_stopping = make_early_stopping(config.train)
         state = fit(trainer, early_stopping, staging, on_epoch_end)
         trainer.release_iterators()
@@ -706,7 +714,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "workers": cluster.size if cluster is not None else 1, "precision": precision,
         "input_pipeline": "memory" if trainer.train_in_memory is not None else "stream",
         "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
-        "summary": summary, "versions": package_versions(),
+        "init_from": {"requested": config.train.init_from, "resolved": init}, "summary": summary, "versions": package_versions(),
     }
 
 

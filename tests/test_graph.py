@@ -68,8 +68,9 @@ def test_code_fingerprint_ignores_comments_and_docstrings_not_code(edited_source
 
 def test_code_fingerprint_follows_project_imports() -> None:
     assert module_closure("stages.train") == sorted([
-        "stages.cache", "stages.cluster", "stages.config", "stages.data", "stages.early_stopping", "stages.errors",
-        "stages.model", "stages.results", "stages.sources", "stages.train",
+        "stages.builder", "stages.cache", "stages.cluster", "stages.codehash", "stages.config", "stages.data",
+        "stages.early_stopping", "stages.errors", "stages.model", "stages.registry", "stages.results",
+        "stages.sources", "stages.store", "stages.train", "stages.warmstart",
     ])
     assert "stages.registry" not in module_closure("stages.evaluate")  # evaluate knows nothing of production
     assert "stages.evaluate" not in module_closure("stages.export")
