@@ -94,21 +94,21 @@ def search_path(reference: Reference) -> list[str]:
     return [*entries, *(entry or os.getcwd() for entry in sys.path)]
 
 
-def find_module_file(name: str, paths: list[str]) -> Path | None:
-    """The source file of module `name` on `paths`, found as the import system would, importing nothing."""
-    locations: list[str] | None = paths
-    spec = None
-    parts = name.split(".")
-    for i in range(len(parts)):
-        if locations is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), locations)
+def find_module_file(name: str, paths: list[str]) -> tuple[Path, Path] | None:
+    """(source file, the search-path entry it was found under) of module `name` on `paths`, found as the
+    import system would, importing nothing; None when it is not a source file there."""
+    top, *rest = name.split(".")
+    for entry in paths:
+        spec = importlib.machinery.PathFinder.find_spec(top, [entry])
         if spec is None:
-            return None
-        locations = list(spec.submodule_search_locations) if spec.submodule_search_locations else None
-    if spec is None or not spec.origin or not spec.has_location:
-        return None
-    return Path(spec.origin)
+            continue
+        for depth in range(1, len(rest) + 1):
+            locations = spec.submodule_search_locations
+            spec = importlib.machinery.PathFinder.find_spec(".".join([top, *rest[:depth]]), list(locations or []))
+            if spec is None:
+                return None
+        return (Path(spec.origin), Path(entry)) if spec.origin and spec.has_location else None
+    return None
 
 
 def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
@@ -145,22 +145,22 @@ def normalized_code(path: Path) -> tuple[str, ast.Module]:
     return dump, tree
 
 
-def relative_to_entry(path: Path, paths: list[str]) -> str:
-    """`path` relative to the search-path entry it lies under (the same on every machine), else its name."""
-    for entry in paths:
-        with_entry = Path(entry).resolve()
-        if path.resolve().is_relative_to(with_entry):
-            return str(path.resolve().relative_to(with_entry))
-    return path.name
+def relative_path(path: Path, entry: Path) -> str:
+    """`path` relative to the search-path entry it was found under: the same on every machine."""
+    try:
+        return path.resolve().relative_to(entry.resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
-def builder_source(reference: Reference) -> Path:
-    """The builder module's source file, or a ConfigError saying what is missing and how to fix it."""
+def builder_source(reference: Reference) -> tuple[Path, Path]:
+    """(the builder module's source file, its search-path entry), or a ConfigError saying what is missing
+    and how to fix it."""
     if reference.file is not None:
         if not reference.file.is_file():
             raise ConfigError(f"{KEY}: {reference.file} does not exist (from {reference.text!r}; a relative path is "
                               f"taken from the working directory {Path.cwd()}); give an existing file")
-        return reference.file
+        return reference.file, reference.file.parent
     found = find_module_file(reference.module, search_path(reference))
     if found is None:
         raise ConfigError(f"{KEY}: no module {reference.module!r} on the Python path (from {reference.text!r}); "
@@ -172,17 +172,17 @@ def builder_code(text: str) -> tuple[CodeFile, ...]:
     """The modules `model.builder`'s code fingerprint covers, each with its normalized code's hash, sorted."""
     reference = parse_reference(text)
     paths = search_path(reference)
-    pending: list[tuple[str, Path]] = [(reference.module, builder_source(reference))]
+    pending: list[tuple[str, tuple[Path, Path]]] = [(reference.module, builder_source(reference))]
     covered: dict[str, CodeFile] = {}
     while pending:
-        module, path = pending.pop()
+        module, (path, entry) = pending.pop()
         if module in covered:
             continue
         dump, tree = normalized_code(path)
-        covered[module] = CodeFile(module, relative_to_entry(path, paths), hashlib.sha256(dump.encode()).hexdigest())
+        covered[module] = CodeFile(module, relative_path(path, entry), hashlib.sha256(dump.encode()).hexdigest())
         for name in imported_names(tree, module, path.name == "__init__.py"):
             found = find_module_file(name, paths)
-            if found is not None and is_user_file(found) and name not in covered:
+            if found is not None and is_user_file(found[0]) and name not in covered:
                 pending.append((name, found))
     return tuple(sorted(covered.values(), key=lambda f: f.module))
 
@@ -199,7 +199,7 @@ def builder_identity(text: str | None) -> dict[str, Any] | None:
 def load_builder(text: str) -> Callable[..., Any]:
     """Import `model.builder` and return the function; ConfigError naming what does not resolve."""
     reference = parse_reference(text)
-    source = builder_source(reference)
+    source = builder_source(reference)[0]
     try:
         if reference.file is not None:
             module = import_file(source, reference)

@@ -401,7 +401,9 @@ def check_consistency(config: PipelineConfig) -> None:
     """Rules that span keys: the global batch must split evenly over the training workers; the CNN's keys and
     model.params belong to one kind of model each."""
     model = config.model
-    cnn_keys = sorted(set(CNN_KEYS) & model.model_fields_set)
+    # Compared with the defaults, not `model_fields_set`: a config that went through JSON (a Prefect parameter,
+    # a worker's config file) has every key set.
+    cnn_keys = [key for key in CNN_KEYS if getattr(model, key) != ModelConfig.model_fields[key].default]
     if model.builder is not None and cnn_keys:
         raise ConfigError(f"model.{cnn_keys[0]} shapes the built-in CNN, which model.builder={model.builder} "
                           f"replaces; drop model.{', model.'.join(cnn_keys)}, or pass it to your builder through "

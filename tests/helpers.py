@@ -97,3 +97,81 @@ def reference_test_accuracy(data_path: Path, train_path: Path) -> float:
     model = keras.models.load_model(train_path / "model.keras", compile=False)
     predicted = np.asarray(model(images.astype(np.float32) / 255.0, training=False)).argmax(axis=1)
     return float((predicted == labels).mean())
+
+
+USER_MODELS = '''
+"""A team's own models (a test fixture outside the repository)."""
+
+import keras
+from tapeline_helpers import residual_block
+
+NOT_CALLABLE = 42
+
+
+def build(input_shape, num_classes, width=8, dropout=0.0):
+    """A stem conv, one residual block, global average pooling, logits."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = residual_block(x, width)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
+def raises(input_shape, num_classes):
+    raise ValueError("width must be even")
+
+
+def not_a_model(input_shape, num_classes):
+    return keras.layers.Dense(num_classes)
+
+
+def wrong_input(input_shape, num_classes):
+    inputs = keras.Input(shape=(32, 32, 1))
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs)))
+
+
+def wrong_output(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    return keras.Model(inputs, keras.layers.Dense(num_classes + 1)(keras.layers.Flatten()(inputs)))
+
+
+def softmax_output(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(keras.layers.Flatten()(inputs)))
+
+
+def softmax_layer(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    logits = keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, keras.layers.Softmax()(logits))
+'''
+
+USER_HELPERS = '''
+"""Layers shared by a team's models, in a directory of its own (on PYTHONPATH)."""
+
+import keras
+
+
+def residual_block(x, filters):
+    """Two 3x3 convolutions and a skip connection."""
+    y = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+    y = keras.layers.Conv2D(filters, 3, padding="same")(y)
+    return keras.layers.Activation("relu")(keras.layers.Add()([x, y]))
+'''
+
+
+def write_user_project(root: Path) -> tuple[Path, Path]:
+    """A user's project outside the repository: `project/usermodels.py` (builders, good and bad) importing
+    `helpers/tapeline_helpers.py` from a second directory; also `project/lonely.py`, whose import is missing.
+    Returns (project directory, helper directory)."""
+    project, helpers = root / "project", root / "helpers"
+    project.mkdir(parents=True)
+    helpers.mkdir(parents=True)
+    (project / "usermodels.py").write_text(USER_MODELS)
+    (helpers / "tapeline_helpers.py").write_text(USER_HELPERS)
+    (project / "lonely.py").write_text("import tapeline_missing_helpers\n\n\ndef build(input_shape, num_classes):\n"
+                                       "    return None\n")
+    return project, helpers
