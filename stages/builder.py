@@ -298,8 +298,9 @@ def check_model(model: Any, config: ModelConfig, shape: tuple[int, int, int], nu
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) != 1 or tuple(inputs[0].shape[1:]) != tuple(shape):
         got = ", ".join(str(tuple(i.shape)) for i in inputs) or "no inputs"
-        raise ConfigError(f"{KEY}: {ref} returned a model whose input is {got}, not (None, {', '.join(map(str, shape))}) "
-                          "; build it on keras.Input(shape=input_shape)")
+        wanted = ", ".join(map(str, shape))
+        raise ConfigError(f"{KEY}: {ref} returned a model whose input is {got}, not (None, {wanted}); build it on "
+                          "keras.Input(shape=input_shape)")
     batch = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     try:
         output = np.asarray(keras.ops.convert_to_numpy(model(batch, training=False)), np.float64)
@@ -307,8 +308,9 @@ def check_model(model: Any, config: ModelConfig, shape: tuple[int, int, int], nu
         raise ConfigError(f"{KEY}: {ref}'s model fails on a batch of images {tuple(shape)}: {type(exc).__name__}: "
                           f"{one_line(exc)}; fix the model") from None
     if output.shape != (2, num_classes):
-        raise ConfigError(f"{KEY}: {ref} returned a model whose output is (batch, {', '.join(map(str, output.shape[1:]))})"
-                          f", not (batch, {num_classes}); end with Dense(num_classes) for the {num_classes} classes")
+        got = ", ".join(map(str, output.shape[1:]))
+        raise ConfigError(f"{KEY}: {ref} returned a model whose output is (batch, {got}), not (batch, {num_classes}); "
+                          f"end with Dense(num_classes) for the {num_classes} classes")
     activation = output_activation(model)
     sums_to_one = bool(np.all(output >= 0) and np.allclose(output.sum(axis=1), 1.0, atol=1e-3))
     if activation in PROBABILITY_ACTIVATIONS or sums_to_one:

@@ -187,8 +187,9 @@ class TrainConfig(Section):
     )
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
     init_from: str = Field(
-        "none", json_schema_extra={"omit_when_default": True}, min_length=1, max_length=4096, description="warm start: none | production (the production model's "
-        "weights, when there is one) | the path or URL of an exported model; optimizer state starts fresh"
+        "none", json_schema_extra={"omit_when_default": True}, min_length=1, max_length=4096,
+        description="warm start: none | production (the production model's weights, when there is one) | the path "
+        "or URL of an exported model; optimizer state starts fresh",
     )
     retries: int = runtime(0, ge=0, le=10, description="retries of the train stage in the flow")
     timeout_seconds: float | None = runtime(None, gt=0, description="train stage time limit in the flow")

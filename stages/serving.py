@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from stages.cache import fsync_tree, write_text_atomic
+from stages.errors import CacheError
 from stages.export import SAVED_MODEL
 from stages.registry import MODELS, VERSION_PATTERN
 from stages.store import LocalStore, RemoteStore, Store
@@ -65,8 +66,13 @@ def publish_local(store: LocalStore, version: str) -> Path:
 def publish_remote(store: RemoteStore, version: str) -> str:
     """Copy models/<version>/saved_model/* to serving/<N>/ in the bucket, saved_model.pb last."""
     number = str(serving_number(version))
-    source = store.key(MODELS, version, SAVED_MODEL)
-    for name in files_in_order(list(store.listing(source))):
+    manifest = store.remote_manifest(MODELS, version)
+    if manifest is None:
+        raise CacheError(f"{store.url(MODELS, version)} has no manifest; promote the model again")
+    prefix = f"{SAVED_MODEL}/"
+    names = [entry["name"][len(prefix):] for entry in manifest["files"] if entry["name"].startswith(prefix)]
+    source = store.key(MODELS, version, manifest["root"], SAVED_MODEL)  # a version's files are under its attempt
+    for name in files_in_order(names):
         store.fs.copy(f"{source}/{name}", store.key(SERVING, number, name))
     store.put_bytes(store.key(SERVING, MODEL_CONFIG), model_config_text(store.url(SERVING)).encode())
     return store.url(SERVING, number)

@@ -20,7 +20,7 @@ from stages.results import InputSpec
 from stages.store import Store, is_remote, normalize_root, open_store
 
 KEY = "train.init_from"
-FIX = "--set train.init_from=none"
+FIX = "use --set train.init_from=none to train from scratch"
 log = logging.getLogger("tapeline.warmstart")
 
 
@@ -79,10 +79,12 @@ def incompatibility(card_spec: Mapping[str, Any], spec: InputSpec, theirs: list[
         return (f"its class names are {', '.join(card_spec.get('class_names', ()))}, this run's are "
                 f"{', '.join(spec.class_names)}")
     if len(theirs) != len(ours):
-        return f"other architecture: it has {len(theirs)} weight tensors, this run's model {len(ours)}"
+        return f"other architecture: the starting model has {len(theirs)} weight tensors, this run's {len(ours)}"
     for (their_name, their_shape), (our_name, our_shape) in zip(theirs, ours, strict=True):
         if their_shape != our_shape:
-            return f"other architecture: weight {our_name} is {our_shape} here, {their_shape} in it ({their_name})"
+            theirs_named = "" if their_name == our_name else f" ({their_name})"
+            return (f"other architecture: weight {our_name} is {our_shape} here, {their_shape} in the starting "
+                    f"model{theirs_named}")
     return None
 
 
