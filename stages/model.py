@@ -97,7 +97,8 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     log.info("built %s with %d parameters", model.name, summary["parameters"])
     return {
         "stage": "model", "config": config.model.model_dump(mode="json"),
-        "builder": builder_record(config.model.builder, inputs.external), "seed": config.seed, "input_spec": data.input_spec.model_dump(mode="json"),
+        "builder": builder_record(config.model.builder, inputs.external), "seed": config.seed,
+        "input_spec": data.input_spec.model_dump(mode="json"),
         "upstream": {"data": data.fingerprint}, "parameters": summary["parameters"], "versions": package_versions(),
     }
 

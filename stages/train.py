@@ -714,7 +714,8 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "workers": cluster.size if cluster is not None else 1, "precision": precision,
         "input_pipeline": "memory" if trainer.train_in_memory is not None else "stream",
         "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
-        "init_from": {"requested": config.train.init_from, "resolved": init}, "summary": summary, "versions": package_versions(),
+        "init_from": {"requested": config.train.init_from, "resolved": init}, "summary": summary,
+        "versions": package_versions(),
     }
 
 

@@ -288,8 +288,8 @@ def test_user_model_resumes_after_sigkill(project, idx_dir: Path, tmp_path: Path
 
     user, helpers = project
     overrides = [f"data.source=idx:{idx_dir}", f"model.builder={user / 'usermodels.py'}:build",
-                 "model.params.dropout=0.2", "data.shards=2", "data.batch_size=32", "train.max_epochs=4", "train.patience=3",
-                 "train.steps_per_execution=4", "train.precision=float32"]
+                 "model.params.dropout=0.2", "data.shards=2", "data.batch_size=32", "train.max_epochs=4",
+                 "train.patience=3", "train.steps_per_execution=4", "train.precision=float32"]
     config = load_config(None, overrides)
     data = run_data(config, tmp_path / "a")
     whole = run_train(config, data, run_model(config, data, tmp_path / "a"), tmp_path / "a")
