@@ -33,7 +33,7 @@ test: $(STAMP) dataset
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check stages flows tests benchmarks
+	$(VENV)/bin/ruff check stages flows tests benchmarks examples
 
 bench: $(STAMP) dataset
 	$(PY) benchmarks/train_throughput.py

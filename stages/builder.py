@@ -135,14 +135,12 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
 
 
 def normalized_code(path: Path) -> tuple[str, ast.Module]:
-    """(the code of a source file without comments, docstrings or formatting, its syntax tree)."""
+    """(the code of a source file without comments, docstrings or formatting, its syntax tree without docstrings)."""
     try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source, filename=str(path))
+        tree = without_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
     except (OSError, UnicodeDecodeError, SyntaxError) as exc:
         raise ConfigError(f"{KEY}: cannot read {path} ({type(exc).__name__}: {exc}); fix the file") from None
-    dump = ast.dump(without_docstrings(ast.parse(source, filename=str(path))))
-    return dump, tree
+    return ast.dump(tree), tree
 
 
 def relative_path(path: Path, entry: Path) -> str:

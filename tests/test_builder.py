@@ -328,3 +328,31 @@ def test_user_model_trains_on_two_workers(project, idx_dir: Path, tmp_path: Path
     outputs = [p for p in (tmp_path / "a" / "train").iterdir() if not p.name.startswith(".")]
     manifest = json.loads((outputs[0] / "manifest.json").read_text())
     assert len(outputs) == 1 and manifest["workers"] == 2 and manifest["summary"]["epochs_run"] == 2
+
+
+def test_the_example_project_builds_and_its_code_is_covered(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.builder import builder_identity
+    from stages.model import build_model
+    from stages.results import InputSpec
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "examples" / "residual" / "config.yaml")
+    assert config.model.builder == "examples/residual/models.py:build"
+    identity = builder_identity(config.model.builder)
+    assert [(f["module"], f["path"]) for f in identity["files"]] == [("blocks", "blocks.py"), ("models", "models.py")]
+    model = build_model(config.model, InputSpec(shape=(28, 28, 1), class_names=tuple("abcdefghij")))
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert {"Add", "GlobalAveragePooling2D"} <= kinds and model.output.shape[1:] == (10,)
+
+
+def test_every_deployment_parameter_set_is_a_valid_config() -> None:
+    import yaml
+
+    from stages.config import validate_config
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    assert {d["name"] for d in deployments} >= {"manual", "nightly", "residual"}
+    for deployment in deployments:
+        config = validate_config(deployment["parameters"].get("config", {}))
+        if deployment["name"] == "residual":
+            assert config.model.builder == "examples/residual/models.py:build"
