@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stages.errors import ConfigError
 
-SOURCE_SCHEMES = ("idx:", "tfds:", "parquet:")
+SOURCE_SCHEMES = ("idx:", "tfds:", "parquet:", "images:")
 NAMED_SOURCES = ("fashion_mnist", "mnist")
 EXPORT_FORMATS = ("saved_model", "keras", "tflite")
 MAX_CONFIG_BYTES = 1 << 20
@@ -59,10 +59,32 @@ class DataConfig(Section):
 
     source: str = Field(
         "fashion_mnist",
-        description="fashion_mnist | mnist | idx:DIR | tfds:NAME[:VERSION] | parquet:PATH (file, dir or glob)",
+        description="fashion_mnist | mnist | idx:DIR | tfds:NAME[:VERSION] | parquet:PATH (file, dir, glob or "
+        "bucket URL) | images:DIR (class folders of images: a directory, file://, s3://BUCKET/PREFIX or gs://…)",
     )
     extra: str | None = Field(
-        None, description="directory (or glob) of extra labelled Parquet files appended to the training data"
+        None, description="directory, glob or bucket URL (s3://BUCKET/PREFIX) of extra labelled Parquet files "
+        "appended to the training data"
+    )
+    class_names: tuple[str, ...] | None = Field(
+        None, json_schema_extra={"omit_when_default": True}, min_length=2, max_length=1000,
+        description="images: the class order (every name a folder, every folder named); none = sorted folder names",
+    )
+    image_size: tuple[int, int] | None = Field(
+        None, json_schema_extra={"omit_when_default": True},
+        description="images: resize every image to [H, W] (none = every image must already share one size)",
+    )
+    color_mode: Literal["auto", "grayscale", "rgb"] = Field(
+        "auto", json_schema_extra={"omit_when_default": True},
+        description="images: grayscale | rgb | auto (rgb when any image has colour)",
+    )
+    interpolation: Literal["bilinear", "nearest", "area", "bicubic"] = Field(
+        "bilinear", json_schema_extra={"omit_when_default": True},
+        description="images: resampling when resizing (the same in tapeline predict)",
+    )
+    crop_to_aspect_ratio: bool = Field(
+        False, json_schema_extra={"omit_when_default": True},
+        description="images: centre-crop to image_size's aspect ratio before resizing, instead of squeezing",
     )
     limit: int | None = Field(None, gt=0, le=1_000_000_000, description="cap on training examples (none = all)")
     validation_fraction: float = Field(
@@ -83,6 +105,13 @@ class DataConfig(Section):
     retries: int = runtime(2, ge=0, le=10, description="retries of the data stage (downloads) in the flow")
     timeout_seconds: float | None = runtime(None, gt=0, description="data stage time limit in the flow")
 
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(0 < side <= 4096 for side in value):
+            raise ValueError("both sides must be in 1..4096 pixels")
+        return value
+
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
@@ -90,7 +119,7 @@ class DataConfig(Section):
             return value
         raise ValueError(
             f"unknown source {value!r}: use one of {', '.join(NAMED_SOURCES)}, "
-            "idx:DIR, tfds:NAME[:VERSION] or parquet:PATH"
+            "idx:DIR, tfds:NAME[:VERSION], parquet:PATH or images:DIR"
         )
 
 
@@ -223,6 +252,10 @@ class ValidateConfig(Section):
                                    "grey-level histogram vs the baseline")
     drift: Literal["warn", "error", "off"] = Field("warn", description="severity of label and pixel drift")
     max_constant_share: float = Field(0.01, ge=0, le=1, description="largest share of constant images in a split")
+    max_unreadable_share: float = Field(
+        0.01, ge=0, le=1, json_schema_extra={"omit_when_default": True},
+        description="images: largest share of unreadable image files (skipped by the data stage) that passes",
+    )
     near_duplicates: bool = Field(True, description="report test images that look like training images (warning)")
     near_duplicate_distance: float = Field(3.0, gt=0, description="mean absolute grey-level difference under "
                                            "which two images with the same average hash are near-duplicates")

@@ -18,6 +18,7 @@ import numpy as np
 from stages.cache import describe_files, package_versions, read_manifest
 from stages.config import DataConfig, PipelineConfig
 from stages.errors import DataSourceError
+from stages.images import ImageOptions
 from stages.results import DataResult, InputSpec, StageInputs
 from stages.sources import ParquetSource, RawData, Source, resolve_source
 
@@ -26,11 +27,19 @@ ENCODING = "uint8"
 log = logging.getLogger("tapeline.data")
 
 
+def image_options(config: DataConfig) -> tuple[tuple[str, ...] | None, ImageOptions]:
+    """The class names and decoding options of an `images:` source."""
+    return config.class_names, ImageOptions(image_size=config.image_size, color_mode=config.color_mode,
+                                            interpolation=config.interpolation,
+                                            crop_to_aspect_ratio=config.crop_to_aspect_ratio)
+
+
 def data_sources(config: DataConfig) -> list[Source]:
-    """The main source, then the optional extra Parquet data (an existing but empty directory adds nothing)."""
-    sources = [resolve_source(config.source, config.tfds_data_dir)]
-    if config.extra and not (Path(config.extra).is_dir() and not any(Path(config.extra).rglob("*.parquet"))):
-        sources.append(ParquetSource(config.extra))
+    """The main source, then the optional extra Parquet data (a directory or bucket prefix with no Parquet file
+    yet adds nothing)."""
+    sources = [resolve_source(config.source, config.tfds_data_dir, image_options(config))]
+    if config.extra and not (extra := ParquetSource(config.extra)).is_empty():
+        sources.append(extra)
     return sources
 
 
@@ -122,6 +131,11 @@ def split_arrays(raws: list[RawData], config: DataConfig, seed: int
                             "(data.drop_test_duplicates)", dropped)
     pool = limited(len(train_y), config.limit, seed + 2)
     train_x, train_y = train_x[pool], train_y[pool]
+    if main.validation_images is not None and main.validation_labels is not None:  # the source's own split
+        order = np.random.default_rng(seed + 3).permutation(len(train_y))
+        return {"train": (train_x[order], train_y[order]),
+                "validation": (main.validation_images, main.validation_labels),
+                "test": (test_x, test_y)}, dropped
     keep, val = grouped_holdout(train_x, train_y, config.validation_fraction, seed)
     if len(val) == 0 or len(keep) == 0:
         raise DataSourceError(
@@ -168,6 +182,15 @@ def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.nda
     return names
 
 
+def unreadable_files(raws: list[RawData]) -> dict[str, Any]:
+    """What the manifest says of files a source skipped: `skipped` [{path, reason}] and `image_files` (how many
+    were tried); nothing for sources without files of their own."""
+    tried = [r.files for r in raws if r.files is not None]
+    if not tried:
+        return {}
+    return {"image_files": sum(tried), "skipped": [dict(s) for r in raws for s in r.skipped]}
+
+
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     """Examples per class."""
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
@@ -194,6 +217,7 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "input_spec": {"shape": shape, "class_names": list(names)},
         "encoding": ENCODING,
         "dropped_test_duplicates": dropped,
+        **unreadable_files(raws),
         "normalization": "float32 = uint8 / 255, in the reader after batching",
         "splits": {
             split: {

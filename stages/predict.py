@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.errors import ImageError, PredictError
+from stages.images import resize_pixels, to_channels
 from stages.registry import local_version, read_production
 from stages.results import InputSpec
 from stages.sources import open_image
@@ -55,6 +56,18 @@ def card_input_spec(card_path: Path) -> InputSpec:
                            "export the model again") from None
 
 
+def card_resize(saved_model: Path) -> Resize:
+    """The resize settings of the model card beside a SavedModel (the defaults when it names none)."""
+    for card in (saved_model.parent / "model_card.json", saved_model / "model_card.json"):
+        if card.is_file():
+            try:
+                data = json.loads(card.read_text())["config"]["data"]
+                return Resize(str(data.get("interpolation", "bilinear")), bool(data.get("crop_to_aspect_ratio")))
+            except (OSError, ValueError, KeyError, TypeError):
+                break
+    return Resize()
+
+
 def read_image(path: Path) -> np.ndarray:
     """A PNG/JPEG or .npy file as uint8 [H, W, C]; clear errors for what cannot be used."""
     if path.is_dir():
@@ -92,24 +105,24 @@ def read_npy(path: Path) -> np.ndarray:
     return array[..., np.newaxis] if array.ndim == 2 else array
 
 
-def fit_to_spec(image: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
-    """Convert channels and resize only when the model's input spec needs it."""
-    from PIL import Image
+@dataclass(frozen=True)
+class Resize:
+    """How the model's training images were resized (`data.interpolation`, `data.crop_to_aspect_ratio`)."""
 
+    interpolation: str = "bilinear"
+    crop_to_aspect_ratio: bool = False
+
+
+def fit_to_spec(image: np.ndarray, spec: InputSpec, path: Path, resize: Resize = Resize()) -> np.ndarray:  # noqa: B008
+    """Convert channels and resize only when the model's input spec needs it, as the data stage did."""
     height, width, channels = spec.shape
     if image.shape[-1] not in (1, 3, 4):
         raise PredictError(f"{path} has {image.shape[-1]} channels; expected 1 (grayscale) or 3 (RGB)")
     if image.shape[-1] == 4:
         image = image[..., :3]
-    if channels == 1 and image.shape[-1] == 3:
-        image = np.asarray(Image.fromarray(image).convert("L"))[..., np.newaxis]
-    elif channels == 3 and image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    if image.shape[:2] != (height, width):
-        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-        image = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
-        image = image[..., np.newaxis] if image.ndim == 2 else image
-    return image
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    pixels = resize_pixels(pixels, (height, width), resize.interpolation, resize.crop_to_aspect_ratio)
+    return to_channels(pixels, channels)
 
 
 def iter_predictions(paths: list[Path], model: Path | None, artifacts: Path | str,
@@ -119,10 +132,11 @@ def iter_predictions(paths: list[Path], model: Path | None, artifacts: Path | st
     import tensorflow as tf
 
     saved_model, spec = resolve_model(model, artifacts)
+    resize = card_resize(saved_model)
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        out = serve(images=tf.constant(np.stack([fit_to_spec(read_image(p), spec, p) for p in chunk])))
+        out = serve(images=tf.constant(np.stack([fit_to_spec(read_image(p), spec, p, resize) for p in chunk])))
         probabilities = out["probabilities"].numpy()
         for i, (path, name) in enumerate(zip(chunk, out["class_name"].numpy(), strict=True)):
             yield Prediction(path, name.decode(), float(probabilities[i].max()))

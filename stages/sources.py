@@ -1,4 +1,5 @@
-"""Data sources: local IDX files, Keras downloads, TFDS and Parquet, read into uint8 arrays.
+"""Data sources: local IDX files, Keras downloads, TFDS, Parquet (on disk or in a bucket) and image folders
+(`stages.images`), read into uint8 arrays.
 
 Every source has a cheap `identity()` (file checksums, or a dataset name and version) used in the
 data fingerprint, and an expensive `load()` that is only called when the cache misses.
@@ -42,13 +43,19 @@ MAX_IDX_DATA_BYTES = 2 * 1024**3  # 45x Fashion-MNIST's training images
 
 @dataclass(frozen=True)
 class RawData:
-    """Images as uint8 [N, H, W, C] and int64 labels; `test_*` is None when the source has no test split."""
+    """Images as uint8 [N, H, W, C] and int64 labels; `test_*` (`validation_*`) is None when the source has no
+    test (validation) split of its own. `skipped` lists the files a source could not use, with the reason;
+    `files` is how many it tried (image folders)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray | None
     test_labels: np.ndarray | None
     class_names: tuple[str, ...]
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
+    skipped: tuple[dict[str, str], ...] = ()
+    files: int | None = None
 
 
 class Source(Protocol):
@@ -317,7 +324,8 @@ class TfdsSource:
 
 def parquet_files(pattern: str) -> list[Path]:
     """Files named by a path: a file, every *.parquet under a directory, or a glob."""
-    path = Path(pattern)
+    path = Path(pattern[len("file://"):] if pattern.startswith("file://") else pattern)
+    pattern = str(path)
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -401,22 +409,30 @@ def decode_image_cell(cell: Any, shape: tuple[int, int, int] | None, where: str)
     raise DataSourceError(f"{where}: column 'image' must hold PNG bytes or a list of uint8, got {type(cell).__name__}")
 
 
-def row_shape(table: Any, row: int) -> tuple[int, int, int] | None:
-    """(height, width, channels) from optional columns, or None."""
+def row_shape(table: Any, row: int, where: str) -> tuple[int, int, int] | None:
+    """(height, width, channels) from optional columns, or None; DataSourceError naming the row and column of
+    an impossible value."""
     names = table.column_names
     if "height" not in names or "width" not in names:
         return None
-    channels = table.column("channels")[row].as_py() if "channels" in names else 1
-    return (table.column("height")[row].as_py(), table.column("width")[row].as_py(), channels)
+    shape = {"height": table.column("height")[row].as_py(), "width": table.column("width")[row].as_py(),
+             "channels": table.column("channels")[row].as_py() if "channels" in names else 1}
+    for column, value in shape.items():
+        allowed = (1, 3) if column == "channels" else range(1, 1 << 16)
+        if not isinstance(value, int) or value not in allowed:
+            fix = "use 1 (grey) or 3 (RGB)" if column == "channels" else "give a positive number of pixels"
+            raise DataSourceError(f"{where}: column '{column}' is {value!r}; {fix}")
+    return shape["height"], shape["width"], shape["channels"]
 
 
-def read_parquet_file(path: Path) -> tuple[list[np.ndarray], list[int], list[str]]:
-    """Images, labels and split names ("train" when absent) of one Parquet file."""
+def read_parquet_file(path: Path | str, data: bytes | None = None) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Images, labels and split names ("train" when absent) of one Parquet file (its `data`, when fetched from a
+    bucket)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data) if data is not None else path)
     except (pa.ArrowException, OSError) as exc:
         raise DataSourceError(f"{path}: not a readable Parquet file ({exc})") from exc
     missing = [c for c in ("image", "label") if c not in table.column_names]
@@ -435,7 +451,7 @@ def read_parquet_file(path: Path) -> tuple[list[np.ndarray], list[int], list[str
     if bad:
         raise DataSourceError(f"{path}: column 'split' must be 'train' or 'test', found {bad}")
     images = [
-        decode_image_cell(cell, row_shape(table, i), f"{path} row {i}")
+        decode_image_cell(cell, row_shape(table, i, f"{path} row {i}"), f"{path} row {i}")
         for i, cell in enumerate(table.column("image").to_pylist())
     ]
     return images, labels, splits
@@ -454,11 +470,13 @@ def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
     return np.stack(images)
 
 
-def load_parquet(files: list[Path], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, test images, test labels) from Parquet files."""
+def load_parquet(files: list[tuple[str, bytes | None]], where: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) from Parquet files: (path, None) on disk, (URL,
+    bytes) from a bucket."""
     parts = {"train": ([], []), "test": ([], [])}
-    for path in files:
-        images, labels, splits = read_parquet_file(path)
+    for path, data in files:
+        images, labels, splits = read_parquet_file(path, data)
         for img, lab, split in zip(images, labels, splits, strict=True):
             parts[split][0].append(img)
             parts[split][1].append(lab)
@@ -469,19 +487,67 @@ def load_parquet(files: list[Path], where: str) -> tuple[np.ndarray, np.ndarray,
     return train_x, np.asarray(parts["train"][1], np.int64), test_x, np.asarray(parts["test"][1], np.int64)
 
 
+def remote_parquet_files(url: str) -> dict[str, str]:
+    """{URL: ETag} of the *.parquet objects under a bucket prefix (or matching a glob), from one listing."""
+    from stages.store import guarded, remote_filesystem
+
+    fs, path = remote_filesystem(url)
+    scheme = url.split("://", 1)[0]
+    with guarded(url):
+        try:
+            if any(c in path for c in "*?["):
+                found = fs.glob(path, detail=True)
+            else:
+                found = fs.find(path, detail=True, withdirs=False)
+        except FileNotFoundError:
+            found = {}
+    return {f"{scheme}://{key}": str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("size"))
+            for key, info in sorted(found.items()) if key.endswith(".parquet")}
+
+
+def is_bucket_url(pattern: str) -> bool:
+    """Whether a source path is an object-store URL."""
+    from stages.store import is_remote
+
+    return is_remote(pattern)
+
+
 @dataclass(frozen=True)
 class ParquetSource:
-    """Labelled images in Parquet: `image`, `label`, optional `split` (train/test)."""
+    """Labelled images in Parquet: `image`, `label`, optional `split` (train/test); files on disk, or objects
+    under a bucket prefix."""
 
     pattern: str
 
     def identity(self) -> dict[str, Any]:
-        """Checksums of every matched file."""
+        """Checksums of every matched file; for a bucket, each object's ETag from one listing."""
+        if is_bucket_url(self.pattern):
+            return {"kind": "parquet", "objects": remote_parquet_files(self.pattern)}
         return {"kind": "parquet", "files": {str(p): source_sha256(p) for p in parquet_files(self.pattern)}}
+
+    def files(self) -> list[tuple[str, bytes | None]]:
+        """(path, None) for files on disk, (URL, bytes) for objects fetched from a bucket."""
+        if not is_bucket_url(self.pattern):
+            return [(str(p), None) for p in parquet_files(self.pattern)]
+        from stages.store import guarded, remote_filesystem
+
+        urls = list(remote_parquet_files(self.pattern))
+        if not urls:
+            raise DataSourceError(f"parquet:{self.pattern}: no Parquet objects found under this prefix")
+        fs, _ = remote_filesystem(self.pattern)
+        with guarded(self.pattern):
+            return [(url, fs.cat_file(url)) for url in urls]
+
+    def is_empty(self) -> bool:
+        """Whether the pattern names no Parquet file at all (an empty drop folder or prefix adds nothing)."""
+        if is_bucket_url(self.pattern):
+            return not remote_parquet_files(self.pattern)
+        path = Path(self.pattern)
+        return path.is_dir() and not any(path.rglob("*.parquet"))
 
     def load(self) -> RawData:
         """Read and decode every row."""
-        train_x, train_y, test_x, test_y = load_parquet(parquet_files(self.pattern), f"parquet:{self.pattern}")
+        train_x, train_y, test_x, test_y = load_parquet(self.files(), f"parquet:{self.pattern}")
         if not len(train_y):
             raise DataSourceError(f"parquet:{self.pattern}: no training rows")
         names = class_names_for([train_y, test_y], None, f"parquet:{self.pattern}")
@@ -489,8 +555,8 @@ class ParquetSource:
         return RawData(train_x, train_y, test_x if has_test else None, test_y if has_test else None, names)
 
 
-def resolve_source(source: str, tfds_data_dir: str | None = None) -> Source:
-    """The Source object for a `data.source` string."""
+def resolve_source(source: str, tfds_data_dir: str | None = None, images: Any = None) -> Source:
+    """The Source object for a `data.source` string (`images`: the ImageFolderSource's class names and options)."""
     scheme, _, rest = source.partition(":")
     if source in KNOWN_CLASS_NAMES:
         return named_source(source)
@@ -502,6 +568,13 @@ def resolve_source(source: str, tfds_data_dir: str | None = None) -> Source:
     if scheme == "tfds":
         return TfdsSource(rest, tfds_data_dir)
     if scheme == "parquet":
-        parquet_files(rest)
+        if not is_bucket_url(rest):
+            parquet_files(rest)
         return ParquetSource(rest)
-    raise DataSourceError(f"data.source {source!r}: unknown source (fashion_mnist, mnist, idx:, tfds:, parquet:)")
+    if scheme == "images":
+        from stages.images import ImageFolderSource
+
+        class_names, options = images if images is not None else (None, None)
+        return ImageFolderSource(rest, class_names, options) if options else ImageFolderSource(rest, class_names)
+    raise DataSourceError(f"data.source {source!r}: unknown source (fashion_mnist, mnist, idx:, tfds:, parquet:, "
+                          "images:)")

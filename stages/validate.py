@@ -259,6 +259,19 @@ def drift_anomalies(ours: dict[str, np.ndarray], baseline: dict[str, np.ndarray]
     return found, {"label": label, "pixel": pixel}
 
 
+def unreadable_anomalies(manifest: dict[str, Any], config: ValidateConfig) -> list[dict[str, Any]]:
+    """Image files the data stage skipped: an error past validate.max_unreadable_share of the files, else a
+    warning."""
+    skipped, tried = manifest.get("skipped") or [], int(manifest.get("image_files") or 0)
+    if not skipped:
+        return []
+    share = len(skipped) / max(tried, 1)
+    severity = "error" if share > config.max_unreadable_share else "warning"
+    return [anomaly("unreadable_images", severity, f"{len(skipped)} of {tried} image files ({share:.1%}) could not "
+                    f"be read and were skipped (validate.max_unreadable_share {config.max_unreadable_share:.1%}); "
+                    "see `skipped` in the data manifest", len(skipped), skipped[:EXAMPLES])]
+
+
 def constant_anomalies(splits: Splits, config: ValidateConfig) -> list[dict[str, Any]]:
     """Splits whose share of constant images (all pixels equal) exceeds validate.max_constant_share."""
     found = []
@@ -384,6 +397,7 @@ def build_validate(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     anomalies = [*schema_anomalies(schema_of(manifest), baseline and baseline["schema"], config),
                  *count_anomalies(splits, names, config), *duplicate_anomalies(counts, examples), *drift_found,
                  *constant_anomalies(splits, config)]
+    anomalies += unreadable_anomalies(manifest, config)
     dropped = int(manifest.get("dropped_test_duplicates", 0))
     if dropped:
         anomalies.append(anomaly("dropped_test_duplicates", "warning", f"the data stage dropped {dropped} training "

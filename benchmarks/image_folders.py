@@ -1,0 +1,201 @@
+"""Image folders (`data.source=images:DIR`) against Keras's `image_dataset_from_directory`, in one run.
+
+1. Fashion-MNIST's 70,000 images written as PNG files in class folders (DIR/train/<class>/, DIR/test/<class>/).
+   tapeline's data stage, cold (list, hash, decode on every core, split, write the TFRecord cache), against one
+   pass of `keras.utils.image_dataset_from_directory` over the same folders (grayscale, 28x28, batch 256).
+2. One training epoch each, the same CNN (tapeline's defaults) and the same precision: tapeline's second epoch
+   (from the cache) against a second epoch over the Keras loader (which decodes the PNGs again every epoch).
+3. A bigger-image case: N RGB JPEGs of random sizes (64-512 px a side) resized to 96x96 (`data.image_size`),
+   data stage time and peak RSS in a child process, for N and 2N files.
+
+    .venv/bin/python benchmarks/image_folders.py [--json benchmarks/results/image_folders.json] [--jpegs 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine  # noqa: E402
+
+BATCH = 256
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from stages.config import load_config
+from stages.pipeline import run_data
+started = time.perf_counter()
+data = run_data(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
+seconds = time.perf_counter() - started
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": round(seconds, 2), "records": data.records, "shape": data.input_spec.shape,
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "decoder_peak_rss_mb": round(children / 1024, 1)}))
+"""
+
+
+def folder_name(name: str) -> str:
+    """A class name usable as a folder name ("T-shirt/top" -> "T-shirt_top")."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def write_fashion_pngs(directory: Path) -> int:
+    """Fashion-MNIST's train and test images as PNG files in class folders; returns how many."""
+    from PIL import Image
+
+    from stages.sources import FASHION_MNIST_CLASSES, named_source
+
+    raw = named_source("fashion_mnist").load()
+    count = 0
+    for split, images, labels in (("train", raw.train_images, raw.train_labels),
+                                  ("test", raw.test_images, raw.test_labels)):
+        for name in FASHION_MNIST_CLASSES:
+            (directory / split / folder_name(name)).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            Image.fromarray(image[..., 0]).save(directory / split / folder_name(FASHION_MNIST_CLASSES[label]) /
+                                                f"{i:05d}.png")
+            count += 1
+    return count
+
+
+def write_jpegs(directory: Path, count: int, seed: int = 0) -> None:
+    """`count` RGB JPEGs of random sizes in 5 class folders (smooth random colour fields, so they compress)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        label = i % 5
+        height, width = (int(v) for v in rng.integers(64, 513, size=2))
+        small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        small[..., label % 3] = 255
+        image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+        folder = directory / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def keras_loader(directory: Path):
+    """`image_dataset_from_directory` as a Keras user writes it for these folders."""
+    import keras
+
+    return keras.utils.image_dataset_from_directory(directory, color_mode="grayscale", image_size=(28, 28),
+                                                    batch_size=BATCH, shuffle=True, seed=0, verbose=False)
+
+
+def keras_pass_seconds(directory: Path) -> tuple[float, int]:
+    """Seconds for one pass over train/ and test/ with the Keras loader (every batch materialized)."""
+    started = time.perf_counter()
+    images = 0
+    for split in ("train", "test"):
+        for batch, _ in keras_loader(directory / split):
+            images += int(batch.shape[0])
+    return time.perf_counter() - started, images
+
+
+def keras_epoch_seconds(directory: Path, config, spec) -> list[float]:
+    """Two epochs of the same CNN over the Keras loader (rescaled to [0, 1] in the input graph); seconds each."""
+    import keras
+    import tensorflow as tf
+
+    from stages.model import build_model
+    from stages.train import precision_policy, resolve_precision
+
+    with precision_policy(resolve_precision(config.train.precision)):
+        model = build_model(config.model, spec)
+        optimizer = keras.optimizers.Adam(1e-3)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        @tf.function
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(labels, tf.cast(model(images / 255.0, training=True), tf.float32))
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables,
+                                          strict=True))
+
+        ds = keras_loader(directory / "train").prefetch(tf.data.AUTOTUNE)
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            for images, labels in ds:
+                step(images, labels)
+            seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def tapeline_epochs(config, data, artifacts: Path) -> list[float]:
+    """Two epochs of tapeline's train stage on the cached data; each epoch's training seconds."""
+    import pyarrow.parquet as pq
+
+    from stages.pipeline import run_model, run_train
+
+    trained = run_train(config, data, run_model(config, data, artifacts), artifacts)
+    return [row["seconds"] for row in pq.read_table(trained.path / "history.parquet").to_pylist()]
+
+
+def child_data_stage(directory: Path, artifacts: Path) -> dict:
+    """The data stage on JPEG folders in a fresh process: seconds and peak RSS."""
+    done = subprocess.run([sys.executable, "-c", CHILD, str(artifacts), f"data.source=images:{directory}",
+                           "data.image_size=[96, 96]"], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--jpegs", type=int, default=3000)
+    args = parser.parse_args()
+
+    from stages.config import load_config
+    from stages.pipeline import run_data
+
+    work = Path(tempfile.mkdtemp(prefix="tapeline-images-"))
+    started = time.perf_counter()
+    written = write_fashion_pngs(work / "fashion")
+    print(f"wrote {written} PNG files in {time.perf_counter() - started:.1f} s", flush=True)
+
+    keras_seconds, keras_images = keras_pass_seconds(work / "fashion")
+    print(f"keras pass: {keras_images} images in {keras_seconds:.1f} s", flush=True)
+    config = load_config(None, [f"data.source=images:{work / 'fashion'}", "train.max_epochs=2", "train.decay_epochs=2"])
+    started = time.perf_counter()
+    data = run_data(config, work / "artifacts")
+    data_seconds = time.perf_counter() - started
+    print(f"tapeline data stage: {data.records} in {data_seconds:.1f} s", flush=True)
+
+    ours = tapeline_epochs(config, data, work / "artifacts")
+    theirs = keras_epoch_seconds(work / "fashion", config, data.input_spec)
+    print(f"epochs: tapeline {ours}, keras loader {theirs}", flush=True)
+
+    bigger = {}
+    for count in (args.jpegs, 2 * args.jpegs):
+        write_jpegs(work / f"jpegs{count}", count)
+        bigger[str(count)] = child_data_stage(work / f"jpegs{count}", work / f"artifacts-jpegs{count}")
+        print(f"{count} JPEGs: {bigger[str(count)]}", flush=True)
+
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "files": written,
+        "keras_pass_seconds": round(keras_seconds, 2), "tapeline_data_stage_seconds": round(data_seconds, 2),
+        "data_stage_vs_keras_pass": round(data_seconds / keras_seconds, 3),
+        "tapeline_epoch_seconds": ours, "keras_loader_epoch_seconds": [round(s, 2) for s in theirs],
+        "keras_second_epoch_vs_tapeline_second_epoch": round(theirs[1] / ours[1], 2),
+        "jpegs_96x96": bigger,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
