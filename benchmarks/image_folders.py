@@ -5,10 +5,15 @@
    pass of `keras.utils.image_dataset_from_directory` over the same folders (grayscale, 28x28, batch 256).
 2. One training epoch each, the same CNN (tapeline's defaults) and the same precision: tapeline's second epoch
    (from the cache) against a second epoch over the Keras loader (which decodes the PNGs again every epoch).
+   Also one input-only epoch of each (no model): the Keras loader over train/ against tapeline's training reader.
 3. A bigger-image case: N RGB JPEGs of random sizes (64-512 px a side) resized to 96x96 (`data.image_size`),
-   data stage time and peak RSS in a child process, for N and 2N files.
+   data stage time and peak RSS in a child process, for N and 2N files (the decoding processes are forked
+   from it and share its pages, so only its own peak is reported).
 
-    .venv/bin/python benchmarks/image_folders.py [--json benchmarks/results/image_folders.json] [--jpegs 3000]
+Medians of --rounds interleaved rounds (each round: the Keras pass, the data stage, both input-only epochs,
+both training runs).
+
+    .venv/bin/python benchmarks/image_folders.py [--rounds 3] [--jpegs 3000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,10 +44,8 @@ from stages.pipeline import run_data
 started = time.perf_counter()
 data = run_data(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
 seconds = time.perf_counter() - started
-children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"seconds": round(seconds, 2), "records": data.records, "shape": data.input_spec.shape,
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "decoder_peak_rss_mb": round(children / 1024, 1)}))
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
 
@@ -134,6 +138,25 @@ def keras_epoch_seconds(directory: Path, config, spec) -> list[float]:
     return seconds
 
 
+def keras_train_pass_seconds(directory: Path) -> float:
+    """One epoch of the Keras loader over train/ alone, no model: what decoding every epoch costs."""
+    started = time.perf_counter()
+    for _ in keras_loader(directory / "train"):
+        pass
+    return time.perf_counter() - started
+
+
+def tapeline_train_pass_seconds(data, config) -> float:
+    """One epoch of tapeline's training reader (the TFRecord cache, shuffled, batched, augmented), no model."""
+    from stages.data import Augment, make_dataset
+
+    started = time.perf_counter()
+    for _ in make_dataset(data.path, "train", BATCH, training=True, shuffle_buffer=config.data.shuffle_buffer,
+                          seed=0, epoch=1, augment=Augment(shift=config.train.random_shift)):
+        pass
+    return time.perf_counter() - started
+
+
 def tapeline_epochs(config, data, artifacts: Path) -> list[float]:
     """Two epochs of tapeline's train stage on the cached data; each epoch's training seconds."""
     import pyarrow.parquet as pq
@@ -156,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--jpegs", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     from stages.config import load_config
@@ -166,17 +190,24 @@ def main() -> None:
     written = write_fashion_pngs(work / "fashion")
     print(f"wrote {written} PNG files in {time.perf_counter() - started:.1f} s", flush=True)
 
-    keras_seconds, keras_images = keras_pass_seconds(work / "fashion")
-    print(f"keras pass: {keras_images} images in {keras_seconds:.1f} s", flush=True)
-    config = load_config(None, [f"data.source=images:{work / 'fashion'}", "train.max_epochs=2", "train.decay_epochs=2"])
-    started = time.perf_counter()
-    data = run_data(config, work / "artifacts")
-    data_seconds = time.perf_counter() - started
-    print(f"tapeline data stage: {data.records} in {data_seconds:.1f} s", flush=True)
+    from stages.images import content_sha256
 
-    ours = tapeline_epochs(config, data, work / "artifacts")
-    theirs = keras_epoch_seconds(work / "fashion", config, data.input_spec)
-    print(f"epochs: tapeline {ours}, keras loader {theirs}", flush=True)
+    rounds: list[dict] = []
+    for number in range(1, args.rounds + 1):  # interleaved: each round runs every contender once
+        keras_seconds, keras_images = keras_pass_seconds(work / "fashion")
+        content_sha256.cache_clear()  # cold: every round hashes the files again
+        config = load_config(None, [f"data.source=images:{work / 'fashion'}", "train.max_epochs=2",
+                                    "train.decay_epochs=2"])
+        started = time.perf_counter()
+        data = run_data(config, work / f"artifacts-{number}")
+        data_seconds = time.perf_counter() - started
+        passes = {"keras_loader": keras_train_pass_seconds(work / "fashion"),
+                  "tapeline_reader": tapeline_train_pass_seconds(data, config)}
+        ours = tapeline_epochs(config, data, work / f"artifacts-{number}")
+        theirs = keras_epoch_seconds(work / "fashion", config, data.input_spec)
+        rounds.append({"keras_pass": keras_seconds, "data_stage": data_seconds, "keras_epochs": theirs,
+                       "tapeline_epochs": ours, **{f"input_only_{k}": v for k, v in passes.items()}})
+        print(f"round {number}: {json.dumps(rounds[-1])}", flush=True)
 
     bigger = {}
     for count in (args.jpegs, 2 * args.jpegs):
@@ -184,12 +215,22 @@ def main() -> None:
         bigger[str(count)] = child_data_stage(work / f"jpegs{count}", work / f"artifacts-jpegs{count}")
         print(f"{count} JPEGs: {bigger[str(count)]}", flush=True)
 
+    def median(values: list[float]) -> float:
+        return round(statistics.median(values), 2)
+
+    keras_pass, data_stage = median([r["keras_pass"] for r in rounds]), median([r["data_stage"] for r in rounds])
+    keras_epoch = median([r["keras_epochs"][1] for r in rounds])
+    tapeline_epoch = median([r["tapeline_epochs"][1] for r in rounds])
+    keras_input = median([r["input_only_keras_loader"] for r in rounds])
+    tapeline_input = median([r["input_only_tapeline_reader"] for r in rounds])
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "files": written,
-        "keras_pass_seconds": round(keras_seconds, 2), "tapeline_data_stage_seconds": round(data_seconds, 2),
-        "data_stage_vs_keras_pass": round(data_seconds / keras_seconds, 3),
-        "tapeline_epoch_seconds": ours, "keras_loader_epoch_seconds": [round(s, 2) for s in theirs],
-        "keras_second_epoch_vs_tapeline_second_epoch": round(theirs[1] / ours[1], 2),
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "files": written, "rounds": rounds,
+        "median": {"keras_pass_seconds": keras_pass, "tapeline_data_stage_seconds": data_stage,
+                   "keras_second_epoch_seconds": keras_epoch, "tapeline_second_epoch_seconds": tapeline_epoch,
+                   "keras_input_only_epoch_seconds": keras_input, "tapeline_input_only_epoch_seconds": tapeline_input},
+        "data_stage_vs_keras_pass": round(data_stage / keras_pass, 3),
+        "keras_epoch_vs_tapeline_epoch": round(keras_epoch / tapeline_epoch, 2),
+        "keras_input_only_vs_tapeline_input_only": round(keras_input / tapeline_input, 2),
         "jpegs_96x96": bigger,
     }
     print(json.dumps(summary, indent=2))

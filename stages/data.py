@@ -201,7 +201,8 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     config = inputs.config
     started = time.perf_counter()
     sources = data_sources(config.data)
-    identity = [s.identity() for s in sources]
+    # The graph computed the identity for the fingerprint already (for an image folder: a walk of every file).
+    identity = inputs.external if inputs.external is not None else [s.identity() for s in sources]
     raws = [s.load() for s in sources]
     names = max((r.class_names for r in raws), key=len)
     loaded = time.perf_counter()

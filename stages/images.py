@@ -14,13 +14,13 @@ extension that lies, a format or mode Pillow refuses, a bomb) is skipped with it
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from functools import lru_cache
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ SPLIT_FOLDERS = ("train", "validation", "test")
 INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
 DECODE_CHUNK = 256  # files per task sent to a decoding process: amortizes the pickling, bounds memory in flight
 WINDOW = 8192  # bucket objects fetched at once
+FORK = "fork"
 IN_PROCESS_BELOW = 1024  # fewer files than this are decoded in this process
 log = logging.getLogger("tapeline.images")
 
@@ -47,9 +48,9 @@ class ImageFile:
     version: str
 
     @property
-    def parts(self) -> tuple[str, ...]:
+    def parts(self) -> list[str]:
         """The path's folders and name."""
-        return tuple(self.relative.split("/"))
+        return self.relative.split("/")
 
 
 @dataclass(frozen=True)
@@ -82,24 +83,35 @@ def is_visible(relative: str) -> bool:
 
 def has_image_extension(relative: str) -> bool:
     """Whether the file name ends in one of IMAGE_EXTENSIONS, in any case."""
-    return Path(relative).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
+
+
+@lru_cache(maxsize=1 << 20)
+def content_sha256(path: str, _size: int, _mtime_ns: int, _inode: int) -> str:
+    """A file's SHA-256, hashed once per process while its size, mtime and inode stay the same."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def walk(directory: str, relative: str = "") -> Iterator[tuple[str, os.stat_result, str]]:
+    """(relative path, stat, full path) of every visible file below `directory`, in sorted order."""
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}{entry.name}"
+            if entry.is_dir(follow_symlinks=True):
+                yield from walk(entry.path, f"{name}/")
+            elif entry.is_file(follow_symlinks=True):
+                yield name, entry.stat(follow_symlinks=True), entry.path
 
 
 def list_local(root: Path) -> list[ImageFile]:
     """Every visible image file under `root`, sorted, with its size and content SHA-256."""
-    from stages.sources import source_sha256
-
     if not root.is_dir():
         raise DataSourceError(f"data.source images:{root}: directory does not exist")
-    found = []
-    for directory, folders, names in os.walk(root):
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
-        for name in names:
-            path = Path(directory) / name
-            relative = path.relative_to(root).as_posix()
-            if is_visible(relative) and has_image_extension(relative) and path.is_file():
-                found.append(ImageFile(relative, path.stat().st_size, source_sha256(path)))
-    return sorted(found, key=lambda f: f.relative)
+    return [ImageFile(relative, st.st_size, content_sha256(path, st.st_size, st.st_mtime_ns, st.st_ino))
+            for relative, st, path in walk(str(root)) if has_image_extension(relative)]
 
 
 def list_remote(url: str) -> list[ImageFile]:
@@ -236,21 +248,16 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     return pixels if pixels.ndim == 3 else np.repeat(pixels[..., np.newaxis], 3, axis=-1)
 
 
-def decode_one(data: bytes, relative: str, options: ImageOptions) -> np.ndarray:
-    """A file's bytes as uint8 [H, W] or [H, W, 3] at the target size; ImageError with the reason otherwise."""
-    from PIL import Image
-
+def decode_one(source: bytes | str, relative: str, options: ImageOptions) -> np.ndarray:
+    """A file (its bytes, or its local path) as uint8 [H, W] or [H, W, 3] at the target size; ImageError with the
+    reason otherwise."""
     from stages.sources import open_image
 
-    if not data:
+    if (os.path.getsize(source) if isinstance(source, str) else len(source)) == 0:
         raise ImageError("empty file (0 bytes)")
-    with Image.open(io.BytesIO(data)) as probe:
-        found = probe.format
-    allowed = IMAGE_EXTENSIONS[Path(relative).suffix.lower()]
-    if found not in allowed:
-        raise ImageError(f"the extension {Path(relative).suffix} says {allowed[0]} but the content is {found}")
-    return resize_pixels(open_image(data, relative), options.image_size, options.interpolation,
-                         options.crop_to_aspect_ratio)
+    data = Path(source) if isinstance(source, str) else source
+    pixels = open_image(data, relative, IMAGE_EXTENSIONS[os.path.splitext(relative)[1].lower()])
+    return resize_pixels(pixels, options.image_size, options.interpolation, options.crop_to_aspect_ratio)
 
 
 Job = tuple[int, bytes | str | Exception, str]
@@ -268,8 +275,7 @@ def decode_chunk(chunk: list[Job], options: ImageOptions
             out.append((index, None, f"cannot be read ({type(source).__name__}: {source})"))
             continue
         try:
-            data = Path(source).read_bytes() if isinstance(source, str) else source
-            out.append((index, decode_one(data, relative, options), None))
+            out.append((index, decode_one(source, relative, options), None))
         except (ImageError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             out.append((index, None, reason_of(exc, relative)))
     return out
@@ -331,8 +337,10 @@ def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, w
         for window in read_sources(root, files):
             store(decode_chunk(window, options))
         return Decoded(pixels, skipped)
-    # spawn: the parent may hold TensorFlow's threads, which a fork would copy mid-flight.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    # fork (where there is one) starts at once and re-imports no __main__; the children run only Pillow and
+    # numpy, never the TensorFlow threads the parent may hold (PyTorch's DataLoader makes the same choice).
+    with ProcessPoolExecutor(workers, mp_context=get_context(FORK if FORK in get_all_start_methods() else None)) \
+            as pool:
         for window in read_sources(root, files):
             jobs = list(chunks(window, DECODE_CHUNK))
             for results in pool.map(decode_chunk, jobs, [options] * len(jobs)):

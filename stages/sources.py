@@ -367,13 +367,16 @@ def pillow_pixels(img: Any, where: str) -> np.ndarray:
     raise ImageError(f"{where}: Pillow image mode {mode!r} is not supported; convert it to 8-bit grey or RGB")
 
 
-def open_image(data: bytes | Path, where: str) -> np.ndarray:
+def open_image(data: bytes | Path, where: str, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """PNG/JPEG/… bytes or file as uint8 [H, W] or [H, W, 3], refusing oversize images and decompression
-    bombs by name before any pixel is decoded."""
+    bombs by name before any pixel is decoded, and (with `formats`) content of any other format than those."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data) as img:
+            if formats is not None and img.format not in formats:
+                suffix = Path(where).suffix
+                raise ImageError(f"the extension {suffix} says {formats[0]} but the content is {img.format}")
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise ImageError(f"{where} is {img.width}x{img.height} pixels, larger than tapeline accepts "
                                  f"({MAX_IMAGE_PIXELS} pixels)")

@@ -74,27 +74,51 @@ def server(tmp_path: Path, s3_url: str, s3_server):
     stop(process)
 
 
+DROP_ROWS = 20
+
+
+def drop_file(seed: int) -> bytes:
+    """A Parquet file of DROP_ROWS labelled PNG images, as a team's nightly export would write it."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tests.helpers import png_bytes, synthetic_images
+
+    images, labels = synthetic_images(DROP_ROWS, seed=seed)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"image": [png_bytes(i) for i in images], "label": labels.astype(np.int64)}), buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+def run_deployment(env: dict[str, str], params: dict) -> str:
+    """Create a run of training-pipeline/manual, let a worker execute it; its flow run id (COMPLETED)."""
+    out = prefect(env, "deployment", "run", "training-pipeline/manual", "--params", json.dumps(params))
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "local", "--run-once"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    run = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{flow_run_id}").json()
+    assert run["state"]["type"] == "COMPLETED", (run["state"], worker.stdout[-3000:])
+    return flow_run_id
+
+
 def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     env = server
     api = env["PREFECT_API_URL"]
     prefect(env, "work-pool", "create", "local", "--type", "process")
     prefect(env, "--no-prompt", "deploy", "--all")
-    params = {"config": {"data": {"source": f"idx:{idx_dir}", "shards": 2},
+    artifacts = env["TAPELINE_ARTIFACTS"]
+    fs = fsspec.filesystem("s3")
+    drop = f"{artifacts.rsplit('/', 1)[0]}/incoming"  # the nightly drop: a bucket prefix beside the artifacts
+    fs.pipe_file(f"{drop.removeprefix('s3://')}/day1.parquet", drop_file(seed=11))
+    params = {"config": {"data": {"source": f"idx:{idx_dir}", "shards": 2, "extra": drop},
                          "model": {"conv_filters": [8, 16], "dense_units": 16},
                          "train": {"max_epochs": 2}}}
-    out = prefect(env, "deployment", "run", "training-pipeline/manual", "--params", json.dumps(params))
-    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
-    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "local", "--run-once"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-    run = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()
-    assert run["state"]["type"] == "COMPLETED", (run["state"], worker.stdout[-3000:])
-    artifacts = env["TAPELINE_ARTIFACTS"]
+    flow_run_id = run_deployment(env, params)
     registry = runs_of(artifacts)
     assert [r["run_id"] for r in registry] == [flow_run_id]
     assert registry[0]["promoted"] is True
-    fs = fsspec.filesystem("s3")
     bucket_prefix = artifacts.removeprefix("s3://")
     record = json.loads(fs.cat_file(f"{bucket_prefix}/runs/{flow_run_id}/metrics.json"))
     assert record["promotion"]["promoted"] is True and record["test_accuracy"] == registry[0]["test_accuracy"]
@@ -108,4 +132,15 @@ def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_p
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC"
     assert nightly["parameters"]["config"]["data"]["extra"] == "incoming"
+
+    # A new file dropped into the bucket prefix: the next run sees new data and trains on it.
+    store = open_store(artifacts)
+    first_data = registry[0]["data_fingerprint"]
+    fs.pipe_file(f"{drop.removeprefix('s3://')}/day2.parquet", drop_file(seed=12))
+    second_run = run_deployment(env, params)
+    second = next(r for r in runs_of(artifacts) if r["run_id"] == second_run)
+    assert second["data_fingerprint"] != first_data
+    records = {fp: sum(s["records"] for s in store.manifest("data", fp)["splits"].values())
+               for fp in (first_data, second["data_fingerprint"])}
+    assert records[second["data_fingerprint"]] == records[first_data] + DROP_ROWS
     print(f"e2e wall time {time.monotonic() - started:.1f} s")
