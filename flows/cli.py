@@ -163,6 +163,9 @@ def format_plan(plan: dict) -> str:
     would_run = plan["would_run"]
     lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: nothing (every stage is cached)")
     lines.append("the promotion step runs on every run")
+    precision = plan["auto"]["train.precision"]
+    lines.append(f"train.precision: {precision['value']} ({precision['reason']}"
+                 + (f"; {precision['unless']})" if "unless" in precision else ")"))
     return "\n".join(lines)
 
 

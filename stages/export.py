@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from stages.builder import import_user_code
-from stages.cache import describe_files, package_versions
+from stages.cache import describe_files, package_versions, read_manifest
 from stages.config import PipelineConfig
 from stages.data import load_split
 from stages.errors import ExportError
@@ -126,12 +126,22 @@ def model_card(config: PipelineConfig, data: DataResult, train: TrainResult, met
         "config": config.model_dump(mode="json"),
         "metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss", "per_class")},
         "training": {"fingerprint": train.fingerprint, "epochs_run": train.epochs_run, "best_epoch": train.best_epoch,
-                     "stopped_early": train.stopped_early, "seconds": round(train.train_seconds, 1)},
+                     "stopped_early": train.stopped_early, "seconds": round(train.train_seconds, 1),
+                     "hardware": read_manifest(train.path).get("hardware")},
         "versions": package_versions(),
         "git_commit": git_commit(),
         "files": files,
         "reload_max_difference": differences,
     }
+
+
+def hardware_lines(hardware: dict[str, Any] | None) -> list[str]:
+    """The model card's line on the machine that trained the model and the precision chosen for it."""
+    if not hardware or "precision" not in hardware:
+        return []
+    precision, machine = hardware["precision"], hardware["precision"]["cpu"]
+    return [f"- Trained in {precision['resolved']} ({precision['reason']}) on {machine['model']}, {machine['cores']} "
+            f"cores, ISA {' '.join(machine['isa']) or 'baseline'}"]
 
 
 def render_model_card(card: dict[str, Any]) -> str:
@@ -145,6 +155,7 @@ def render_model_card(card: dict[str, Any]) -> str:
         f"- Test accuracy **{metrics['test_accuracy']:.4f}**, test loss {metrics['test_loss']:.4f}",
         f"- Training: {training['epochs_run']} epochs, best epoch {training['best_epoch']}"
         f"{' (stopped early)' if training['stopped_early'] else ''}, {training['seconds']} s",
+        *hardware_lines(training.get("hardware")),
         f"- Versions: {', '.join(f'{k} {v}' for k, v in card['versions'].items())}",
         f"- Git commit: {card['git_commit'] or 'unknown'}", "",
         "## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",

@@ -35,6 +35,7 @@ from stages.config import PipelineConfig, output_config
 from stages.data import build_data, data_result, source_identity
 from stages.evaluate import build_evaluation, evaluate_result
 from stages.export import build_export, export_result
+from stages.hardware import planned_choices
 from stages.model import build_model_dir, model_result
 from stages.results import EpochCallback, StageInputs, StageResult
 from stages.store import SavePartial, Store, open_store
@@ -261,4 +262,5 @@ def plan(config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> 
     for name, fp in fingerprints(config, artifacts).items():
         stages[name] = {"fingerprint": fp, "cached": store.problem(name, fp, verify) is None,
                         "path": store.location(name, fp)}
-    return {"stages": stages, "would_run": [name for name, row in stages.items() if not row["cached"]]}
+    return {"stages": stages, "would_run": [name for name, row in stages.items() if not row["cached"]],
+            "auto": planned_choices(config.train.precision)}

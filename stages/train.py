@@ -32,6 +32,7 @@ from stages.config import PipelineConfig, TrainConfig
 from stages.data import Augment, load_split, make_dataset, make_memory_dataset, make_worker_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import ConfigError, TrainingError
+from stages.hardware import cpu, cpu_precision
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
 from stages.warmstart import describe, warm_start
@@ -197,6 +198,23 @@ def configure_coordination(cluster: Cluster, timeout: float) -> None:
             heartbeat_timeout_in_ms=int(min(timeout, 10) * 1000),
             coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=cluster.size)],
         )
+
+
+def precision_decision(name: str) -> dict[str, Any]:
+    """`train.precision` resolved for this machine, with the reason and the CPU (model, cores, ISA features) it
+    was decided on, as the train manifest and the model card record it."""
+    import tensorflow as tf
+
+    resolved = resolve_precision(name)
+    if name != "auto":
+        reason = "set explicitly"
+    elif gpus := tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpus[0])
+        reason = (f"GPU {details.get('device_name', gpus[0].name)}, compute capability "
+                  f"{details.get('compute_capability')}")
+    else:
+        reason = cpu_precision()[1]
+    return {"requested": name, "resolved": resolved, "reason": reason, "cpu": cpu()}
 
 
 def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -692,7 +710,9 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    precision = resolve_precision(config.train.precision)
+    decision = precision_decision(config.train.precision)
+    precision = decision["resolved"]
+    log.info("precision %s (%s)", precision, decision["reason"])
     init = inputs.external
     log.info("training %s", describe(init, config.train.init_from))
     with precision_policy(precision):
@@ -712,6 +732,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "stage": "train", "config": config.train.model_dump(mode="json"),
         "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
         "workers": cluster.size if cluster is not None else 1, "precision": precision,
+        "hardware": {"precision": decision, "input_pipeline": config.train.input_pipeline},
         "input_pipeline": "memory" if trainer.train_in_memory is not None else "stream",
         "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
         "init_from": {"requested": config.train.init_from, "resolved": init}, "summary": summary,

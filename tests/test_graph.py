@@ -69,7 +69,8 @@ def test_code_fingerprint_ignores_comments_and_docstrings_not_code(edited_source
 def test_code_fingerprint_follows_project_imports() -> None:
     assert module_closure("stages.train") == sorted([
         "stages.builder", "stages.cache", "stages.cluster", "stages.codehash", "stages.config", "stages.data",
-        "stages.early_stopping", "stages.errors", "stages.model", "stages.registry", "stages.results",
+        "stages.early_stopping", "stages.errors", "stages.hardware", "stages.images", "stages.model",
+        "stages.registry", "stages.results",
         "stages.sources", "stages.store", "stages.train", "stages.warmstart",
     ])
     assert "stages.registry" not in module_closure("stages.evaluate")  # evaluate knows nothing of production
@@ -145,7 +146,8 @@ def test_plan_reports_cached_outputs_and_what_would_run(tmp_path: Path, idx_dir:
     text = capsys.readouterr().out.splitlines()
     assert text[0] == f"data      {results['data'].fingerprint}  cached  {results['data'].path}"
     assert text[4] == f"evaluate  {results['evaluate'].fingerprint}  to run  {results['evaluate'].path}"
-    assert text[-2:] == ["would run: evaluate", "the promotion step runs on every run"]
+    assert text[-3:-1] == ["would run: evaluate", "the promotion step runs on every run"]
+    assert text[-1].startswith("train.precision: ")
 
 
 @pytest.mark.slow

@@ -216,3 +216,21 @@ def test_cpu_has_amx_reads_the_cpu_flags(tmp_path: Path) -> None:
     assert cpu_has_amx(with_amx) and not cpu_has_amx(without) and not cpu_has_amx(tmp_path / "missing")
     assert resolve_precision("float32") == "float32" and resolve_precision("mixed_float16") == "mixed_float16"
     assert resolve_precision("auto") == ("mixed_bfloat16" if cpu_has_amx() else "float32")  # no GPU here
+
+
+def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from stages.hardware import cpu, cpu_precision
+
+    config = load_config(None, tiny_overrides(f"idx:{idx_dir}", "train.precision=auto", "train.max_epochs=1"))
+    data = run_data(config, tmp_path)
+    trained = run_train(config, data, run_model(config, data, tmp_path), tmp_path)
+    hardware = json.loads((trained.path / "manifest.json").read_text())["hardware"]
+    assert hardware["precision"] == {"requested": "auto", "resolved": resolve_precision("auto"),
+                                     "reason": cpu_precision()[1], "cpu": cpu()}
+    assert cpu()["cores"] >= 1 and ("avx2" in cpu()["isa"]) == (" avx2" in Path("/proc/cpuinfo").read_text())
+    assert main(["plan", "--json", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}"]) == 0
+    planned = json.loads(capsys.readouterr().out)["auto"]["train.precision"]
+    assert planned["value"] == resolve_precision("auto") and planned["reason"] == cpu_precision()[1]
+    assert main(["plan", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}"]) == 0
+    assert f"train.precision: {resolve_precision('auto')} (" in capsys.readouterr().out
