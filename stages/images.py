@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -61,7 +61,6 @@ class Layout:
     files: tuple[ImageFile, ...]
     labels: tuple[int, ...]
     splits: tuple[str | None, ...]
-    fixed_splits: tuple[str, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -120,6 +119,7 @@ def list_remote(url: str) -> list[ImageFile]:
 
     fs, base = remote_filesystem(url)
     with guarded(url):
+        fs.invalidate_cache(base)  # a long-lived worker must see what was dropped since its last listing
         try:
             entries = fs.find(base, detail=True, withdirs=False)
         except FileNotFoundError:
@@ -182,7 +182,6 @@ def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | 
     return Layout(
         class_names=names, files=tuple(placed), labels=tuple(index[f.parts[depth - 1]] for f in placed),
         splits=tuple(f.parts[0] if by_split else None for f in placed),
-        fixed_splits=tuple(sorted({f.parts[0] for f in placed})) if by_split else (),
     )
 
 

@@ -497,6 +497,7 @@ def remote_parquet_files(url: str) -> dict[str, str]:
     fs, path = remote_filesystem(url)
     scheme = url.split("://", 1)[0]
     with guarded(url):
+        fs.invalidate_cache(path.split("*", 1)[0].rsplit("/", 1)[0] if "*" in path else path)
         try:
             if any(c in path for c in "*?["):
                 found = fs.glob(path, detail=True)

@@ -206,8 +206,10 @@ class RemoteStore(Store):
             self.fs.rm(key, recursive=True)
 
     def listing(self, key: str) -> dict[str, int]:
-        """{relative name: size} of every object under `key`."""
+        """{relative name: size} of every object under `key`, listed afresh (fsspec's listing cache would hide
+        objects other processes wrote since, and then make reading them fail)."""
         with guarded(self.root):
+            self.fs.invalidate_cache(key)
             try:
                 found = self.fs.find(key, detail=True, withdirs=False)
             except FileNotFoundError:

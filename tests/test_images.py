@@ -324,3 +324,20 @@ def test_image_keys_are_checked() -> None:
         load_config(None, ["data.interpolation=lanczos"])
     with pytest.raises(ConfigError, match="data.source"):
         load_config(None, ["data.source=images:"])
+
+
+def test_decoding_processes_give_what_one_process_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.images as images
+
+    root = write_folder(tmp_path / "pics", per_class=10, rgb=True)
+    bad_files(root / "coat")
+    layout = images.layout_of(str(root), images.list_files(str(root)), None)
+    options = images.ImageOptions(image_size=(12, 12), interpolation="area")
+    alone = images.decode_all(str(root), layout.files, options, workers=1)
+    monkeypatch.setattr(images, "IN_PROCESS_BELOW", 0)
+    monkeypatch.setattr(images, "DECODE_CHUNK", 7)  # several chunks per process
+    pooled = images.decode_all(str(root), layout.files, options, workers=2)
+    assert pooled.skipped == alone.skipped and len(pooled.skipped) == 5
+    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(alone.pixels, pooled.pixels,
+                                                                                 strict=True))
+    assert sum(p is not None for p in pooled.pixels) == 30
