@@ -157,14 +157,33 @@ def shard_name(split: str, index: int, shards: int) -> str:
     return f"{split}-{index:05d}-of-{shards:05d}.tfrecord"
 
 
-def serialize_example(image: np.ndarray, label: int) -> bytes:
-    """One image as a tf.train.Example: raw uint8 bytes and an int64 label."""
-    import tensorflow as tf
+def varint(value: int) -> bytes:
+    """A non-negative integer in protobuf's base-128 varint encoding."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
-    return tf.train.Example(features=tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-    })).SerializeToString()
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field (wire type 2)."""
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def feature_entry(key: bytes, feature: bytes) -> bytes:
+    """One entry of tf.train.Features' `feature` map: {key, value: Feature}."""
+    return length_delimited(1, length_delimited(1, key) + length_delimited(2, feature))
+
+
+def serialize_example(image: np.ndarray, label: int) -> bytes:
+    """One image as a serialized tf.train.Example: `image` raw uint8 bytes (a BytesList) and `label` an int64 (an
+    Int64List). Encoded here rather than through tf.train.Example, which costs more than the rest of the write
+    for small images; equal to it field for field (a test parses one with TensorFlow)."""
+    image_feature = length_delimited(1, length_delimited(1, image.tobytes()))  # Feature.bytes_list
+    label_feature = length_delimited(3, length_delimited(1, varint(int(label))))  # Feature.int64_list, packed
+    return length_delimited(1, feature_entry(b"image", image_feature) + feature_entry(b"label", label_feature))
 
 
 def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, shards: int) -> list[str]:

@@ -344,3 +344,18 @@ def test_real_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert manifest["splits"]["validation"]["class_counts"] == [600] * 10
     assert sum(f["bytes"] for f in manifest["files"]) > 70000 * 784
     assert run_data(tiny_config("fashion_mnist", "data.shards=4"), tmp_path / "a").cached
+
+
+def test_hand_encoded_examples_are_tensorflow_examples() -> None:
+    import tensorflow as tf
+
+    from stages.data import serialize_example
+
+    rng = np.random.default_rng(0)
+    for shape, label in (((28, 28, 1), 0), ((5, 7, 3), 9), ((96, 96, 3), 300), ((1, 1, 1), 127)):
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        parsed = tf.train.Example.FromString(serialize_example(image, label))
+        expected = tf.train.Example(features=tf.train.Features(feature={
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}))
+        assert parsed == expected
