@@ -32,7 +32,7 @@ from stages.config import PipelineConfig, TrainConfig
 from stages.data import Augment, load_split, make_dataset, make_memory_dataset, make_worker_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import ConfigError, TrainingError
-from stages.hardware import cpu, cpu_precision
+from stages.hardware import BF16_TILES, CPUINFO, cpu, cpu_precision
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
 from stages.warmstart import describe, warm_start
@@ -217,12 +217,9 @@ def precision_decision(name: str) -> dict[str, Any]:
     return {"requested": name, "resolved": resolved, "reason": reason, "cpu": cpu()}
 
 
-def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def cpu_has_amx(cpuinfo: Path = CPUINFO) -> bool:
     """Whether this CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 matmuls run fastest."""
-    try:
-        return " amx_bf16" in cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
+    return BF16_TILES in cpu(cpuinfo)["isa"]
 
 
 def resolve_precision(name: str) -> str:
@@ -236,7 +233,7 @@ def resolve_precision(name: str) -> str:
     if gpus:
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
         return "mixed_float16" if tuple(capability) >= (7, 0) else "float32"
-    return "mixed_bfloat16" if cpu_has_amx() else "float32"
+    return cpu_precision()[0]
 
 
 @contextlib.contextmanager
