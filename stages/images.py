@@ -115,22 +115,15 @@ def list_local(root: Path) -> list[ImageFile]:
 
 def list_remote(url: str) -> list[ImageFile]:
     """Every visible image object under a bucket prefix, from one listing: key, size and ETag."""
-    from stages.store import guarded, remote_filesystem
+    from stages.store import list_objects, object_version
 
-    fs, base = remote_filesystem(url)
-    with guarded(url):
-        fs.invalidate_cache(base)  # a long-lived worker must see what was dropped since its last listing
-        try:
-            entries = fs.find(base, detail=True, withdirs=False)
-        except FileNotFoundError:
-            entries = {}
+    base, entries = list_objects(url)
     prefix = base.rstrip("/") + "/"
     found = []
     for key, info in entries.items():
         relative = key[len(prefix):] if key.startswith(prefix) else key
         if is_visible(relative) and has_image_extension(relative):
-            version = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or "")
-            found.append(ImageFile(relative, int(info.get("size") or 0), version.strip('"')))
+            found.append(ImageFile(relative, int(info.get("size") or 0), object_version(info)))
     if not found and not entries:
         raise DataSourceError(f"data.source images:{url}: nothing under this prefix; check the bucket and prefix")
     return sorted(found, key=lambda f: f.relative)

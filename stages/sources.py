@@ -22,6 +22,7 @@ import numpy as np
 
 from stages.cache import sha256_file
 from stages.errors import DataSourceError, DownloadError, ImageError
+from stages.store import is_remote, list_objects, object_version
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -492,28 +493,10 @@ def load_parquet(files: list[tuple[str, bytes | None]], where: str
 
 def remote_parquet_files(url: str) -> dict[str, str]:
     """{URL: ETag} of the *.parquet objects under a bucket prefix (or matching a glob), from one listing."""
-    from stages.store import guarded, remote_filesystem
-
-    fs, path = remote_filesystem(url)
     scheme = url.split("://", 1)[0]
-    with guarded(url):
-        fs.invalidate_cache(path.split("*", 1)[0].rsplit("/", 1)[0] if "*" in path else path)
-        try:
-            if any(c in path for c in "*?["):
-                found = fs.glob(path, detail=True)
-            else:
-                found = fs.find(path, detail=True, withdirs=False)
-        except FileNotFoundError:
-            found = {}
-    return {f"{scheme}://{key}": str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("size"))
+    _, found = list_objects(url)
+    return {f"{scheme}://{key}": object_version(info)
             for key, info in sorted(found.items()) if key.endswith(".parquet")}
-
-
-def is_bucket_url(pattern: str) -> bool:
-    """Whether a source path is an object-store URL."""
-    from stages.store import is_remote
-
-    return is_remote(pattern)
 
 
 @dataclass(frozen=True)
@@ -525,13 +508,13 @@ class ParquetSource:
 
     def identity(self) -> dict[str, Any]:
         """Checksums of every matched file; for a bucket, each object's ETag from one listing."""
-        if is_bucket_url(self.pattern):
+        if is_remote(self.pattern):
             return {"kind": "parquet", "objects": remote_parquet_files(self.pattern)}
         return {"kind": "parquet", "files": {str(p): source_sha256(p) for p in parquet_files(self.pattern)}}
 
     def files(self) -> list[tuple[str, bytes | None]]:
         """(path, None) for files on disk, (URL, bytes) for objects fetched from a bucket."""
-        if not is_bucket_url(self.pattern):
+        if not is_remote(self.pattern):
             return [(str(p), None) for p in parquet_files(self.pattern)]
         from stages.store import guarded, remote_filesystem
 
@@ -544,7 +527,7 @@ class ParquetSource:
 
     def is_empty(self) -> bool:
         """Whether the pattern names no Parquet file at all (an empty drop folder or prefix adds nothing)."""
-        if is_bucket_url(self.pattern):
+        if is_remote(self.pattern):
             return not remote_parquet_files(self.pattern)
         path = Path(self.pattern)
         return path.is_dir() and not any(path.rglob("*.parquet"))
@@ -572,7 +555,7 @@ def resolve_source(source: str, tfds_data_dir: str | None = None, images: Any = 
     if scheme == "tfds":
         return TfdsSource(rest, tfds_data_dir)
     if scheme == "parquet":
-        if not is_bucket_url(rest):
+        if not is_remote(rest):
             parquet_files(rest)
         return ParquetSource(rest)
     if scheme == "images":

@@ -510,6 +510,26 @@ def open_remote(url: str) -> RemoteStore:
     return RemoteStore(url, fs, path)
 
 
+def object_version(info: dict[str, Any]) -> str:
+    """An object's version from its listing entry: the ETag (S3; etag or md5Hash on GCS), else size and mtime."""
+    return str(info.get("ETag") or info.get("etag") or info.get("md5Hash")
+               or f"{info.get('size')}-{info.get('mtime')}").strip('"')
+
+
+def list_objects(url: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(the bucket path of `url`, {key: listing entry} of every object under it, or matching it when it is a
+    glob), listed afresh: fsspec's listing cache would hide what other processes wrote since."""
+    fs, path = remote_filesystem(url)
+    pattern = any(c in path for c in "*?[")
+    with guarded(url):
+        fs.invalidate_cache(path.split("*", 1)[0].rsplit("/", 1)[0] if pattern else path)
+        try:
+            found = fs.glob(path, detail=True) if pattern else fs.find(path, detail=True, withdirs=False)
+        except FileNotFoundError:
+            found = {}
+    return path, found
+
+
 def open_store(root: str | Path) -> Store:
     """The store of an artifacts root: a directory (or file:// URL) or an object-store URL."""
     normalized = normalize_root(root)

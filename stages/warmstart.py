@@ -8,7 +8,6 @@ next scheduled run start from the new champion. Reading it costs one manifest re
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from stages.store import Store, is_remote, normalize_root, open_store
 
 KEY = "train.init_from"
 FIX = "use --set train.init_from=none to train from scratch"
-log = logging.getLogger("tapeline.warmstart")
 
 
 def split_location(text: str) -> tuple[str | Path, str, str]:
