@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -60,17 +61,25 @@ class Crossings:
         return {"seconds_to": self.seconds, "epochs_to": self.epochs}
 
 
-def loop_contender(name: str, make: Callable, train, validation, test, max_epochs: int) -> dict:
-    """A contender with an `epoch()` function (the tutorial loop, Keras fit): `max_epochs` epochs."""
+def loop_contender(name: str, make: Callable, train, validation, test, max_epochs: int,
+                   stop_at: float | None = None) -> dict:
+    """A contender with an `epoch()` function (the tutorial loop, Keras fit): `max_epochs` epochs, or until
+    validation accuracy reaches `stop_at`."""
     epoch, accuracy = make(train, validation)
     crossings = Crossings()
+    rates = []
     for number in range(1, max_epochs + 1):
+        started = time.perf_counter()
         with redirect_stdout(io.StringIO()):
             epoch()
-        crossings.record(number, accuracy(), name)
+        rates.append(len(train[1]) / (time.perf_counter() - started))
+        reached = accuracy()
+        crossings.record(number, reached, name)
+        if stop_at is not None and reached >= stop_at:
+            break
     total = round(time.perf_counter() - crossings.started, 1)
-    return {**crossings.summary(), "epochs_run": max_epochs, "train_seconds": total,
-            "test_accuracy": round(accuracy(test), 4)}
+    return {**crossings.summary(), "epochs_run": number, "train_seconds": total,
+            "median_images_per_second": round(statistics.median(rates), 1), "test_accuracy": round(accuracy(test), 4)}
 
 
 def tapeline_contender(name: str, source: str, overrides: list[str], max_epochs: int) -> dict:
@@ -84,11 +93,17 @@ def tapeline_contender(name: str, source: str, overrides: list[str], max_epochs:
     data = run_data(config, artifacts)
     model = run_model(config, data, artifacts)
     crossings = Crossings()
-    train = run_train(config, data, model, artifacts,
-                      on_epoch_end=lambda row, _max: crossings.record(int(row["epoch"]), row["val_accuracy"], name))
+    rates: list[float] = []
+
+    def on_epoch_end(row: dict, _max_epochs: int) -> None:
+        rates.append(row["images_per_second"])
+        crossings.record(int(row["epoch"]), row["val_accuracy"], name)
+
+    train = run_train(config, data, model, artifacts, on_epoch_end=on_epoch_end)
     evaluation = run_evaluate(config, data, train, artifacts)
     return {**crossings.summary(), "epochs_run": train.epochs_run, "best_epoch": train.best_epoch,
-            "train_seconds": round(train.seconds, 1), "test_accuracy": evaluation.test_accuracy}
+            "train_seconds": round(train.seconds, 1), "median_images_per_second": round(statistics.median(rates), 1),
+            "test_accuracy": evaluation.test_accuracy}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

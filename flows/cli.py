@@ -166,6 +166,8 @@ def format_plan(plan: dict) -> str:
     precision = plan["auto"]["train.precision"]
     lines.append(f"train.precision: {precision['value']} ({precision['reason']}"
                  + (f"; {precision['unless']})" if "unless" in precision else ")"))
+    onednn = plan["auto"]["onednn"]
+    lines.append(f"oneDNN kernels: {onednn['reason']}")
     return "\n".join(lines)
 
 

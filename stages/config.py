@@ -22,8 +22,9 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_FILTERS, MAX_CONV_LAYERS = 4096, 32
 
 
-# The v1 defaults (until the speed work) and the tutorial's own settings, kept reproducible by name; `fast`
-# trades the last half point of accuracy for a shorter schedule.
+# The v1 defaults (until the speed work), the v2 model (the defaults until the AVX2 work: wider convs) and the
+# tutorial's own settings, kept reproducible by name; `fast` trades the last half point of accuracy for a shorter
+# schedule.
 _V0_TRAINING: dict[str, Any] = {
     "data": {"batch_size": 32},
     "model": {"batch_norm": False, "dropout": 0.0, "dense_units": 64, "conv_filters": [32, 64, 64]},
@@ -32,6 +33,7 @@ _V0_TRAINING: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "constant"}},
     "v1": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "plateau", "input_pipeline": "stream"}},
+    "v2": {"model": {"conv_filters": [32, 64]}, "train": {"decay_epochs": 14}},
     "fast": {"train": {"decay_epochs": 8}},
 }
 
@@ -124,8 +126,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """The CNN: two 3x3 conv layers and a 128-unit dense layer by default (the tutorial's three conv layers and
-    64 units are the `tutorial` and `v1` presets' model); or a Keras model of the user's own (`builder`)."""
+    """The CNN: two 3x3 conv layers of 24 and 48 filters and a 128-unit dense layer by default (the tutorial's
+    three conv layers and 64 units are the `tutorial` and `v1` presets' model, 32 and 64 filters `v2`'s); or a
+    Keras model of the user's own (`builder`)."""
 
     builder: str | None = Field(
         None, json_schema_extra={"omit_when_default": True}, max_length=4096,
@@ -136,7 +139,7 @@ class ModelConfig(Section):
         default_factory=dict, json_schema_extra={"omit_when_default": True},
         description="keyword arguments of model.builder (--set model.params.width=64)",
     )
-    conv_filters: tuple[int, ...] = Field((32, 64), min_length=1, description="filters of each 3x3 conv layer")
+    conv_filters: tuple[int, ...] = Field((24, 48), min_length=1, description="filters of each 3x3 conv layer")
     dense_units: int = Field(128, gt=0, le=65536, description="units of the hidden dense layer")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the logits layer")
     batch_norm: bool = Field(False, description="batch normalization after each conv layer")
@@ -181,7 +184,7 @@ class TrainConfig(Section):
     )
     warmup_epochs: int = Field(1, ge=0, le=100_000, description="cosine: epochs of linear warm-up from a tenth of "
                                "learning_rate")
-    decay_epochs: int = Field(14, gt=0, le=100_000, description="cosine: the epoch at which the rate reaches "
+    decay_epochs: int = Field(12, gt=0, le=100_000, description="cosine: the epoch at which the rate reaches "
                               "min_learning_rate and training ends (max_epochs still caps it)")
     reduce_lr_patience: int = Field(
         1, ge=0, description="plateau: epochs without improvement of the monitor before the learning rate drops "

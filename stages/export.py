@@ -140,8 +140,9 @@ def hardware_lines(hardware: dict[str, Any] | None) -> list[str]:
     if not hardware or "precision" not in hardware:
         return []
     precision, machine = hardware["precision"], hardware["precision"]["cpu"]
+    onednn = f", oneDNN kernels {hardware['onednn']['reason']}" if "onednn" in hardware else ""
     return [f"- Trained in {precision['resolved']} ({precision['reason']}) on {machine['model']}, {machine['cores']} "
-            f"cores, ISA {' '.join(machine['isa']) or 'baseline'}"]
+            f"cores, ISA {' '.join(machine['isa']) or 'baseline'}{onednn}"]
 
 
 def render_model_card(card: dict[str, Any]) -> str:

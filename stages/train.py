@@ -32,7 +32,7 @@ from stages.config import PipelineConfig, TrainConfig
 from stages.data import Augment, load_split, make_dataset, make_memory_dataset, make_worker_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import ConfigError, TrainingError
-from stages.hardware import BF16_TILES, CPUINFO, cpu, cpu_precision
+from stages.hardware import BF16_TILES, CPUINFO, cpu, cpu_precision, onednn_decision
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
 from stages.warmstart import describe, warm_start
@@ -710,6 +710,8 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     decision = precision_decision(config.train.precision)
     precision = decision["resolved"]
     log.info("precision %s (%s)", precision, decision["reason"])
+    onednn = onednn_decision()
+    log.info("oneDNN kernels %s", onednn["reason"])
     init = inputs.external
     log.info("training %s", describe(init, config.train.init_from))
     with precision_policy(precision):
@@ -729,7 +731,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "stage": "train", "config": config.train.model_dump(mode="json"),
         "batching": {"batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer},
         "workers": cluster.size if cluster is not None else 1, "precision": precision,
-        "hardware": {"precision": decision, "input_pipeline": config.train.input_pipeline},
+        "hardware": {"precision": decision, "onednn": onednn, "input_pipeline": config.train.input_pipeline},
         "input_pipeline": "memory" if trainer.train_in_memory is not None else "stream",
         "seed": config.seed, "upstream": {"data": data.fingerprint, "model": model_result.fingerprint},
         "init_from": {"requested": config.train.init_from, "resolved": init}, "summary": summary,

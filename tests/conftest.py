@@ -10,6 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import stages  # noqa: E402,F401  (before TensorFlow, as in every entry point: it turns oneDNN kernels on)
 from tests.helpers import write_idx_dir  # noqa: E402
 
 

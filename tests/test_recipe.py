@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from flows.cli import main
 from stages.config import PRESETS, load_config
 from stages.data import Augment, augment_batch, load_split, make_dataset, make_memory_dataset
 from stages.errors import ConfigError
+from stages.hardware import onednn_enabled, onednn_reason
 from stages.pipeline import run_data, run_evaluate, run_export, run_model, run_train
 from stages.train import (
     build_trainer,
@@ -191,7 +195,7 @@ def test_presets_fill_in_under_the_file_and_set(tmp_path: Path) -> None:
     assert (from_file.preset, from_file.data.batch_size, from_file.train.lr_schedule) == ("tutorial", 16, "constant")
     assert load_config(config_file, [], "v1").train.lr_schedule == "plateau"  # --preset replaces the file's
     assert load_config(None, [], "fast").train.decay_epochs == PRESETS["fast"]["train"]["decay_epochs"]
-    with pytest.raises(ConfigError, match=r"^preset: unknown preset 'quick'; use one of tutorial, v1, fast$"):
+    with pytest.raises(ConfigError, match=r"^preset: unknown preset 'quick'; use one of tutorial, v1, v2, fast$"):
         load_config(None, ["preset=quick"])
 
 
@@ -233,4 +237,35 @@ def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path
     planned = json.loads(capsys.readouterr().out)["auto"]["train.precision"]
     assert planned["value"] == resolve_precision("auto") and planned["reason"] == cpu_precision()[1]
     assert main(["plan", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}"]) == 0
-    assert f"train.precision: {resolve_precision('auto')} (" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"train.precision: {resolve_precision('auto')} (" in text
+    assert hardware["onednn"] == {"enabled": onednn_enabled(), "reason": onednn_reason(onednn_enabled())}
+    assert f"oneDNN kernels: {onednn_reason(onednn_enabled())}" in text
+
+
+def test_onednn_is_preferred_unless_the_user_chose() -> None:
+    from stages.hardware import SET_BY_TAPELINE, prefer_onednn
+
+    unset: dict[str, str] = {}
+    assert prefer_onednn(unset, {}) == "tapeline" and unset == {"TF_ENABLE_ONEDNN_OPTS": "1", SET_BY_TAPELINE: "1"}
+    assert prefer_onednn(unset, {}) == "tapeline"  # a worker process tapeline started inherits both
+    chosen = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert prefer_onednn(chosen, {}) == "user" and chosen == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert prefer_onednn({"TF_ENABLE_ONEDNN_OPTS": "0", SET_BY_TAPELINE: "1"}, {}) == "user"
+    late: dict[str, str] = {}
+    assert prefer_onednn(late, {"tensorflow": object()}) == "imported first" and late == {}
+    assert onednn_reason(False, "user", chosen) == "off: TF_ENABLE_ONEDNN_OPTS=0 set by the user"
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, True), ("0", False)])
+def test_importing_stages_before_tensorflow_turns_onednn_on(setting: str | None, expected: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TAPELINE_SET_ONEDNN")}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    code = ("import stages, tensorflow; from stages.hardware import onednn_decision; import json; "
+            "print(json.dumps(onednn_decision()))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    decision = json.loads(done.stdout.strip().splitlines()[-1])
+    assert decision["enabled"] is expected
+    assert decision["reason"].startswith("on: tapeline set" if setting is None else "off: TF_ENABLE_ONEDNN_OPTS=0")

@@ -1,0 +1,317 @@
+"""Fast on every CPU: the tutorial preset's speed, the default train stage and the physical limit, side by side
+in one script run on whatever CPU this is (its model, cores and ISA features are in the JSON).
+
+Every contender runs in a process of its own, because TensorFlow chooses its kernels (oneDNN or Eigen) once,
+when it loads: the tutorial loop runs as a user runs it (TensorFlow imported first: its own choice for this
+CPU), tapeline as `tapeline run` runs it (`stages` imported first: oneDNN on unless the user chose).
+
+1. Throughput, --rounds interleaved epochs (A B C A B C …; each process keeps training; round 0 is the
+   warm-up): the verbatim tutorial loop, tapeline's loop with `--preset tutorial`, and the same with
+   TF_ENABLE_ONEDNN_OPTS=0 (what the oneDNN lever alone buys).
+2. The ceiling: the fp32 (and, where the CPU has bf16 instructions, bf16) matmul rate measured in the same
+   run, and each contender's share of it (training FLOPs of its model x images per second).
+3. The train stage, --stage-rounds interleaved rounds: today's defaults as a user got them before this work
+   (`--preset v2`, TensorFlow's own kernel choice) vs the defaults: train stage seconds, test accuracy and
+   seconds to 0.90 validation accuracy, and the tutorial loop's seconds to 0.90 (tapeline's validation split
+   for every contender).
+
+    .venv/bin/python benchmarks/cpu_speed.py [--rounds 3] [--limit 20000] [--stage-rounds 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.90
+# name: (TensorFlow imported before tapeline, extra environment, tapeline overrides or None for the tutorial loop)
+THROUGHPUT = {
+    "tutorial_loop": (True, {}, None),
+    "tapeline_tutorial_preset": (False, {}, ["preset=tutorial"]),
+    "tapeline_tutorial_preset_onednn_off": (False, {"TF_ENABLE_ONEDNN_OPTS": "0"}, ["preset=tutorial"]),
+}
+STAGES = {
+    "tutorial_loop": (True, {}, None),
+    "tapeline_v2_defaults": (True, {}, ["preset=v2"]),
+    "tapeline_defaults": (False, {}, []),
+}
+
+
+def training_flops(model: Any) -> float:
+    """FLOPs of one training image through `model`: forward multiply-adds of its Conv2D and Dense layers x 2,
+    and the backward pass counted as twice the forward (the usual 3x)."""
+    forward = 0.0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            height, width, filters = layer.output.shape[1:]
+            kernel = layer.kernel.shape
+            forward += 2 * height * width * filters * kernel[0] * kernel[1] * kernel[2]
+        elif kind == "Dense":
+            forward += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return 3 * forward
+
+
+def matmul_gflops(dtype: str, size: int = 2048, repeats: int = 7) -> float:
+    """The median GFLOP/s of a square matmul in `dtype`, run as one tf.function so only the GEMM is timed."""
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.stateless_uniform((size, size), seed=(1, 2)), dtype)
+    b = tf.cast(tf.random.stateless_uniform((size, size), seed=(3, 4)), dtype)
+    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y), tf.float32)))
+    matmul(a, b).numpy()
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matmul(a, b).numpy()
+        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return statistics.median(rates)
+
+
+def numpy_gflops(size: int = 2048, repeats: int = 7) -> float:
+    """The same fp32 matmul through numpy's BLAS (OpenBLAS): the CPU's ceiling outside TensorFlow."""
+    import numpy as np
+
+    a, b = np.random.default_rng(0).random((2, size, size), dtype=np.float32)
+    rates = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        a @ b
+        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return statistics.median(rates[1:])
+
+
+def this_process() -> dict[str, Any]:
+    """The machine and this process's kernel choice."""
+    from benchmarks.machine import machine
+    from stages.hardware import onednn_decision
+
+    return {"machine": machine(), "onednn": onednn_decision()}
+
+
+def say(payload: dict[str, Any]) -> None:
+    """One JSON line to the parent."""
+    print("RESULT " + json.dumps(payload), flush=True)
+
+
+def throughput_worker(overrides: list[str] | None, limit: int, artifacts: Path) -> None:
+    """Serve the parent: `epoch` trains one epoch and answers its seconds; `ceiling` answers the matmul rates;
+    `accuracy` the validation accuracy."""
+    import io
+    from contextlib import redirect_stdout
+
+    import keras
+
+    from benchmarks.train_throughput import prepare_data, tapeline_contender, tutorial_contender
+    from stages.hardware import cpu
+
+    keras.utils.set_random_seed(0)
+    with redirect_stdout(io.StringIO()):
+        config, data, train, validation = prepare_data(limit, artifacts)
+    if overrides is None:
+        epoch, accuracy = tutorial_contender(train, validation)
+        flops = 16.8e6  # the tutorial CNN (training_flops of the same model)
+    else:
+        epoch, accuracy = tapeline_contender(config, data, validation, artifacts, *overrides)
+        from stages.config import load_config
+        from stages.model import build_model
+
+        flops = training_flops(build_model(load_config(None, overrides).model, data.input_spec))
+    say({"ready": True, "images": len(train[1]), "training_flops_per_image": flops, **this_process()})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "epoch":
+            started = time.perf_counter()
+            with redirect_stdout(io.StringIO()):
+                epoch()
+            say({"seconds": time.perf_counter() - started})
+        elif command == "ceiling":
+            bf16 = any(f in cpu()["isa"] for f in ("avx512_bf16", "amx_bf16"))
+            say({"fp32": matmul_gflops("float32"), "bf16": matmul_gflops("bfloat16") if bf16 else None,
+                 "fp32_numpy": numpy_gflops()})
+        elif command == "accuracy":
+            say({"val_accuracy": accuracy()})
+
+
+def stage_worker(overrides: list[str] | None, max_epochs: int) -> None:
+    """One train-stage contender (or the tutorial loop until TARGET), as time_to_accuracy.py runs it."""
+    import keras
+
+    from benchmarks.time_to_accuracy import loop_contender
+    from benchmarks.time_to_accuracy import tapeline_contender as stage_contender
+    from benchmarks.train_throughput import prepare_data, tutorial_contender
+    from stages.data import load_split
+
+    keras.utils.set_random_seed(0)
+    if overrides is None:
+        _, data, train, validation = prepare_data(None, Path(tempfile.mkdtemp(prefix="tapeline-cpu-")))
+        test = load_split(data.path, "test", normalize=True)
+        result = loop_contender("tutorial_loop", tutorial_contender, train, validation, test, max_epochs,
+                                stop_at=TARGET)
+    else:
+        from stages.sources import DEBIAN_FASHION_MNIST
+
+        if not DEBIAN_FASHION_MNIST.is_dir():
+            raise SystemExit("the train-stage part needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+        from stages.config import load_config
+        from stages.model import build_model
+        from stages.results import InputSpec
+
+        result = stage_contender(" ".join(overrides) or "defaults", "fashion_mnist", overrides, max_epochs)
+        spec = InputSpec(shape=(28, 28, 1), class_names=tuple("0123456789"))
+        result["training_flops_per_image"] = training_flops(build_model(load_config(None, overrides).model, spec))
+    say({**result, **this_process()})
+
+
+class Worker:
+    """A contender's process, driven line by line."""
+
+    def __init__(self, argv: list[str], tensorflow_first: bool, environment: dict[str, str]) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TAPELINE_SET_ONEDNN")}
+        env.update(environment, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, *(["--tensorflow-first"] if tensorflow_first else []), *argv],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+    def ask(self, command: str | None = None) -> dict[str, Any]:
+        """Send `command` (if any) and wait for the worker's next result line."""
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        raise RuntimeError(f"worker {self.process.args} ended with {self.process.wait()}")
+
+    def close(self) -> None:
+        """End the worker."""
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def overrides_argv(overrides: list[str] | None) -> list[str]:
+    """The worker's --set arguments (none: the tutorial loop)."""
+    return ["--tutorial-loop"] if overrides is None else [f"--set={o}" for o in overrides]
+
+
+def throughput_part(rounds: int, limit: int, artifacts: Path) -> dict[str, Any]:
+    """Part 1 and 2: interleaved epochs of each THROUGHPUT contender, and the matmul ceiling."""
+    workers: dict[str, Worker] = {}
+    ready: dict[str, dict[str, Any]] = {}
+    for name, (first, environment, overrides) in THROUGHPUT.items():  # one at a time: the first builds the cache
+        workers[name] = Worker(["--worker", "throughput", f"--limit={limit}", f"--artifacts={artifacts}",
+                                *overrides_argv(overrides)], first, environment)
+        ready[name] = workers[name].ask()
+    seconds: dict[str, list[float]] = {name: [] for name in workers}
+    for index in range(rounds + 1):
+        for name, worker in workers.items():
+            seconds[name].append(worker.ask("epoch")["seconds"])
+            rate = ready[name]["images"] / seconds[name][-1]
+            print(f"round {index} {name:<40} {rate:8.0f} img/s{'  (warm-up)' if index == 0 else ''}", flush=True)
+    ceiling = workers["tapeline_tutorial_preset"].ask("ceiling")
+    results = {}
+    for name, worker in workers.items():
+        rates = [ready[name]["images"] / s for s in seconds[name][1:]]
+        median = statistics.median(rates)
+        results[name] = {
+            "images_per_second": [round(r, 1) for r in rates], "median": round(median, 1),
+            "gflops": round(median * ready[name]["training_flops_per_image"] / 1e9, 1),
+            "share_of_fp32_matmul": round(median * ready[name]["training_flops_per_image"] / 1e9 / ceiling["fp32"], 3),
+            "val_accuracy": round(worker.ask("accuracy")["val_accuracy"], 4), "onednn": ready[name]["onednn"],
+        }
+        worker.close()
+    tutorial = results["tutorial_loop"]["median"]
+    return {
+        "images_per_round": ready["tutorial_loop"]["images"], "batch_size": 32, "results": results,
+        "matmul_gflops": {k: None if v is None else round(v, 1) for k, v in ceiling.items()},
+        "ratio_tutorial_preset_vs_tutorial_loop": round(results["tapeline_tutorial_preset"]["median"] / tutorial, 3),
+        "ratio_tutorial_preset_onednn_off_vs_tutorial_loop":
+            round(results["tapeline_tutorial_preset_onednn_off"]["median"] / tutorial, 3),
+        "machine": ready["tutorial_loop"]["machine"],
+    }
+
+
+def stage_part(rounds: int, max_epochs: int, fp32_gflops: float) -> dict[str, Any]:
+    """Part 3: each STAGES contender in a fresh process, rounds interleaved."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STAGES}
+    for index in range(rounds):
+        for name, (first, environment, overrides) in STAGES.items():
+            worker = Worker(["--worker", "stage", f"--max-epochs={max_epochs}", *overrides_argv(overrides)],
+                            first, environment)
+            runs[name].append(worker.ask())
+            worker.close()
+            row = runs[name][-1]
+            print(f"stage round {index} {name}: to {TARGET} {row['seconds_to'].get(f'{TARGET:.2f}')} s, train "
+                  f"{row['train_seconds']} s, test {row['test_accuracy']}", flush=True)
+
+    def median_of(name: str, pick: Any) -> float | None:
+        values = [v for v in (pick(r) for r in runs[name]) if v is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    def to_target(row: dict[str, Any]) -> float | None:
+        return row["seconds_to"].get(f"{TARGET:.2f}")
+
+    tutorial, old, new = (median_of(n, to_target) for n in STAGES)
+    old_train, new_train = (median_of(n, lambda r: r["train_seconds"]) for n in ("tapeline_v2_defaults",
+                                                                                 "tapeline_defaults"))
+    return {
+        "runs": runs,
+        "defaults_train_stage_vs_v2": round(new_train / old_train, 3) if new_train and old_train else None,
+        "defaults_seconds_to_0.90_vs_tutorial_loop": round(new / tutorial, 3) if new and tutorial else None,
+        "v2_seconds_to_0.90_vs_tutorial_loop": round(old / tutorial, 3) if old and tutorial else None,
+        "defaults_test_accuracy": median_of("tapeline_defaults", lambda r: r["test_accuracy"]),
+        "defaults_images_per_second": median_of("tapeline_defaults", lambda r: r["median_images_per_second"]),
+        "defaults_share_of_fp32_matmul": median_of(
+            "tapeline_defaults", lambda r: r["median_images_per_second"] * r["training_flops_per_image"] / 1e9
+            / fp32_gflops),
+        "v2_share_of_fp32_matmul": median_of(
+            "tapeline_v2_defaults", lambda r: r["median_images_per_second"] * r["training_flops_per_image"] / 1e9
+            / fp32_gflops),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="timed throughput rounds after the warm-up")
+    parser.add_argument("--limit", type=int, default=20000, help="training images in the throughput part")
+    parser.add_argument("--stage-rounds", type=int, default=1, help="train-stage rounds (0 = skip the part)")
+    parser.add_argument("--max-epochs", type=int, default=15, help="epoch cap (tutorial loop; constant-rate presets)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--worker", choices=("throughput", "stage"), help=argparse.SUPPRESS)
+    parser.add_argument("--tensorflow-first", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tutorial-loop", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.tensorflow_first:
+        import tensorflow  # noqa: F401  (before tapeline: TensorFlow's own kernel choice, as the user's script has it)
+    import stages  # noqa: F401  (otherwise first: oneDNN as `tapeline run` has it)
+    overrides = None if args.tutorial_loop else args.set
+    if args.worker == "throughput":
+        return throughput_worker(overrides, args.limit, args.artifacts)
+    if args.worker == "stage":
+        return stage_worker(overrides, args.max_epochs)
+
+    summary: dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
+    summary["throughput"] = throughput_part(args.rounds, args.limit, Path(tempfile.mkdtemp(prefix="tapeline-cpu-")))
+    summary["machine"] = summary["throughput"]["machine"]
+    if args.stage_rounds:
+        summary["train_stage"] = stage_part(args.stage_rounds, args.max_epochs,
+                                            summary["throughput"]["matmul_gflops"]["fp32"])
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
