@@ -2,7 +2,9 @@
 its defaults, and tapeline's train-stage loop with the `tutorial` preset (the tutorial's CNN, fp32, batch 32,
 Adam 1e-3; the input pipeline left to `auto`, which holds the split in memory).
 
-Same data (Fashion-MNIST when installed, else synthetic of the same shape), same CNN, batch 32.
+Same data (Fashion-MNIST when installed, else synthetic of the same shape), same CNN, batch 32. All three
+share one process, so they share tapeline's kernel choice (oneDNN on: `stages` is imported before TensorFlow);
+`benchmarks/cpu_speed.py` runs the tutorial loop in a process of its own, as a user runs it.
 Rounds are interleaved (A B C A B C …); round 0 of each contender is its warm-up (tracing) and is
 reported apart. Each contender keeps training across rounds, so after the last round all three have
 seen the same number of epochs and their validation accuracies can be compared.
