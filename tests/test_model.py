@@ -24,8 +24,8 @@ def test_default_cnn_has_two_convs_and_a_wider_dense_layer() -> None:
     model = build_model(load_config().model, FASHION)
     kinds = [type(layer).__name__ for layer in model.layers[1:]]
     assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense", "Dropout", "Dense"]
-    # 3x3x1x32+32, 3x3x32x64+64, (11*11*64)x128+128, 128x10+10
-    assert model.count_params() == 320 + 18_496 + 11 * 11 * 64 * 128 + 128 + 1_290
+    # 3x3x1x24+24, 3x3x24x48+48, (11*11*48)x128+128, 128x10+10
+    assert model.count_params() == 240 + 10_416 + 11 * 11 * 48 * 128 + 128 + 1_290
     assert model.get_layer("dropout").rate == 0.2
 
 
