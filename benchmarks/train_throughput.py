@@ -37,18 +37,9 @@ FLOPS_PER_IMAGE = 16.8e6  # forward + backward of the tutorial CNN, per training
 def sgemm_gflops(size: int = 2048, repeats: int = 7) -> float:
     """This machine's fp32 compute ceiling, measured: the median GFLOP/s of a square float32 matmul
     (the kernel convolutions lower to), run as one tf.function so only the GEMM is timed."""
-    import tensorflow as tf
+    from benchmarks.cpu_speed import matmul_gflops
 
-    a = tf.random.stateless_uniform((size, size), seed=(1, 2))
-    b = tf.random.stateless_uniform((size, size), seed=(3, 4))
-    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
-    matmul(a, b).numpy()  # trace and warm up
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        matmul(a, b).numpy()
-        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return statistics.median(rates)
+    return matmul_gflops("float32", size, repeats)
 
 
 def prepare_data(limit: int | None, artifacts: Path):
