@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 DATASET := /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
+# Test processes: one per core ("auto"); the slow tests wait on subprocesses and servers, so two halve the time.
+TEST_WORKERS ?= auto
 
 .PHONY: run test lint dataset bench clean-artifacts
 
@@ -30,7 +32,7 @@ run: $(STAMP) dataset
 	$(VENV)/bin/tapeline run $(ARGS)
 
 test: $(STAMP) dataset
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stages flows tests benchmarks examples
