@@ -33,7 +33,7 @@ _V0_TRAINING: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "constant"}},
     "v1": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "plateau", "input_pipeline": "stream"}},
-    "v2": {"model": {"conv_filters": [32, 64]}, "train": {"decay_epochs": 14}},
+    "v2": {"model": {"conv_filters": [32, 64]}, "train": {"decay_epochs": 14, "warmup_epochs": 1}},
     "fast": {"train": {"decay_epochs": 8}},
 }
 
@@ -182,7 +182,7 @@ class TrainConfig(Section):
         "decay_epochs, where training ends; plateau: drop by reduce_lr_factor when the monitor stalls (v1); "
         "constant: learning_rate throughout (the tutorial)"
     )
-    warmup_epochs: int = Field(1, ge=0, le=100_000, description="cosine: epochs of linear warm-up from a tenth of "
+    warmup_epochs: int = Field(0, ge=0, le=100_000, description="cosine: epochs of linear warm-up from a tenth of "
                                "learning_rate")
     decay_epochs: int = Field(12, gt=0, le=100_000, description="cosine: the epoch at which the rate reaches "
                               "min_learning_rate and training ends (max_epochs still caps it)")

@@ -19,7 +19,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert config.data.batch_size == 256
     assert config.data.shuffle_buffer == 10000
     assert config.train.learning_rate == 3e-3
-    assert (config.train.lr_schedule, config.train.warmup_epochs, config.train.decay_epochs) == ("cosine", 1, 12)
+    assert (config.train.lr_schedule, config.train.warmup_epochs, config.train.decay_epochs) == ("cosine", 0, 12)
     assert (config.train.random_shift, config.train.random_flip) == (1, False)
     assert (config.train.precision, config.train.input_pipeline) == ("auto", "auto")
     assert config.train.patience == 5
@@ -32,9 +32,10 @@ def test_defaults_match_the_documented_values() -> None:
 
 def test_v2_preset_is_the_defaults_before_the_avx2_work() -> None:
     v2, defaults = load_config(None, ["preset=v2"]), load_config(None, [])
-    assert (v2.model.conv_filters, v2.train.decay_epochs) == ((32, 64), 14)
+    assert (v2.model.conv_filters, v2.train.decay_epochs, v2.train.warmup_epochs) == ((32, 64), 14, 1)
     assert v2.model.model_copy(update={"conv_filters": defaults.model.conv_filters}) == defaults.model
-    assert v2.train.model_copy(update={"decay_epochs": defaults.train.decay_epochs}) == defaults.train
+    assert v2.train.model_copy(update={"decay_epochs": defaults.train.decay_epochs,
+                                       "warmup_epochs": defaults.train.warmup_epochs}) == defaults.train
     assert v2.data == defaults.data
 
 
