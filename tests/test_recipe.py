@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,8 +117,11 @@ def test_default_recipe_trains_to_the_end_of_its_schedule(tmp_path: Path, idx_di
     rows = history(result.path)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and not result.stopped_early
     rates = [r["learning_rate"] for r in rows]
-    # The end of the warm-up (the peak), then the floor.
-    assert rates[0] == pytest.approx(config.train.learning_rate) and rates[-1] == pytest.approx(1e-5)
+    # No warm-up by default: a quarter of the way down the cosine after epoch 1, then the floor.
+    peak, floor = config.train.learning_rate, config.train.min_learning_rate
+    assert config.train.warmup_epochs == 0
+    assert rates[0] == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert rates[-1] == pytest.approx(floor)
     assert rows[-1]["val_accuracy"] > 0.5
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["precision"] == resolve_precision("auto")
