@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DATASET := /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
-# Test processes: one per core ("auto"); the slow tests wait on subprocesses and servers, so two halve the time.
+# Test processes: one per core ("auto"); the slow tests wait on subprocesses and servers, so two nearly halve the time.
 TEST_WORKERS ?= auto
 
 .PHONY: run test lint dataset bench clean-artifacts
