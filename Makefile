@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 DATASET := /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
-# Test processes: one per core ("auto"); the slow tests wait on subprocesses and servers, so two nearly halve the time.
+# Test processes: one per core ("auto"). One process keeps about one core busy (imports, subprocess start-ups,
+# Python between small steps), so a second nearly halves the time on two cores.
 TEST_WORKERS ?= auto
 
 .PHONY: run test lint dataset bench clean-artifacts
