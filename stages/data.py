@@ -6,10 +6,12 @@ inside the batched reader map, which measured faster than storing floats.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from stages.sources import ParquetSource, RawData, Source, resolve_source
 
 SPLITS = ("train", "validation", "test")
 ENCODING = "uint8"
+GATHER_BATCH = 2048  # images gathered (from memory or a spool) at a time: bounds what writing holds
 log = logging.getLogger("tapeline.data")
 
 
@@ -55,6 +58,122 @@ def image_keys(images: np.ndarray) -> np.ndarray:
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype="S16")
 
 
+# ---------------------------------------------------------------- pools and selections
+
+@dataclass(frozen=True)
+class Pool:
+    """The images and labels of one part of every source, one after another, never copied into one array: a part
+    is a NumPy array or images read on demand (`stages.images.SpooledImages`); rows are gathered when written."""
+
+    parts: tuple[Any, ...]
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, pairs: list[tuple[Any, np.ndarray | None]], where: str) -> Pool:
+        """The present (images, labels) pairs, which must share one image shape."""
+        present = [(x, y) for x, y in pairs if x is not None and y is not None and len(y)]
+        shapes = {tuple(x.shape[1:]) for x, _ in present}
+        if len(shapes) > 1:
+            raise DataSourceError(f"{where}: sources have different image shapes {sorted(shapes)}")
+        labels = np.concatenate([y for _, y in present]) if present else np.zeros(0, np.int64)
+        return cls(tuple(x for x, _ in present), labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W, C) of every image."""
+        return tuple(int(d) for d in self.parts[0].shape[1:])
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """The images at `indices` (in that order) as one uint8 array."""
+        bounds = np.cumsum([0, *(len(p) for p in self.parts)])
+        out = np.empty((len(indices), *self.image_shape), np.uint8)
+        owner = np.searchsorted(bounds, indices, side="right") - 1
+        for number, part in enumerate(self.parts):
+            mine = np.flatnonzero(owner == number)
+            if len(mine):
+                out[mine] = part[indices[mine] - bounds[number]]
+        return out
+
+    @functools.cached_property
+    def keys(self) -> np.ndarray:
+        """`image_keys` of every image, computed once, a batch at a time."""
+        batches = [image_keys(self.gather(chunk)) for chunk in index_batches(np.arange(len(self)))]
+        return np.concatenate(batches) if batches else np.zeros(0, "S16")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A split before it is written: rows of one or more pools, in order."""
+
+    segments: tuple[tuple[Pool, np.ndarray], ...]
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.segments)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every row's label."""
+        return np.concatenate([pool.labels[rows] for pool, rows in self.segments])
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Every row's `image_keys`."""
+        return np.concatenate([pool.keys[rows] for pool, rows in self.segments])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W, C) of every image."""
+        return self.segments[0][0].image_shape
+
+    def subset(self, picked: np.ndarray) -> Selection:
+        """The rows at `picked` (positions in this selection), in that order."""
+        if len(self.segments) == 1:
+            pool, rows = self.segments[0]
+            return Selection(((pool, rows[picked]),))
+        starts = np.cumsum([0, *(len(rows) for _, rows in self.segments)])
+        owner = np.searchsorted(starts, picked, side="right") - 1
+        if np.any(np.diff(owner) < 0):
+            raise ValueError("a subset of a selection of several pools must keep their order")
+        return Selection(tuple((pool, rows[picked[owner == n] - starts[n]])
+                               for n, (pool, rows) in enumerate(self.segments) if np.any(owner == n)))
+
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) of rows start..stop, a bounded batch at a time."""
+        stop = len(self) if stop is None else stop
+        offset = 0
+        for pool, rows in self.segments:
+            lo, hi = max(start - offset, 0), min(stop - offset, len(rows))
+            for chunk in index_batches(rows[lo:hi]) if lo < hi else ():
+                yield pool.gather(chunk), pool.labels[chunk]
+            offset += len(rows)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole selection in memory (for small data and tests)."""
+        parts = list(self.batches())
+        if not parts:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
+        return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def index_batches(indices: np.ndarray, size: int = GATHER_BATCH) -> Iterator[np.ndarray]:
+    """`indices` in consecutive slices of at most `size`."""
+    for start in range(0, len(indices), size):
+        yield indices[start:start + size]
+
+
+def whole(pool: Pool) -> Selection:
+    """Every row of `pool`, in order."""
+    return Selection(((pool, np.arange(len(pool))),))
+
+
+def concatenated(*selections: Selection) -> Selection:
+    """The selections one after another."""
+    return Selection(tuple(segment for s in selections for segment in s.segments if len(segment[1])))
+
+
 # ---------------------------------------------------------------- splitting
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,24 +192,17 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return kept_idx, held_idx
 
 
-def grouped_holdout(images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+def grouped_holdout(keys: np.ndarray, labels: np.ndarray, fraction: float, seed: int
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """`stratified_holdout` over distinct images: every copy of an image lands in the same split. Each group is
-    drawn by its first copy (its label), so data without duplicates splits exactly as before."""
-    _, first, group = np.unique(image_keys(images), return_index=True, return_inverse=True)
+    """`stratified_holdout` over distinct images (equal `image_keys`): every copy of an image lands in the same
+    split. Each group is drawn by its first copy (its label), so data without duplicates splits exactly as before."""
+    _, first, group = np.unique(keys, return_index=True, return_inverse=True)
     representatives = np.sort(first)
     _, held = stratified_holdout(labels[representatives], fraction, seed)
     held_groups = np.zeros(len(first), bool)
     held_groups[group[representatives[held]]] = True
-    held_mask = held_groups[group]
+    held_mask = held_groups[group.reshape(-1)]
     return np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
-
-
-def without_copies_of(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Training data without the exact copies of test images; and how many were dropped."""
-    keep = ~np.isin(image_keys(train_x), image_keys(test_x))
-    return train_x[keep], train_y[keep], int((~keep).sum())
 
 
 def limited(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -100,54 +212,44 @@ def limited(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
-def merge(parts: list[tuple[np.ndarray | None, np.ndarray | None]], where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate (images, labels) pairs of equal image shape."""
-    present = [(x, y) for x, y in parts if x is not None and y is not None and len(y)]
-    shapes = {x.shape[1:] for x, _ in present}
-    if len(shapes) > 1:
-        raise DataSourceError(f"{where}: sources have different image shapes {sorted(shapes)}")
-    return np.concatenate([x for x, _ in present]), np.concatenate([y for _, y in present])
-
-
-def split_arrays(raws: list[RawData], config: DataConfig, seed: int
-                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-    """(train / validation / test arrays, training copies of test images dropped): test from the source (or
-    carved), limit, then a stratified validation; carving is group-aware, so copies never straddle splits."""
+def split_sources(raws: list[RawData], config: DataConfig, seed: int) -> tuple[dict[str, Selection], int]:
+    """(train / validation / test selections, training copies of test images dropped): test from the source (or
+    carved), limit, then a stratified validation; carving is group-aware, so copies never straddle splits. Only
+    indices are computed here: the images stay where the sources hold them until the shards are written."""
     main = raws[0]
     dropped = 0
-    train_x, train_y = merge([(r.train_images, r.train_labels) for r in raws], config.source)
+    train = whole(Pool.of([(r.train_images, r.train_labels) for r in raws], config.source))
     if main.test_images is None:
-        keep, test = grouped_holdout(train_x, train_y, config.test_fraction, seed + 1)
-        test_x, test_y = train_x[test], train_y[test]
-        train_x, train_y = train_x[keep], train_y[keep]
-        extra_test = [(r.test_images, r.test_labels) for r in raws[1:]]
-        test_x, test_y = merge([(test_x, test_y), *extra_test], config.source)
+        keep, held = grouped_holdout(train.keys, train.labels, config.test_fraction, seed + 1)
+        extra_test = whole(Pool.of([(r.test_images, r.test_labels) for r in raws[1:]], config.source))
+        test = concatenated(train.subset(held), extra_test)
+        train = train.subset(keep)
     else:
-        test_x, test_y = merge([(r.test_images, r.test_labels) for r in raws], config.source)
+        test = whole(Pool.of([(r.test_images, r.test_labels) for r in raws], config.source))
         if config.drop_test_duplicates:
-            train_x, train_y, dropped = without_copies_of(train_x, train_y, test_x)
+            copies = np.isin(train.keys, test.keys)
+            dropped = int(copies.sum())
+            train = train.subset(np.flatnonzero(~copies))
             if dropped:
                 log.warning("dropped %d training images that are exact copies of test images "
                             "(data.drop_test_duplicates)", dropped)
-    pool = limited(len(train_y), config.limit, seed + 2)
-    train_x, train_y = train_x[pool], train_y[pool]
+    if len(test) and test.image_shape != train.image_shape:
+        raise DataSourceError(f"{config.source}: sources have different image shapes "
+                              f"{sorted({test.image_shape, train.image_shape})}")
+    train = train.subset(limited(len(train), config.limit, seed + 2))
     if main.validation_images is not None and main.validation_labels is not None:  # the source's own split
-        order = np.random.default_rng(seed + 3).permutation(len(train_y))
-        return {"train": (train_x[order], train_y[order]),
-                "validation": (main.validation_images, main.validation_labels),
-                "test": (test_x, test_y)}, dropped
-    keep, val = grouped_holdout(train_x, train_y, config.validation_fraction, seed)
+        order = np.random.default_rng(seed + 3).permutation(len(train))
+        return {"train": train.subset(order),
+                "validation": whole(Pool.of([(main.validation_images, main.validation_labels)], config.source)),
+                "test": test}, dropped
+    keep, val = grouped_holdout(train.keys, train.labels, config.validation_fraction, seed)
     if len(val) == 0 or len(keep) == 0:
         raise DataSourceError(
-            f"{config.source}: {len(train_y)} training examples leave an empty train or validation split; "
+            f"{config.source}: {len(train)} training examples leave an empty train or validation split; "
             "provide more data or change data.validation_fraction"
         )
     order = np.random.default_rng(seed + 3).permutation(len(keep))
-    return {
-        "train": (train_x[keep][order], train_y[keep][order]),
-        "validation": (train_x[val], train_y[val]),
-        "test": (test_x, test_y),
-    }, dropped
+    return {"train": train.subset(keep[order]), "validation": train.subset(val), "test": test}, dropped
 
 
 # ---------------------------------------------------------------- writing
@@ -177,26 +279,44 @@ def feature_entry(key: bytes, feature: bytes) -> bytes:
     return length_delimited(1, length_delimited(1, key) + length_delimited(2, feature))
 
 
+def label_entry(label: int) -> bytes:
+    """The `label` entry: an int64 in a packed Int64List."""
+    return feature_entry(b"label", length_delimited(3, length_delimited(1, varint(int(label)))))
+
+
 def serialize_example(image: np.ndarray, label: int) -> bytes:
     """One image as a serialized tf.train.Example: `image` raw uint8 bytes (a BytesList) and `label` an int64 (an
     Int64List). Encoded here rather than through tf.train.Example, which costs more than the rest of the write
     for small images; equal to it field for field (a test parses one with TensorFlow)."""
     image_feature = length_delimited(1, length_delimited(1, image.tobytes()))  # Feature.bytes_list
-    label_feature = length_delimited(3, length_delimited(1, varint(int(label))))  # Feature.int64_list, packed
-    return length_delimited(1, feature_entry(b"image", image_feature) + feature_entry(b"label", label_feature))
+    return length_delimited(1, feature_entry(b"image", image_feature) + label_entry(label))
 
 
-def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, shards: int) -> list[str]:
-    """Write a split as `shards` contiguous TFRecord files; returns their names."""
+@functools.lru_cache(maxsize=4096)
+def example_frame(image_bytes: int, label: int) -> tuple[bytes, bytes]:
+    """The bytes of `serialize_example` before and after the image's own bytes: they depend only on the image's
+    size and the label, so each record is written as frame[0] + pixels + frame[1]."""
+    full = serialize_example(np.zeros(image_bytes, np.uint8), label)
+    after = len(label_entry(label))
+    return full[:len(full) - after - image_bytes], full[len(full) - after:]
+
+
+def write_shards(directory: Path, split: str, selection: Selection, shards: int) -> list[str]:
+    """Write a split as `shards` contiguous TFRecord files, a bounded batch of images at a time; returns their
+    names."""
     import tensorflow as tf
 
-    count = max(1, min(shards, len(labels)))
+    count = max(1, min(shards, len(selection)))
+    small, extra = divmod(len(selection), count)  # np.array_split's sizes: the first `extra` shards hold one more
+    bounds = np.cumsum([0, *([small + 1] * extra), *([small] * (count - extra))])
     names = []
-    for index, chunk in enumerate(np.array_split(np.arange(len(labels)), count)):
+    for index in range(count):
         name = shard_name(split, index, count)
         with tf.io.TFRecordWriter(str(directory / name)) as writer:
-            for i in chunk:
-                writer.write(serialize_example(images[i], labels[i]))
+            for images, labels in selection.batches(int(bounds[index]), int(bounds[index + 1])):
+                for image, label in zip(images, labels.tolist(), strict=True):
+                    before, after = example_frame(image.nbytes, label)
+                    writer.write(before + image.tobytes() + after)
         names.append(name)
     return names
 
@@ -225,10 +345,16 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     raws = [s.load() for s in sources]
     names = max((r.class_names for r in raws), key=len)
     loaded = time.perf_counter()
-    splits, dropped = split_arrays(raws, config.data, config.seed)
-    shard_files = {split: write_shards(staging, split, x, y, config.data.shards) for split, (x, y) in splits.items()}
+    try:
+        splits, dropped = split_sources(raws, config.data, config.seed)
+        shard_files = {split: write_shards(staging, split, selection, config.data.shards)
+                       for split, selection in splits.items()}
+        labels = {split: selection.labels for split, selection in splits.items()}
+    finally:
+        for raw in raws:
+            raw.release()
     files = {f["name"]: f for f in describe_files(staging)}
-    shape = tuple(int(d) for d in splits["train"][0].shape[1:])
+    shape = splits["train"].image_shape
     body = {
         "stage": "data",
         "config": config.data.model_dump(mode="json"),
@@ -245,15 +371,15 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
                 "class_counts": class_counts(y, len(names)),
                 "files": [files[n] for n in shard_files[split]],
             }
-            for split, (_, y) in splits.items()
+            for split, y in labels.items()
         },
         "files": list(files.values()),
         "seconds": {"load": round(loaded - started, 3), "split_and_write": round(time.perf_counter() - loaded, 3)},
         "versions": package_versions(),
     }
-    for split, (_, y) in splits.items():
+    for split, y in labels.items():
         log.info("%s: %d records, class counts %s", split, len(y), class_counts(y, len(names)))
-    unseen = [names[c] for c, n in enumerate(class_counts(splits["validation"][1], len(names))) if n == 0]
+    unseen = [names[c] for c, n in enumerate(class_counts(labels["validation"], len(names))) if n == 0]
     if unseen:
         log.warning("classes %s have no validation examples (fewer than 2 training examples each): early "
                     "stopping cannot see them", unseen)

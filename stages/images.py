@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -245,32 +247,56 @@ def decode_one(source: bytes | str, relative: str, options: ImageOptions) -> np.
     reason otherwise."""
     from stages.sources import open_image
 
-    if (os.path.getsize(source) if isinstance(source, str) else len(source)) == 0:
-        raise ImageError("empty file (0 bytes)")
-    data = Path(source) if isinstance(source, str) else source
-    pixels = open_image(data, relative, IMAGE_EXTENSIONS[os.path.splitext(relative)[1].lower()])
+    try:
+        pixels = open_image(source, relative, IMAGE_EXTENSIONS[os.path.splitext(relative)[1].lower()])
+    except ImageError:
+        # Asked only on failure: a stat per good file cost a tenth of the decoding of a small PNG.
+        if (os.path.getsize(source) if isinstance(source, str) else len(source)) == 0:
+            raise ImageError("empty file (0 bytes)") from None
+        raise
     return resize_pixels(pixels, options.image_size, options.interpolation, options.crop_to_aspect_ratio)
 
 
 Job = tuple[int, bytes | str | Exception, str]
+Decision = tuple[int, int, tuple[int, ...]] | tuple[int, None, str]  # (index, offset, shape) or (index, None, why)
+_spool_writers: dict[str, Any] = {}  # per process: its spool file in each spool directory
 
 
-def decode_chunk(chunk: list[Job], options: ImageOptions
-                 ) -> list[tuple[int, np.ndarray | None, str | None]]:
-    """Decode a chunk of (index, bytes or local path, relative path): (index, pixels or None, reason or None).
-    Runs in a worker process; never raises for a bad file."""
+def spool_writer(directory: str) -> Any:
+    """This process's append-only spool file in `directory` (one per process, so writers never share one)."""
+    if directory not in _spool_writers:
+        _spool_writers[directory] = open(os.path.join(directory, f"rows-{os.getpid()}.bin"), "ab")  # noqa: SIM115
+    return _spool_writers[directory]
+
+
+def close_spool_writer(directory: str) -> None:
+    """Close this process's spool file in `directory`, if it has one."""
+    writer = _spool_writers.pop(directory, None)
+    if writer is not None:
+        writer.close()
+
+
+def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> tuple[str, list[Decision]]:
+    """Decode a chunk of (index, bytes or local path, relative path) and append the pixels to this process's spool
+    file in `directory`: (the file's name, per job (index, offset, shape) or (index, None, reason)). Runs in a
+    worker process; never raises for a bad file, and sends back no pixels."""
     from PIL import UnidentifiedImageError
 
-    out: list[tuple[int, np.ndarray | None, str | None]] = []
+    writer = spool_writer(directory)
+    out: list[Decision] = []
     for index, source, relative in chunk:
         if isinstance(source, Exception):
             out.append((index, None, f"cannot be read ({type(source).__name__}: {source})"))
             continue
         try:
-            out.append((index, decode_one(source, relative, options), None))
+            pixels = np.ascontiguousarray(decode_one(source, relative, options))
         except (ImageError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             out.append((index, None, reason_of(exc, relative)))
-    return out
+            continue
+        out.append((index, writer.tell(), pixels.shape))
+        writer.write(pixels.data)
+    writer.flush()
+    return os.path.basename(writer.name), out
 
 
 def reason_of(exc: BaseException, relative: str) -> str:
@@ -303,57 +329,134 @@ def read_sources(root: str, files: tuple[ImageFile, ...]) -> Iterator[list[Job]]
                for (i, f), data in zip(window, (fetched[k] for k in keys), strict=True)]
 
 
-@dataclass
-class Decoded:
-    """Decoded images in file order (None where skipped) and the skipped files with their reasons."""
+class Spool:
+    """Decoded images on local disk (one append-only file per decoding process), in file order, with each image's
+    place and shape: what this process holds per image is a file index, an offset and a shape (about 40 bytes),
+    never its pixels. The files are removed with the spool (`close`, or when it is garbage-collected)."""
 
-    pixels: list[np.ndarray | None]
-    skipped: list[dict[str, str]]
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="tapeline-spool-")
+        self.directory = self._directory.name
+        self._names: list[str] = []
+        self._fds: list[int] = []
+        self._placed: list[tuple[int, ...]] = []  # (listing index, file index, offset, h, w, c, ndim)
+        self._release = weakref.finalize(self, release_spool, self._fds, self._directory)
+        self.rows = np.zeros(0, np.int64)  # per spooled image: its index in the listing
+        self.place = np.zeros((0, 2), np.int64)
+        self.shapes = np.zeros((0, 4), np.int32)  # h, w, c (1 for [H, W]), ndim
+
+    def add(self, name: str, decisions: list[Decision], files: tuple[ImageFile, ...],
+            skipped: list[dict[str, str]]) -> None:
+        """Record a decoded chunk (spooled in `name`), and its skipped files."""
+        if name not in self._names:
+            self._names.append(name)
+            self._fds.append(os.open(os.path.join(self.directory, name), os.O_RDONLY))
+        file_index = self._names.index(name)
+        for index, offset, detail in decisions:
+            if offset is None:
+                skipped.append({"path": files[index].relative, "reason": str(detail) or "unreadable"})
+            else:
+                h, w, *c = detail
+                self._placed.append((index, file_index, offset, h, w, c[0] if c else 1, len(detail)))
+
+    def seal(self) -> None:
+        """Turn the recorded places into arrays, in listing order (decoding processes finish out of order)."""
+        placed = np.asarray(self._placed, np.int64).reshape(-1, 7)
+        placed = placed[np.argsort(placed[:, 0], kind="stable")]
+        self._placed = []
+        self.rows, self.place, self.shapes = placed[:, 0], placed[:, 1:3], placed[:, 3:7].astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, row: int) -> np.ndarray:
+        """Spooled image `row` as decoded: uint8 [H, W] or [H, W, C]."""
+        file_index, offset = self.place[row]
+        h, w, c, ndim = (int(v) for v in self.shapes[row])
+        data = os.pread(self._fds[file_index], h * w * c, int(offset))
+        return np.frombuffer(data, np.uint8).reshape((h, w, c) if ndim == 3 else (h, w))
+
+    def close(self) -> None:
+        """Remove the spool files (at once; otherwise when the spool is garbage-collected)."""
+        self._release()
+
+
+def release_spool(fds: list[int], directory: tempfile.TemporaryDirectory) -> None:
+    """Close a spool's files and remove its directory."""
+    while fds:
+        os.close(fds.pop())
+    directory.cleanup()
+
+
+@dataclass(frozen=True)
+class SpooledImages:
+    """Some of a spool's images as the model sees them, uint8 [N, H, W, C] in one size and colour mode, read on
+    demand: `images[indices]` gives an array, the way a NumPy array of all of them would."""
+
+    spool: Spool
+    rows: np.ndarray
+    size: tuple[int, int]
+    channels: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, H, W, C)."""
+        return (len(self.rows), *self.size, self.channels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        picked = self.rows[indices]
+        out = np.empty((len(picked), *self.size, self.channels), np.uint8)
+        for i, row in enumerate(picked):
+            out[i] = to_channels(self.spool.read(int(row)), self.channels)
+        return out
 
 
 def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, workers: int | None = None
-               ) -> Decoded:
-    """Decode every file once, on `workers` processes (default: every core)."""
+               ) -> tuple[Spool, list[dict[str, str]]]:
+    """Decode every file once, on `workers` processes (default: every core), into a spool on local disk; returns
+    it and the skipped files with their reasons."""
     workers = workers or os.cpu_count() or 1
-    pixels: list[np.ndarray | None] = [None] * len(files)
-    skipped: list[dict[str, str]] = []
-
-    def store(results: list[tuple[int, np.ndarray | None, str | None]]) -> None:
-        for index, image, reason in results:
-            if image is None:
-                skipped.append({"path": files[index].relative, "reason": reason or "unreadable"})
-            else:
-                pixels[index] = image
-
-    if workers == 1 or len(files) < IN_PROCESS_BELOW:  # starting processes costs more than it saves
-        for window in read_sources(root, files):
-            store(decode_chunk(window, options))
-        return Decoded(pixels, skipped)
-    # fork (where there is one) starts at once and re-imports no __main__; the children run only Pillow and
-    # numpy, never the TensorFlow threads the parent may hold (PyTorch's DataLoader makes the same choice).
-    with ProcessPoolExecutor(workers, mp_context=get_context(FORK if FORK in get_all_start_methods() else None)) \
-            as pool:
-        for window in read_sources(root, files):
-            jobs = list(chunks(window, DECODE_CHUNK))
-            for results in pool.map(decode_chunk, jobs, [options] * len(jobs)):
-                store(results)
-    return Decoded(pixels, skipped)
+    spool, skipped = Spool(), []
+    try:
+        if workers == 1 or len(files) < IN_PROCESS_BELOW:  # starting processes costs more than it saves
+            for window in read_sources(root, files):
+                spool.add(*decode_chunk(window, options, spool.directory), files, skipped)
+            close_spool_writer(spool.directory)
+        else:
+            # fork (where there is one) starts at once and re-imports no __main__; the children run only Pillow
+            # and numpy, never the TensorFlow threads the parent may hold (PyTorch's DataLoader does the same).
+            context = get_context(FORK if FORK in get_all_start_methods() else None)
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for window in read_sources(root, files):
+                    jobs = list(chunks(window, DECODE_CHUNK))
+                    for name, decisions in pool.map(decode_chunk, jobs, [options] * len(jobs),
+                                                    [spool.directory] * len(jobs)):
+                        spool.add(name, decisions, files, skipped)
+        spool.seal()
+    except BaseException:
+        spool.close()
+        raise
+    return spool, skipped
 
 
-def stack_decoded(pixels: list[np.ndarray], color_mode: str, image_size: tuple[int, int] | None, where: str
-                  ) -> np.ndarray:
-    """The decoded images as one uint8 [N, H, W, C] array in the colour mode (auto: RGB when any has colour)."""
-    channels = 3 if color_mode == "rgb" or (color_mode == "auto" and any(p.ndim == 3 for p in pixels)) else 1
-    if image_size is None:
-        sizes = {p.shape[:2] for p in pixels}
-        if len(sizes) > 1:
-            listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4]) + ("…" if len(sizes) > 4 else "")
-            raise DataSourceError(f"data.image_size: {where} has images of {len(sizes)} sizes ({listed}); set "
-                                  "data.image_size: [H, W] to resize them to one size")
-    out = np.empty((len(pixels), *pixels[0].shape[:2], channels), np.uint8)
-    for i, p in enumerate(pixels):
-        out[i] = to_channels(p, channels)
-    return out
+def channels_of(spool: Spool, color_mode: str) -> int:
+    """1 or 3: the colour mode's channels (auto: RGB when any image has colour)."""
+    return 3 if color_mode == "rgb" or (color_mode == "auto" and bool((spool.shapes[:, 3] == 3).any())) else 1
+
+
+def common_size(spool: Spool, image_size: tuple[int, int] | None, where: str) -> tuple[int, int]:
+    """The images' one size: `data.image_size`, or the size they all share (DataSourceError otherwise)."""
+    if image_size is not None:
+        return tuple(image_size)
+    sizes = np.unique(spool.shapes[:, :2], axis=0)
+    if len(sizes) > 1:
+        listed = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + ("…" if len(sizes) > 4 else "")
+        raise DataSourceError(f"data.image_size: {where} has images of {len(sizes)} sizes ({listed}); set "
+                              "data.image_size: [H, W] to resize them to one size")
+    return int(sizes[0][0]), int(sizes[0][1])
 
 
 # ---------------------------------------------------------------- the source
@@ -372,36 +475,41 @@ class ImageFolderSource:
         return {"kind": "images", "files": len(files), "digest": identity_digest(files)}
 
     def load(self) -> Any:
-        """Decode every listed file once; the unreadable ones are skipped and reported, never raised."""
+        """Decode every listed file once into a spool on local disk; the unreadable ones are skipped and reported,
+        never raised. The splits' images are read from the spool when the shards are written."""
         from stages.sources import RawData
 
         where = f"images:{self.root}"
         listed = list_files(self.root)
         layout = layout_of(self.root, listed, self.class_names)
-        decoded = decode_all(self.root, layout.files, self.options)
-        kept = [i for i, p in enumerate(decoded.pixels) if p is not None]
-        if not kept:
-            example = decoded.skipped[0] if decoded.skipped else {"path": "-", "reason": "no files"}
+        spool, skipped = decode_all(self.root, layout.files, self.options)
+        if not len(spool):
+            spool.close()
+            example = skipped[0] if skipped else {"path": "-", "reason": "no files"}
             raise DataSourceError(f"data.source {where}: none of the {len(layout.files)} files is a readable image "
                                   f"(e.g. {example['path']}: {example['reason']})")
-        images = stack_decoded([decoded.pixels[i] for i in kept], self.options.color_mode, self.options.image_size,
-                               f"data.source {where}")
-        labels = np.asarray([layout.labels[i] for i in kept], np.int64)
-        splits = np.asarray([layout.splits[i] or "train" for i in kept])
+        try:
+            size = common_size(spool, self.options.image_size, f"data.source {where}")
+        except DataSourceError:
+            spool.close()
+            raise
+        channels = channels_of(spool, self.options.color_mode)
+        labels = np.asarray(layout.labels, np.int64)[spool.rows]
+        splits = np.asarray([s or "train" for s in layout.splits])[spool.rows]
 
-        def part(name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-            mask = splits == name
-            return (images[mask], labels[mask]) if mask.any() else (None, None)
+        def part(name: str) -> tuple[SpooledImages | None, np.ndarray | None]:
+            rows = np.flatnonzero(splits == name)
+            return (SpooledImages(spool, rows, size, channels), labels[rows]) if len(rows) else (None, None)
 
-        for skipped in decoded.skipped[:5]:
-            log.warning("skipped %s: %s", skipped["path"], skipped["reason"])
-        if decoded.skipped:
-            log.warning("skipped %d of %d image files (listed in the data manifest)", len(decoded.skipped),
-                        len(layout.files))
+        for bad in skipped[:5]:
+            log.warning("skipped %s: %s", bad["path"], bad["reason"])
+        if skipped:
+            log.warning("skipped %d of %d image files (listed in the data manifest)", len(skipped), len(layout.files))
         train_x, train_y = part("train")
         if train_x is None:
+            spool.close()
             raise DataSourceError(f"data.source {where}: no readable training images")
         test_x, test_y = part("test")
         val_x, val_y = part("validation")
         return RawData(train_x, train_y, test_x, test_y, layout.class_names, validation_images=val_x,
-                       validation_labels=val_y, skipped=tuple(decoded.skipped), files=len(layout.files))
+                       validation_labels=val_y, skipped=tuple(skipped), files=len(layout.files))

@@ -44,7 +44,8 @@ MAX_IDX_DATA_BYTES = 2 * 1024**3  # 45x Fashion-MNIST's training images
 
 @dataclass(frozen=True)
 class RawData:
-    """Images as uint8 [N, H, W, C] and int64 labels; `test_*` (`validation_*`) is None when the source has no
+    """Images as uint8 [N, H, W, C] (an array, or images read on demand such as an image folder's
+    `stages.images.SpooledImages`: a `shape`, a length and `images[indices]`) and int64 labels; `test_*` (`validation_*`) is None when the source has no
     test (validation) split of its own. `skipped` lists the files a source could not use, with the reason;
     `files` is how many it tried (image folders)."""
 
@@ -57,6 +58,12 @@ class RawData:
     validation_labels: np.ndarray | None = None
     skipped: tuple[dict[str, str], ...] = ()
     files: int | None = None
+
+    def release(self) -> None:
+        """Free what holds images read on demand (an image folder's on-disk spool); arrays need nothing."""
+        for images in (self.train_images, self.test_images, self.validation_images):
+            if hasattr(images, "spool"):
+                images.spool.close()
 
 
 class Source(Protocol):

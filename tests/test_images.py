@@ -333,11 +333,16 @@ def test_decoding_processes_give_what_one_process_gives(tmp_path: Path, monkeypa
     bad_files(root / "coat")
     layout = images.layout_of(str(root), images.list_files(str(root)), None)
     options = images.ImageOptions(image_size=(12, 12), interpolation="area")
-    alone = images.decode_all(str(root), layout.files, options, workers=1)
+    alone, alone_skipped = images.decode_all(str(root), layout.files, options, workers=1)
     monkeypatch.setattr(images, "IN_PROCESS_BELOW", 0)
     monkeypatch.setattr(images, "DECODE_CHUNK", 7)  # several chunks per process
-    pooled = images.decode_all(str(root), layout.files, options, workers=2)
-    assert pooled.skipped == alone.skipped and len(pooled.skipped) == 5
-    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(alone.pixels, pooled.pixels,
-                                                                                 strict=True))
-    assert sum(p is not None for p in pooled.pixels) == 30
+    pooled, pooled_skipped = images.decode_all(str(root), layout.files, options, workers=2)
+    assert pooled_skipped == alone_skipped and len(pooled_skipped) == 5
+    assert len(pooled) == len(alone) == 30 and pooled.rows.tolist() == alone.rows.tolist()
+    assert len(os.listdir(pooled.directory)) == 2  # one spool file per decoding process
+    for row, index in enumerate(pooled.rows):
+        expected = images.decode_one(str(root / layout.files[index].relative), layout.files[index].relative, options)
+        assert np.array_equal(pooled.read(row), expected) and np.array_equal(alone.read(row), expected)
+    directory = pooled.directory
+    pooled.close()
+    assert not os.path.exists(directory)
