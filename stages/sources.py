@@ -44,10 +44,10 @@ MAX_IDX_DATA_BYTES = 2 * 1024**3  # 45x Fashion-MNIST's training images
 
 @dataclass(frozen=True)
 class RawData:
-    """Images as uint8 [N, H, W, C] (an array, or images read on demand such as an image folder's
-    `stages.images.SpooledImages`: a `shape`, a length and `images[indices]`) and int64 labels; `test_*` (`validation_*`) is None when the source has no
-    test (validation) split of its own. `skipped` lists the files a source could not use, with the reason;
-    `files` is how many it tried (image folders)."""
+    """Images as uint8 [N, H, W, C] and int64 labels. Images are an array, or read on demand (an image folder's
+    `stages.images.SpooledImages`: a `shape`, a length and `images[indices]`). `test_*` (`validation_*`) is None
+    when the source has no test (validation) split of its own. `skipped` lists the files a source could not use,
+    with the reason; `files` is how many it tried (image folders)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
