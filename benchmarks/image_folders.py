@@ -190,12 +190,12 @@ def main() -> None:
     written = write_fashion_pngs(work / "fashion")
     print(f"wrote {written} PNG files in {time.perf_counter() - started:.1f} s", flush=True)
 
-    from stages.images import content_sha256
+    from stages.images import forget_hashes
 
     rounds: list[dict] = []
     for number in range(1, args.rounds + 1):  # interleaved: each round runs every contender once
         keras_seconds, keras_images = keras_pass_seconds(work / "fashion")
-        content_sha256.cache_clear()  # cold: every round hashes the files again
+        forget_hashes()  # cold: every round hashes the files again
         config = load_config(None, [f"data.source=images:{work / 'fashion'}", "train.max_epochs=2",
                                     "train.decay_epochs=2"])
         started = time.perf_counter()

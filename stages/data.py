@@ -7,7 +7,6 @@ inside the batched reader map, which measured faster than storing floats.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import numpy as np
 from stages.cache import describe_files, package_versions, read_manifest
 from stages.config import DataConfig, PipelineConfig
 from stages.errors import DataSourceError
-from stages.images import ImageOptions
+from stages.images import ImageFolderSource, ImageOptions, SpooledImages, pixel_key
 from stages.results import DataResult, InputSpec, StageInputs
 from stages.sources import ParquetSource, RawData, Source, resolve_source
 
@@ -53,9 +52,8 @@ def source_identity(config: PipelineConfig, *_context: Any) -> list[dict[str, An
 
 
 def image_keys(images: np.ndarray) -> np.ndarray:
-    """A 16-byte hash of each image's decoded pixels: equal keys, equal images."""
-    flat = np.ascontiguousarray(images).reshape(len(images), int(np.prod(images.shape[1:])))
-    return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype="S16")
+    """A 16-byte hash of each image's decoded pixels (`stages.images.pixel_key`): equal keys, equal images."""
+    return np.array([pixel_key(image) for image in np.ascontiguousarray(images)], dtype="S16").reshape(-1)
 
 
 # ---------------------------------------------------------------- pools and selections
@@ -99,9 +97,8 @@ class Pool:
 
     @functools.cached_property
     def keys(self) -> np.ndarray:
-        """`image_keys` of every image, computed once, a batch at a time."""
-        batches = [image_keys(self.gather(chunk)) for chunk in index_batches(np.arange(len(self)))]
-        return np.concatenate(batches) if batches else np.zeros(0, "S16")
+        """`image_keys` of every image, computed once (an array's a batch at a time; a spool knows its own)."""
+        return np.concatenate([keys_of(part) for part in self.parts]) if self.parts else np.zeros(0, "S16")
 
 
 @dataclass(frozen=True)
@@ -156,6 +153,14 @@ class Selection:
         if not parts:
             return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
         return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def keys_of(images: Any) -> np.ndarray:
+    """`image_keys` of an array, a batch at a time, or of `SpooledImages` (hashed when they were decoded)."""
+    if isinstance(images, SpooledImages):
+        return images.image_keys()
+    batches = [image_keys(images[chunk]) for chunk in index_batches(np.arange(len(images)))]
+    return np.concatenate(batches) if batches else np.zeros(0, "S16")
 
 
 def index_batches(indices: np.ndarray, size: int = GATHER_BATCH) -> Iterator[np.ndarray]:
@@ -342,7 +347,8 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     sources = data_sources(config.data)
     # The graph computed the identity for the fingerprint already (for an image folder: a walk of every file).
     identity = inputs.external if inputs.external is not None else [s.identity() for s in sources]
-    raws = [s.load() for s in sources]
+    raws = [s.load_listed(known) if isinstance(s, ImageFolderSource) else s.load()
+            for s, known in zip(sources, identity, strict=True)]
     names = max((r.class_names for r in raws), key=len)
     loaded = time.perf_counter()
     try:

@@ -21,10 +21,9 @@ import weakref
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,13 +36,17 @@ INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
 DECODE_CHUNK = 256  # files per task sent to a decoding process: amortizes the pickling, bounds memory in flight
 WINDOW = 8192  # bucket objects fetched at once
 FORK = "fork"
-IN_PROCESS_BELOW = 1024  # fewer files than this are decoded in this process
+IN_PROCESS_BELOW = 1024  # fewer files than this are decoded (hashed) in this process
+HASH_CHUNK = 2048  # files per hashing task: hashing a small file costs less than sending its path
+MAX_REMEMBERED_HASHES = 1 << 21
+_hashes: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> SHA-256, in this process
+_listings: dict[str, tuple[str, list[ImageFile]]] = {}  # root -> (digest, listing) of its last identity() here
 log = logging.getLogger("tapeline.images")
 
 
-@dataclass(frozen=True)
-class ImageFile:
-    """One listed file: its path relative to DIR, its size and a version (content SHA-256 or ETag)."""
+class ImageFile(NamedTuple):
+    """One listed file: its path relative to DIR, its size and a version (content SHA-256 or ETag). A named
+    tuple: a listing holds one per file, and a tuple is built several times faster than a frozen dataclass."""
 
     relative: str
     size: int
@@ -75,6 +78,11 @@ class ImageOptions:
     crop_to_aspect_ratio: bool = False
 
 
+def pixel_key(pixels: np.ndarray) -> bytes:
+    """A 16-byte BLAKE2b of an image's pixel bytes (C order): equal keys, equal images (`stages.data.image_keys`)."""
+    return hashlib.blake2b(np.ascontiguousarray(pixels).data, digest_size=16).digest()
+
+
 # ---------------------------------------------------------------- listing
 
 def is_visible(relative: str) -> bool:
@@ -84,18 +92,73 @@ def is_visible(relative: str) -> bool:
 
 def has_image_extension(relative: str) -> bool:
     """Whether the file name ends in one of IMAGE_EXTENSIONS, in any case."""
-    return os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
+    name = relative.rpartition("/")[2]
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS  # as os.path.splitext: ".png" alone has none
 
 
-@lru_cache(maxsize=1 << 20)
-def content_sha256(path: str, _size: int, _mtime_ns: int, _inode: int) -> str:
-    """A file's SHA-256, hashed once per process while its size, mtime and inode stay the same."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def file_sha256(path: str) -> str:
+    """A file's SHA-256 (read with os.read: for a small file, Python's buffered file object costs more than the
+    reading)."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while block := os.read(fd, 1 << 20):
+            digest.update(block)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
-def walk(directory: str, relative: str = "") -> Iterator[tuple[str, os.stat_result, str]]:
-    """(relative path, stat, full path) of every visible file below `directory`, in sorted order."""
+def stat_and_hash(paths: list[str]) -> list[tuple[int, int, int, str]]:
+    """(size, mtime_ns, inode, SHA-256) of each file, the hash remembered by this process (or, forked, by its
+    parent) while size, mtime and inode are unchanged: a decoding process's share of a listing."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+            out.append((*key[1:], _hashes.get(key) or file_sha256(path)))
+        except FileNotFoundError:  # removed since the walk: not part of this listing
+            out.append((-1, 0, 0, ""))
+    return out
+
+
+def stats_and_hashes(paths: list[str]) -> list[tuple[int, int, int, str]]:
+    """`stat_and_hash` of every path on every core (the stat calls and reading dominate a walk of small files);
+    the hashes are remembered here for the next listing."""
+    if len(_hashes) + len(paths) > MAX_REMEMBERED_HASHES:
+        _hashes.clear()
+    found = on_every_core(stat_and_hash, paths, HASH_CHUNK)
+    _hashes.update(((path, size, mtime, inode), sha)
+                   for path, (size, mtime, inode, sha) in zip(paths, found, strict=True) if size >= 0)
+    return found
+
+
+def forget_hashes() -> None:
+    """Drop what this process remembers of files' hashes (a benchmark's cold round)."""
+    _hashes.clear()
+
+
+def on_every_core(function: Any, items: list[Any], chunk: int = DECODE_CHUNK) -> list[Any]:
+    """`function` (list -> list of results) over `items` in chunks on every core, results in order; in this
+    process when there are few."""
+    workers = os.cpu_count() or 1
+    if workers == 1 or len(items) < IN_PROCESS_BELOW:
+        return function(items)
+    with ProcessPoolExecutor(workers, mp_context=fork_context()) as pool:
+        return [result for part in pool.map(function, chunks(items, chunk)) for result in part]
+
+
+def fork_context() -> Any:
+    """fork where there is one: it starts at once and re-imports no __main__; the children run only Pillow,
+    hashlib and numpy, never the TensorFlow threads the parent may hold (PyTorch's DataLoader does the same)."""
+    return get_context(FORK if FORK in get_all_start_methods() else None)
+
+
+def walk(directory: str, relative: str = "") -> Iterator[tuple[str, str]]:
+    """(relative path, full path) of every visible file below `directory`, in sorted order (no stat: the
+    directory entries say what is a file)."""
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.name.startswith("."):
@@ -104,15 +167,17 @@ def walk(directory: str, relative: str = "") -> Iterator[tuple[str, os.stat_resu
             if entry.is_dir(follow_symlinks=True):
                 yield from walk(entry.path, f"{name}/")
             elif entry.is_file(follow_symlinks=True):
-                yield name, entry.stat(follow_symlinks=True), entry.path
+                yield name, entry.path
 
 
 def list_local(root: Path) -> list[ImageFile]:
     """Every visible image file under `root`, sorted, with its size and content SHA-256."""
     if not root.is_dir():
         raise DataSourceError(f"data.source images:{root}: directory does not exist")
-    return [ImageFile(relative, st.st_size, content_sha256(path, st.st_size, st.st_mtime_ns, st.st_ino))
-            for relative, st, path in walk(str(root)) if has_image_extension(relative)]
+    found = [(relative, path) for relative, path in walk(str(root)) if has_image_extension(relative)]
+    described = stats_and_hashes([path for _, path in found])
+    return [ImageFile(relative, size, sha)
+            for (relative, _), (size, _, _, sha) in zip(found, described, strict=True) if size >= 0]
 
 
 def list_remote(url: str) -> list[ImageFile]:
@@ -258,7 +323,19 @@ def decode_one(source: bytes | str, relative: str, options: ImageOptions) -> np.
 
 
 Job = tuple[int, bytes | str | Exception, str]
-Decision = tuple[int, int, tuple[int, ...]] | tuple[int, None, str]  # (index, offset, shape) or (index, None, why)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What a decoding process sends back for a chunk: where in its spool file each good image went, its shape
+    and pixel key, as arrays (one message, not a tuple per image), and the skipped files' (index, reason)."""
+
+    spool_file: str
+    places: np.ndarray  # int64 [k, 6]: offset, h, w, c (1 for [H, W]), ndim, listing index
+    keys: np.ndarray  # S16 [k]
+    skipped: list[tuple[int, str]]
+
+
 _spool_writers: dict[str, Any] = {}  # per process: its spool file in each spool directory
 
 
@@ -276,27 +353,32 @@ def close_spool_writer(directory: str) -> None:
         writer.close()
 
 
-def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> tuple[str, list[Decision]]:
+def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> Chunk:
     """Decode a chunk of (index, bytes or local path, relative path) and append the pixels to this process's spool
-    file in `directory`: (the file's name, per job (index, offset, shape) or (index, None, reason)). Runs in a
-    worker process; never raises for a bad file, and sends back no pixels."""
+    file in `directory`. Runs in a worker process; never raises for a bad file, and sends back no pixels, only
+    their places and keys (for duplicates and leakage: hashed here, on every core)."""
     from PIL import UnidentifiedImageError
 
     writer = spool_writer(directory)
-    out: list[Decision] = []
+    places: list[tuple[int, ...]] = []
+    keys: list[bytes] = []
+    skipped: list[tuple[int, str]] = []
     for index, source, relative in chunk:
         if isinstance(source, Exception):
-            out.append((index, None, f"cannot be read ({type(source).__name__}: {source})"))
+            skipped.append((index, f"cannot be read ({type(source).__name__}: {source})"))
             continue
         try:
             pixels = np.ascontiguousarray(decode_one(source, relative, options))
         except (ImageError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            out.append((index, None, reason_of(exc, relative)))
+            skipped.append((index, reason_of(exc, relative)))
             continue
-        out.append((index, writer.tell(), pixels.shape))
+        shape = pixels.shape
+        places.append((writer.tell(), shape[0], shape[1], shape[2] if len(shape) == 3 else 1, len(shape), index))
+        keys.append(pixel_key(pixels))
         writer.write(pixels.data)
     writer.flush()
-    return os.path.basename(writer.name), out
+    table = np.asarray(places, np.int64).reshape(-1, 6)
+    return Chunk(os.path.basename(writer.name), table, np.asarray(keys, "S16").reshape(-1), skipped)
 
 
 def reason_of(exc: BaseException, relative: str) -> str:
@@ -339,42 +421,47 @@ class Spool:
         self.directory = self._directory.name
         self._names: list[str] = []
         self._fds: list[int] = []
-        self._placed: list[tuple[int, ...]] = []  # (listing index, file index, offset, h, w, c, ndim)
+        self._chunks: list[tuple[int, np.ndarray, np.ndarray]] = []  # (spool file index, Chunk.places, Chunk.keys)
         self._release = weakref.finalize(self, release_spool, self._fds, self._directory)
         self.rows = np.zeros(0, np.int64)  # per spooled image: its index in the listing
         self.place = np.zeros((0, 2), np.int64)
         self.shapes = np.zeros((0, 4), np.int32)  # h, w, c (1 for [H, W]), ndim
+        self.keys = np.zeros(0, "S16")  # `pixel_key` of each image as decoded
 
-    def add(self, name: str, decisions: list[Decision], files: tuple[ImageFile, ...],
-            skipped: list[dict[str, str]]) -> None:
-        """Record a decoded chunk (spooled in `name`), and its skipped files."""
-        if name not in self._names:
-            self._names.append(name)
-            self._fds.append(os.open(os.path.join(self.directory, name), os.O_RDONLY))
-        file_index = self._names.index(name)
-        for index, offset, detail in decisions:
-            if offset is None:
-                skipped.append({"path": files[index].relative, "reason": str(detail) or "unreadable"})
-            else:
-                h, w, *c = detail
-                self._placed.append((index, file_index, offset, h, w, c[0] if c else 1, len(detail)))
+    def add(self, chunk: Chunk, files: tuple[ImageFile, ...], skipped: list[dict[str, str]]) -> None:
+        """Record a decoded chunk, and its skipped files."""
+        if chunk.spool_file not in self._names:
+            self._names.append(chunk.spool_file)
+            self._fds.append(os.open(os.path.join(self.directory, chunk.spool_file), os.O_RDONLY))
+        self._chunks.append((self._names.index(chunk.spool_file), chunk.places, chunk.keys))
+        skipped.extend({"path": files[index].relative, "reason": reason or "unreadable"}
+                       for index, reason in chunk.skipped)
 
     def seal(self) -> None:
-        """Turn the recorded places into arrays, in listing order (decoding processes finish out of order)."""
-        placed = np.asarray(self._placed, np.int64).reshape(-1, 7)
-        placed = placed[np.argsort(placed[:, 0], kind="stable")]
-        self._placed = []
-        self.rows, self.place, self.shapes = placed[:, 0], placed[:, 1:3], placed[:, 3:7].astype(np.int32)
+        """Turn the recorded chunks into arrays, in listing order (chunks come back from several processes)."""
+        tables = [np.column_stack([np.full(len(places), file_index), places]) for file_index, places, _ in self._chunks]
+        table = np.concatenate(tables) if tables else np.zeros((0, 7), np.int64)
+        keys = np.concatenate([k for _, _, k in self._chunks]) if self._chunks else np.zeros(0, "S16")
+        order = np.argsort(table[:, 6], kind="stable")
+        table, self.keys, self._chunks = table[order], keys[order], []
+        self.rows, self.place, self.shapes = table[:, 6], table[:, 0:2], table[:, 2:6].astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def read(self, row: int) -> np.ndarray:
         """Spooled image `row` as decoded: uint8 [H, W] or [H, W, C]."""
-        file_index, offset = self.place[row]
         h, w, c, ndim = (int(v) for v in self.shapes[row])
-        data = os.pread(self._fds[file_index], h * w * c, int(offset))
-        return np.frombuffer(data, np.uint8).reshape((h, w, c) if ndim == 3 else (h, w))
+        out = np.empty((h, w, c) if ndim == 3 else (h, w), np.uint8)
+        self.read_into(row, out)
+        return out
+
+    def read_into(self, row: int, out: np.ndarray) -> None:
+        """Spooled image `row`'s bytes straight into `out` (C-contiguous, of its size)."""
+        file_index, offset = (int(v) for v in self.place[row])
+        if os.preadv(self._fds[file_index], [out.reshape(-1)], offset) != out.nbytes:
+            raise DataSourceError(f"the decoded-image spool in {self.directory} is shorter than written; was it "
+                                  "removed while the data stage ran?")
 
     def close(self) -> None:
         """Remove the spool files (at once; otherwise when the spool is garbage-collected)."""
@@ -409,9 +496,23 @@ class SpooledImages:
     def __getitem__(self, indices: np.ndarray) -> np.ndarray:
         picked = self.rows[indices]
         out = np.empty((len(picked), *self.size, self.channels), np.uint8)
-        for i, row in enumerate(picked):
-            out[i] = to_channels(self.spool.read(int(row)), self.channels)
+        as_decoded = self.spool.shapes[picked, 2] == self.channels  # no conversion: the bytes are the image's
+        for i, (row, direct) in enumerate(zip(picked.tolist(), as_decoded.tolist(), strict=True)):
+            if direct:
+                self.spool.read_into(row, out[i])
+            else:
+                out[i] = to_channels(self.spool.read(row), self.channels)
         return out
+
+    def image_keys(self) -> np.ndarray:
+        """`stages.data.image_keys` of these images: the decoding processes' keys, recomputed only for images
+        whose colour mode was converted here."""
+        keys = self.spool.keys[self.rows].copy()
+        converted = np.flatnonzero(self.spool.shapes[self.rows, 2] != self.channels)
+        for start in range(0, len(converted), DECODE_CHUNK):
+            batch = converted[start:start + DECODE_CHUNK]
+            keys[batch] = [pixel_key(image) for image in self[batch]]
+        return keys
 
 
 def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, workers: int | None = None
@@ -423,18 +524,14 @@ def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, w
     try:
         if workers == 1 or len(files) < IN_PROCESS_BELOW:  # starting processes costs more than it saves
             for window in read_sources(root, files):
-                spool.add(*decode_chunk(window, options, spool.directory), files, skipped)
+                spool.add(decode_chunk(window, options, spool.directory), files, skipped)
             close_spool_writer(spool.directory)
         else:
-            # fork (where there is one) starts at once and re-imports no __main__; the children run only Pillow
-            # and numpy, never the TensorFlow threads the parent may hold (PyTorch's DataLoader does the same).
-            context = get_context(FORK if FORK in get_all_start_methods() else None)
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(workers, mp_context=fork_context()) as pool:
                 for window in read_sources(root, files):
                     jobs = list(chunks(window, DECODE_CHUNK))
-                    for name, decisions in pool.map(decode_chunk, jobs, [options] * len(jobs),
-                                                    [spool.directory] * len(jobs)):
-                        spool.add(name, decisions, files, skipped)
+                    for chunk in pool.map(decode_chunk, jobs, [options] * len(jobs), [spool.directory] * len(jobs)):
+                        spool.add(chunk, files, skipped)
         spool.seal()
     except BaseException:
         spool.close()
@@ -472,15 +569,24 @@ class ImageFolderSource:
     def identity(self) -> dict[str, Any]:
         """The listing's digest: (path, size, SHA-256) per file on disk, (key, size, ETag) in a bucket."""
         files = list_files(self.root)
-        return {"kind": "images", "files": len(files), "digest": identity_digest(files)}
+        digest = identity_digest(files)
+        _listings[self.root] = (digest, files)
+        return {"kind": "images", "files": len(files), "digest": digest}
 
     def load(self) -> Any:
+        """`load_listed` with a listing of its own."""
+        return self.load_listed(None)
+
+    def load_listed(self, identity: dict[str, Any] | None) -> Any:
         """Decode every listed file once into a spool on local disk; the unreadable ones are skipped and reported,
-        never raised. The splits' images are read from the spool when the shards are written."""
+        never raised. The splits' images are read from the spool when the shards are written. `identity` is
+        what `identity()` gave the fingerprint: when this process made that listing (same digest, so the same
+        paths, sizes and versions), it is used rather than listing again."""
         from stages.sources import RawData
 
         where = f"images:{self.root}"
-        listed = list_files(self.root)
+        known = _listings.get(self.root)
+        listed = known[1] if identity and known and known[0] == identity.get("digest") else list_files(self.root)
         layout = layout_of(self.root, listed, self.class_names)
         spool, skipped = decode_all(self.root, layout.files, self.options)
         if not len(spool):
