@@ -163,8 +163,9 @@ def keys_of(images: Any) -> np.ndarray:
     return np.concatenate(batches) if batches else np.zeros(0, "S16")
 
 
-def index_batches(indices: np.ndarray, size: int = GATHER_BATCH) -> Iterator[np.ndarray]:
-    """`indices` in consecutive slices of at most `size`."""
+def index_batches(indices: np.ndarray, size: int | None = None) -> Iterator[np.ndarray]:
+    """`indices` in consecutive slices of at most `size` (GATHER_BATCH)."""
+    size = size or GATHER_BATCH
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
 

@@ -458,10 +458,22 @@ class Spool:
 
     def read_into(self, row: int, out: np.ndarray) -> None:
         """Spooled image `row`'s bytes straight into `out` (C-contiguous, of its size)."""
-        file_index, offset = (int(v) for v in self.place[row])
-        if os.preadv(self._fds[file_index], [out.reshape(-1)], offset) != out.nbytes:
+        self.read_rows(np.asarray([row]), out[np.newaxis])
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The bytes of spooled images `rows` (all of one size) straight into `out` [len(rows), ...]: one pread
+        each, no copy."""
+        if not len(rows):
+            return out
+        size = out[0].nbytes
+        flat = memoryview(out.reshape(-1))
+        done = 0
+        for i, (file_index, offset) in enumerate(self.place[rows].tolist()):
+            done += os.preadv(self._fds[file_index], [flat[i * size:(i + 1) * size]], offset)
+        if done != out.nbytes:
             raise DataSourceError(f"the decoded-image spool in {self.directory} is shorter than written; was it "
                                   "removed while the data stage ran?")
+        return out
 
     def close(self) -> None:
         """Remove the spool files (at once; otherwise when the spool is garbage-collected)."""
@@ -495,13 +507,14 @@ class SpooledImages:
 
     def __getitem__(self, indices: np.ndarray) -> np.ndarray:
         picked = self.rows[indices]
-        out = np.empty((len(picked), *self.size, self.channels), np.uint8)
-        as_decoded = self.spool.shapes[picked, 2] == self.channels  # no conversion: the bytes are the image's
-        for i, (row, direct) in enumerate(zip(picked.tolist(), as_decoded.tolist(), strict=True)):
-            if direct:
-                self.spool.read_into(row, out[i])
-            else:
-                out[i] = to_channels(self.spool.read(row), self.channels)
+        shape = (*self.size, self.channels)
+        direct = self.spool.shapes[picked, 2] == self.channels  # no conversion: the spooled bytes are the image's
+        if direct.all():
+            return self.spool.read_rows(picked, np.empty((len(picked), *shape), np.uint8))
+        out = np.empty((len(picked), *shape), np.uint8)
+        out[direct] = self.spool.read_rows(picked[direct], np.empty((int(direct.sum()), *shape), np.uint8))
+        for i in np.flatnonzero(~direct):
+            out[i] = to_channels(self.spool.read(int(picked[i])), self.channels)
         return out
 
     def image_keys(self) -> np.ndarray:

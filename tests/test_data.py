@@ -359,3 +359,13 @@ def test_hand_encoded_examples_are_tensorflow_examples() -> None:
             "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
             "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}))
         assert parsed == expected
+
+
+def test_framed_records_equal_hand_encoded_examples() -> None:
+    from stages.data import example_frame, serialize_example
+
+    rng = np.random.default_rng(1)
+    for shape, label in (((28, 28, 1), 0), ((5, 7, 3), 9), ((96, 96, 3), 300), ((1, 1, 1), 127), ((2, 2, 1), 128)):
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        before, after = example_frame(image.nbytes, label)
+        assert before + image.tobytes() + after == serialize_example(image, label)

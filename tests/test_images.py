@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -346,3 +347,47 @@ def test_decoding_processes_give_what_one_process_gives(tmp_path: Path, monkeypa
     directory = pooled.directory
     pooled.close()
     assert not os.path.exists(directory)
+
+
+def test_records_are_the_files_decoded_and_converted_copies_are_duplicates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.images as images
+
+    monkeypatch.setattr(images, "IN_PROCESS_BELOW", 0)  # decoding processes and their spool files
+    monkeypatch.setattr(images, "DECODE_CHUNK", 5)
+    root = write_folder(tmp_path / "pics", per_class=6, split="train")
+    write_folder(root, per_class=3, split="test", seed=1)
+    (root / "train" / "coat" / "colour.png").write_bytes(encode(pattern(1, (20, 20), True, 99), "PNG"))
+    test_grey = pattern(2, (20, 20), False, 5)
+    (root / "test" / "shirt" / "grey.png").write_bytes(encode(test_grey, "PNG"))
+    # the same image stored as RGB: once the set is RGB (auto), it is an exact copy of the grey test image
+    (root / "train" / "shirt" / "copy.png").write_bytes(encode(np.repeat(test_grey[..., None], 3, axis=-1), "PNG"))
+    result = run_data(config_for(root), tmp_path / "out")
+    assert result.input_spec.shape == (20, 20, 3)
+    assert manifest_of(result)["dropped_test_duplicates"] == 1
+    written = sorted(image.tobytes() for split in ("train", "validation", "test")
+                     for image in load_split(result.path, split)[0])
+    files = [p for p in sorted(root.rglob("*.png")) if p.name != "copy.png"]
+    expected = sorted(images.to_channels(np.asarray(Image.open(p)), 3).tobytes() for p in files)
+    assert written == expected
+
+
+def test_writing_gathers_a_bounded_batch_of_images_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.data
+    import stages.images as images
+
+    monkeypatch.setattr(stages.data, "GATHER_BATCH", 7)
+    gathered: list[int] = []
+    original = images.SpooledImages.__getitem__
+
+    def recording(self, indices):
+        gathered.append(len(indices))
+        return original(self, indices)
+
+    monkeypatch.setattr(images.SpooledImages, "__getitem__", recording)
+    root = write_folder(tmp_path / "pics", per_class=12)
+    result = run_data(config_for(root), tmp_path / "out")
+    records = sum(s["records"] for s in manifest_of(result)["splits"].values())
+    assert records == 36 and max(gathered) == 7
+    assert sum(gathered) == records  # each image read once, to be written (its key came from the decoder)
+    assert not list(Path(tempfile.gettempdir()).glob(f"tapeline-spool-*/rows-{os.getpid()}.bin"))  # spool removed
