@@ -219,29 +219,30 @@ def identity_digest(files: list[ImageFile]) -> str:
 def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | None) -> Layout:
     """Classes and splits from the folder structure; DataSourceError naming what does not fit."""
     where = f"data.source images:{root}"
-    tops = {f.parts[0] for f in files if len(f.parts) > 1}
+    parts = [f.parts for f in files]  # split once: a listing can hold millions of paths
+    tops = {p[0] for p in parts if len(p) > 1}
     by_split = "train" in tops and tops <= set(SPLIT_FOLDERS)
     depth = 2 if by_split else 1
-    loose = [f.relative for f in files if len(f.parts) <= depth]
+    loose = [f.relative for f, p in zip(files, parts, strict=True) if len(p) <= depth]
     if loose:
         log.warning("%s: %d files are not inside a class folder and are ignored (e.g. %s)", where, len(loose),
                     loose[0])
-    placed = [f for f in files if len(f.parts) > depth]
-    if not placed:
+    kept = [i for i, p in enumerate(parts) if len(p) > depth]
+    if not kept:
         raise DataSourceError(f"{where}: no image files in class folders; expected DIR/<class>/*.png or "
                               "DIR/train/<class>/*.png (extensions .png .jpg .jpeg .bmp .gif)")
-    folders = sorted({f.parts[depth - 1] for f in placed})
-    names = check_class_names(where, folders, class_names)
+    classes = [parts[i][depth - 1] for i in kept]
+    names = check_class_names(where, sorted(set(classes)), class_names)
     index = {name: i for i, name in enumerate(names)}
     if by_split:
-        train_classes = {f.parts[1] for f in placed if f.parts[0] == "train"}
-        extra = sorted({f.parts[1] for f in placed} - train_classes)
+        train_classes = {c for i, c in zip(kept, classes, strict=True) if parts[i][0] == "train"}
+        extra = sorted(set(classes) - train_classes)
         if extra:
             raise DataSourceError(f"{where}: class folder(s) {', '.join(extra)} are in test/validation but not in "
                                   "train/; add training images for them or remove the folders")
     return Layout(
-        class_names=names, files=tuple(placed), labels=tuple(index[f.parts[depth - 1]] for f in placed),
-        splits=tuple(f.parts[0] if by_split else None for f in placed),
+        class_names=names, files=tuple(files[i] for i in kept), labels=tuple(index[c] for c in classes),
+        splits=tuple(parts[i][0] if by_split else None for i in kept),
     )
 
 
@@ -399,8 +400,8 @@ def read_sources(root: str, files: tuple[ImageFile, ...]) -> Iterator[list[Job]]
     from stages.store import guarded, is_remote, remote_filesystem
 
     if not is_remote(root):
-        base = Path(local_root(root))
-        yield [(i, str(base / f.relative), f.relative) for i, f in enumerate(files)]
+        base = f"{Path(local_root(root))}/"  # a string join: pathlib costs more than decoding a small PNG's header
+        yield [(i, base + f.relative, f.relative) for i, f in enumerate(files)]
         return
     fs, prefix = remote_filesystem(root)
     for window in chunks(list(enumerate(files)), WINDOW):
