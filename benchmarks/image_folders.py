@@ -7,8 +7,9 @@
    (from the cache) against a second epoch over the Keras loader (which decodes the PNGs again every epoch).
    Also one input-only epoch of each (no model): the Keras loader over train/ against tapeline's training reader.
 3. A bigger-image case: N RGB JPEGs of random sizes (64-512 px a side) resized to 96x96 (`data.image_size`),
-   data stage time and peak RSS in a child process, for N and 2N files (the decoding processes are forked
-   from it and share its pages, so only its own peak is reported).
+   data stage time and peak RSS in a child process, for N and 2N files, with its RSS before the stage
+   (TensorFlow loaded) and the growth (the decoding processes are forked from it and share its pages, so
+   only its own peak is reported).
 
 Medians of --rounds interleaved rounds (each round: the Keras pass, the data stage, both input-only epochs,
 both training runs).
@@ -39,13 +40,20 @@ BATCH = 256
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
+import tensorflow  # loaded before the baseline: the data stage's own growth is what is measured
 from stages.config import load_config
 from stages.pipeline import run_data
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+baseline = rss_mb()
 started = time.perf_counter()
 data = run_data(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
 seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": round(seconds, 2), "records": data.records, "shape": data.input_spec.shape,
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+                  "rss_before_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
+                  "growth_mb": round(peak - baseline, 1)}))
 """
 
 

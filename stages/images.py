@@ -364,6 +364,7 @@ def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> Chu
     places: list[tuple[int, ...]] = []
     keys: list[bytes] = []
     skipped: list[tuple[int, str]] = []
+    offset = writer.tell()
     for index, source, relative in chunk:
         if isinstance(source, Exception):
             skipped.append((index, f"cannot be read ({type(source).__name__}: {source})"))
@@ -374,9 +375,9 @@ def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> Chu
             skipped.append((index, reason_of(exc, relative)))
             continue
         shape = pixels.shape
-        places.append((writer.tell(), shape[0], shape[1], shape[2] if len(shape) == 3 else 1, len(shape), index))
+        places.append((offset, shape[0], shape[1], shape[2] if len(shape) == 3 else 1, len(shape), index))
         keys.append(pixel_key(pixels))
-        writer.write(pixels.data)
+        offset += writer.write(pixels.data)
     writer.flush()
     table = np.asarray(places, np.int64).reshape(-1, 6)
     return Chunk(os.path.basename(writer.name), table, np.asarray(keys, "S16").reshape(-1), skipped)
