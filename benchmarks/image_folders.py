@@ -38,19 +38,19 @@ from benchmarks.machine import machine  # noqa: E402
 
 BATCH = 256
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import tensorflow  # loaded before the baseline: the data stage's own growth is what is measured
 from stages.config import load_config
 from stages.pipeline import run_data
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-baseline = rss_mb()
+def status_mb(field):  # VmHWM, not getrusage: ru_maxrss survives exec, so a child reports its parent's peak
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+baseline = status_mb("VmRSS")
 started = time.perf_counter()
 data = run_data(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM")
 print(json.dumps({"seconds": round(seconds, 2), "records": data.records, "shape": data.input_spec.shape,
                   "rss_before_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
                   "growth_mb": round(peak - baseline, 1)}))

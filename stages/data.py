@@ -25,7 +25,8 @@ from stages.sources import ParquetSource, RawData, Source, resolve_source
 
 SPLITS = ("train", "validation", "test")
 ENCODING = "uint8"
-GATHER_BATCH = 2048  # images gathered (from memory or a spool) at a time: bounds what writing holds
+GATHER_BATCH = 2048  # images gathered (from memory or a spool) at a time, and at most GATHER_BYTES of them:
+GATHER_BYTES = 16 << 20  # what writing holds beyond the per-file bookkeeping
 log = logging.getLogger("tapeline.data")
 
 
@@ -143,7 +144,7 @@ class Selection:
         offset = 0
         for pool, rows in self.segments:
             lo, hi = max(start - offset, 0), min(stop - offset, len(rows))
-            for chunk in index_batches(rows[lo:hi]) if lo < hi else ():
+            for chunk in index_batches(rows[lo:hi], batch_for(self.image_shape)) if lo < hi else ():
                 yield pool.gather(chunk), pool.labels[chunk]
             offset += len(rows)
 
@@ -159,13 +160,18 @@ def keys_of(images: Any) -> np.ndarray:
     """`image_keys` of an array, a batch at a time, or of `SpooledImages` (hashed when they were decoded)."""
     if isinstance(images, SpooledImages):
         return images.image_keys()
-    batches = [image_keys(images[chunk]) for chunk in index_batches(np.arange(len(images)))]
+    batches = [image_keys(images[chunk])
+               for chunk in index_batches(np.arange(len(images)), batch_for(images.shape[1:]))]
     return np.concatenate(batches) if batches else np.zeros(0, "S16")
 
 
-def index_batches(indices: np.ndarray, size: int | None = None) -> Iterator[np.ndarray]:
-    """`indices` in consecutive slices of at most `size` (GATHER_BATCH)."""
-    size = size or GATHER_BATCH
+def batch_for(image_shape: tuple[int, ...]) -> int:
+    """Images gathered at a time: GATHER_BATCH, fewer when that many would take more than GATHER_BYTES."""
+    return max(1, min(GATHER_BATCH, GATHER_BYTES // max(1, int(np.prod(image_shape)))))
+
+
+def index_batches(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """`indices` in consecutive slices of at most `size`."""
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
 

@@ -377,6 +377,10 @@ def test_writing_gathers_a_bounded_batch_of_images_at_a_time(tmp_path: Path, mon
     import stages.images as images
 
     monkeypatch.setattr(stages.data, "GATHER_BATCH", 7)
+    assert stages.data.batch_for((20, 20, 1)) == 7
+    monkeypatch.setattr(stages.data, "GATHER_BYTES", 5 * 20 * 20)  # or fewer, when 7 would take more bytes
+    assert stages.data.batch_for((20, 20, 1)) == 5 and stages.data.batch_for((4096, 4096, 3)) == 1
+    monkeypatch.setattr(stages.data, "GATHER_BYTES", 16 << 20)
     gathered: list[int] = []
     original = images.SpooledImages.__getitem__
 
