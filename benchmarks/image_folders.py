@@ -7,7 +7,7 @@
    (from the cache) against a second epoch over the Keras loader (which decodes the PNGs again every epoch).
    Also one input-only epoch of each (no model): the Keras loader over train/ against tapeline's training reader.
 3. A bigger-image case: N RGB JPEGs of random sizes (64-512 px a side) resized to 96x96 (`data.image_size`),
-   data stage time and peak RSS in a child process, for N and 2N files, with its RSS before the stage
+   data stage time and peak RSS in a child process, for N, 2N and 4N files, with its RSS before the stage
    (TensorFlow loaded) and the growth (the decoding processes are forked from it and share its pages, so
    only its own peak is reported).
 
@@ -218,7 +218,8 @@ def main() -> None:
         print(f"round {number}: {json.dumps(rounds[-1])}", flush=True)
 
     bigger = {}
-    for count in (args.jpegs, 2 * args.jpegs):
+    counts = (args.jpegs, 2 * args.jpegs, 4 * args.jpegs)
+    for count in counts:
         write_jpegs(work / f"jpegs{count}", count)
         bigger[str(count)] = child_data_stage(work / f"jpegs{count}", work / f"artifacts-jpegs{count}")
         print(f"{count} JPEGs: {bigger[str(count)]}", flush=True)
@@ -240,6 +241,9 @@ def main() -> None:
         "keras_epoch_vs_tapeline_epoch": round(keras_epoch / tapeline_epoch, 2),
         "keras_input_only_vs_tapeline_input_only": round(keras_input / tapeline_input, 2),
         "jpegs_96x96": bigger,
+        # the slope between the smallest and largest case: what each further file costs in memory
+        "jpegs_growth_kb_per_file": round((bigger[str(counts[-1])]["growth_mb"] - bigger[str(counts[0])]["growth_mb"])
+                                          * 1024 / (counts[-1] - counts[0]), 2),
     }
     print(json.dumps(summary, indent=2))
     if args.json:

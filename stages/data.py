@@ -87,6 +87,8 @@ class Pool:
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """The images at `indices` (in that order) as one uint8 array."""
+        if len(self.parts) == 1:  # one source: its own gather, without a second copy
+            return np.asarray(self.parts[0][indices], np.uint8)
         bounds = np.cumsum([0, *(len(p) for p in self.parts)])
         out = np.empty((len(indices), *self.image_shape), np.uint8)
         owner = np.searchsorted(bounds, indices, side="right") - 1
@@ -313,6 +315,13 @@ def example_frame(image_bytes: int, label: int) -> tuple[bytes, bytes]:
     return full[:len(full) - after - image_bytes], full[len(full) - after:]
 
 
+def write_records(writer: Any, images: np.ndarray, labels: np.ndarray) -> None:
+    """Each image and label as a framed `serialize_example` record."""
+    for image, label in zip(images, labels.tolist(), strict=True):
+        before, after = example_frame(image.nbytes, label)
+        writer.write(before + image.tobytes() + after)
+
+
 def write_shards(directory: Path, split: str, selection: Selection, shards: int) -> list[str]:
     """Write a split as `shards` contiguous TFRecord files, a bounded batch of images at a time; returns their
     names."""
@@ -326,9 +335,8 @@ def write_shards(directory: Path, split: str, selection: Selection, shards: int)
         name = shard_name(split, index, count)
         with tf.io.TFRecordWriter(str(directory / name)) as writer:
             for images, labels in selection.batches(int(bounds[index]), int(bounds[index + 1])):
-                for image, label in zip(images, labels.tolist(), strict=True):
-                    before, after = example_frame(image.nbytes, label)
-                    writer.write(before + image.tobytes() + after)
+                write_records(writer, images, labels)
+                del images  # before the next batch is gathered: one batch in memory, not two
         names.append(name)
     return names
 
