@@ -11,9 +11,10 @@ CPU), tapeline as `tapeline run` runs it (`stages` imported first: oneDNN on unl
 2. The ceiling: the fp32 (and, where the CPU has bf16 instructions, bf16) matmul rate measured in the same
    run, and each contender's share of it (training FLOPs of its model x images per second).
 3. The train stage, --stage-rounds interleaved rounds: today's defaults as a user got them before this work
-   (`--preset v2`, TensorFlow's own kernel choice) vs the defaults: train stage seconds, test accuracy and
-   seconds to 0.90 validation accuracy, and the tutorial loop's seconds to 0.90 (tapeline's validation split
-   for every contender).
+   (`--preset v2`, float32, TensorFlow's own kernel choice) vs the defaults, and the defaults in float32 (what
+   `train.precision=auto` buys where it picks bf16): train stage seconds, test accuracy and seconds to 0.90
+   validation accuracy, and the tutorial loop's seconds to 0.90 (tapeline's validation split for every
+   contender).
 
     .venv/bin/python benchmarks/cpu_speed.py [--rounds 3] [--limit 20000] [--stage-rounds 1] [--json out.json]
 """
@@ -41,8 +42,11 @@ THROUGHPUT = {
 }
 STAGES = {
     "tutorial_loop": (True, {}, None),
-    "tapeline_v2_defaults": (True, {}, ["preset=v2"]),
+    # before this work: float32 on every CPU without AMX (auto picked bf16 only with AMX tiles then)
+    "tapeline_v2_defaults": (True, {}, ["preset=v2", "train.precision=float32"]),
     "tapeline_defaults": (False, {}, []),
+    # what `train.precision=auto` buys where it picks bf16 (AMX or AVX-512 BF16); equal to the defaults elsewhere
+    "tapeline_defaults_float32": (False, {}, ["train.precision=float32"]),
 }
 
 
@@ -260,12 +264,16 @@ def stage_part(rounds: int, max_epochs: int, fp32_gflops: float) -> dict[str, An
     def to_target(row: dict[str, Any]) -> float | None:
         return row["seconds_to"].get(f"{TARGET:.2f}")
 
-    tutorial, old, new = (median_of(n, to_target) for n in STAGES)
-    old_train, new_train = (median_of(n, lambda r: r["train_seconds"]) for n in ("tapeline_v2_defaults",
-                                                                                 "tapeline_defaults"))
+    tutorial, old, new = (median_of(n, to_target) for n in ("tutorial_loop", "tapeline_v2_defaults",
+                                                              "tapeline_defaults"))
+    old_train, new_train, fp32_train = (median_of(n, lambda r: r["train_seconds"]) for n in (
+        "tapeline_v2_defaults", "tapeline_defaults", "tapeline_defaults_float32"))
     return {
         "runs": runs,
         "defaults_train_stage_vs_v2": round(new_train / old_train, 3) if new_train and old_train else None,
+        "defaults_train_stage_vs_defaults_float32": round(new_train / fp32_train, 3) if new_train and fp32_train
+        else None,
+        "defaults_float32_test_accuracy": median_of("tapeline_defaults_float32", lambda r: r["test_accuracy"]),
         "defaults_seconds_to_0.90_vs_tutorial_loop": round(new / tutorial, 3) if new and tutorial else None,
         "v2_seconds_to_0.90_vs_tutorial_loop": round(old / tutorial, 3) if old and tutorial else None,
         "defaults_test_accuracy": median_of("tapeline_defaults", lambda r: r["test_accuracy"]),

@@ -215,7 +215,7 @@ class TrainConfig(Section):
                                             "the others within this long, with an error naming it")
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
         "auto", description="compute precision; auto: mixed_float16 on GPUs that have tensor cores, mixed_bfloat16 on "
-        "CPUs with AMX, float32 elsewhere (logits and loss are float32 in every case)"
+        "CPUs with AMX or AVX-512 BF16, float32 elsewhere (logits and loss are float32 in every case)"
     )
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
     init_from: str = Field(

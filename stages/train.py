@@ -32,7 +32,7 @@ from stages.config import PipelineConfig, TrainConfig
 from stages.data import Augment, load_split, make_dataset, make_memory_dataset, make_worker_dataset
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import ConfigError, TrainingError
-from stages.hardware import BF16_TILES, CPUINFO, cpu, cpu_precision, onednn_decision
+from stages.hardware import cpu, cpu_precision, onednn_decision
 from stages.model import WEIGHTS_FILE, build_model
 from stages.results import DataResult, EpochCallback, ModelResult, StageInputs, TrainResult
 from stages.warmstart import describe, warm_start
@@ -217,14 +217,9 @@ def precision_decision(name: str) -> dict[str, Any]:
     return {"requested": name, "resolved": resolved, "reason": reason, "cpu": cpu()}
 
 
-def cpu_has_amx(cpuinfo: Path = CPUINFO) -> bool:
-    """Whether this CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 matmuls run fastest."""
-    return BF16_TILES in cpu(cpuinfo)["isa"]
-
-
 def resolve_precision(name: str) -> str:
     """`train.precision` with `auto` decided for this machine: mixed_float16 on GPUs with tensor cores
-    (compute capability 7.0+), mixed_bfloat16 on CPUs with AMX, float32 elsewhere."""
+    (compute capability 7.0+), mixed_bfloat16 on CPUs with AMX or AVX-512 BF16, float32 elsewhere."""
     if name != "auto":
         return name
     import tensorflow as tf

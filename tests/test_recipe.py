@@ -25,7 +25,6 @@ from stages.hardware import onednn_enabled, onednn_reason
 from stages.pipeline import run_data, run_evaluate, run_export, run_model, run_train
 from stages.train import (
     build_trainer,
-    cpu_has_amx,
     epoch_limit,
     fit,
     learning_rate_for,
@@ -235,13 +234,23 @@ def test_preset_changes_the_train_fingerprint_but_not_the_data(tmp_path: Path, i
     assert exit_info.value.code == 2 and "invalid choice: 'quick'" in capsys.readouterr().err
 
 
-def test_cpu_has_amx_reads_the_cpu_flags(tmp_path: Path) -> None:
-    with_amx, without = tmp_path / "a", tmp_path / "b"
-    with_amx.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
-    without.write_text("flags\t\t: fpu avx2 avx512f\n")
-    assert cpu_has_amx(with_amx) and not cpu_has_amx(without) and not cpu_has_amx(tmp_path / "missing")
+def test_auto_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
+    from stages.hardware import cpu, precision_for_cpu
+
+    flags = {"amx": "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8",
+             "bf16_dot": "fpu avx2 avx512f avx512_bf16", "avx512": "fpu avx2 avx512f avx512_vnni",
+             "avx2": "fpu avx avx2 fma"}
+    for name, line in flags.items():
+        (tmp_path / name).write_text(f"model name\t: Some CPU\nflags\t\t: {line}\n")
+    decided = {name: precision_for_cpu(cpu(tmp_path / name)) for name in [*flags, "missing"]}
+    assert {name: precision for name, (precision, _) in decided.items()} == {
+        "amx": "mixed_bfloat16", "bf16_dot": "mixed_bfloat16", "avx512": "float32", "avx2": "float32",
+        "missing": "float32"}
+    assert decided["amx"][1] == "CPU with AMX bf16 tiles (amx_bf16): Some CPU"
+    assert decided["bf16_dot"][1] == "CPU with AVX-512 bf16 dot products (avx512_bf16), no AMX: Some CPU"
+    assert decided["avx2"][1].startswith("CPU without AMX or AVX-512 BF16 (best vector ISA avx2): Some CPU")
     assert resolve_precision("float32") == "float32" and resolve_precision("mixed_float16") == "mixed_float16"
-    assert resolve_precision("auto") == ("mixed_bfloat16" if cpu_has_amx() else "float32")  # no GPU here
+    assert resolve_precision("auto") == precision_for_cpu(cpu())[0]  # no GPU here
 
 
 def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path,
