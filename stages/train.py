@@ -430,17 +430,22 @@ class Trainer:
         return new
 
     def release_iterators(self) -> None:
-        """Drop every tf.data iterator beside the work that follows training (saving, committing)."""
-        release_beside([self.memory_iterator, self.validation_iterator, self.stream_iterator])
+        """Drop every tf.data iterator beside the work that follows training (saving, committing): this object's
+        references go first, so the last ones are the releasing thread's (the other order raced it, and the
+        teardown ran here)."""
+        held = [self.memory_iterator, self.validation_iterator, self.stream_iterator]
         self.memory_iterator = self.validation_iterator = self.stream_iterator = None
+        release_beside(held)
 
     def training_batches(self, epoch: int) -> Any:
         """An iterator over the training split for `epoch` (in memory: one iterator for all epochs)."""
         data, augment = self.config.data, augmentation(self.config.train)
         if self.train_in_memory is not None:
             if self.memory_iterator is None or self.memory_next_epoch != epoch:
+                # exactly the epochs training may still run: an iterator with epochs left over keeps producing
+                # them, and tearing it down waited on that (31 s after 12 epochs of the defaults, measured)
                 ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed,
-                                         epoch=epoch, epochs=self.config.train.max_epochs - epoch, augment=augment)
+                                         epoch=epoch, epochs=epoch_limit(self.config.train) - epoch, augment=augment)
                 self.memory_iterator = iter(ds)
             self.memory_next_epoch = epoch + 1
             return self.memory_iterator
