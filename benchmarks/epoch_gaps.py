@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import machine  # noqa: E402
 from stages.cluster import free_ports  # noqa: E402
 
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
@@ -111,8 +112,8 @@ def main() -> None:
     results["run_real_server"] = summary_of(gap_shares(rows))
     print("tapeline run (real server)", results["run_real_server"], flush=True)
 
-    summary = {"date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "overrides": args.overrides,
-               "results": results}
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "epochs": args.epochs,
+               "overrides": args.overrides, "results": results}
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
