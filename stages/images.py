@@ -13,6 +13,7 @@ extension that lies, a format or mode Pillow refuses, a bomb) is skipped with it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -538,9 +539,11 @@ def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, w
     spool, skipped = Spool(), []
     try:
         if workers == 1 or len(files) < IN_PROCESS_BELOW:  # starting processes costs more than it saves
-            for window in read_sources(root, files):
-                spool.add(decode_chunk(window, options, spool.directory), files, skipped)
-            close_spool_writer(spool.directory)
+            try:
+                for window in read_sources(root, files):
+                    spool.add(decode_chunk(window, options, spool.directory), files, skipped)
+            finally:
+                close_spool_writer(spool.directory)
         else:
             with ProcessPoolExecutor(workers, mp_context=fork_context()) as pool:
                 for window in read_sources(root, files):
@@ -548,6 +551,14 @@ def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, w
                     for chunk in pool.map(decode_chunk, jobs, [options] * len(jobs), [spool.directory] * len(jobs)):
                         spool.add(chunk, files, skipped)
         spool.seal()
+    except OSError as exc:
+        spool.close()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataSourceError(
+                f"data.source images:{root}: the decoded-image spool in {spool.directory} ran out of disk space "
+                f"({exc.strerror}); it needs about the decoded size of every image (H x W x C bytes each); free "
+                "space there or point TMPDIR at a larger local disk") from None
+        raise
     except BaseException:
         spool.close()
         raise

@@ -395,3 +395,22 @@ def test_writing_gathers_a_bounded_batch_of_images_at_a_time(tmp_path: Path, mon
     assert records == 36 and max(gathered) == 7
     assert sum(gathered) == records  # each image read once, to be written (its key came from the decoder)
     assert not list(Path(tempfile.gettempdir()).glob(f"tapeline-spool-*/rows-{os.getpid()}.bin"))  # spool removed
+
+
+def test_a_full_spool_disk_is_one_error_naming_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import stages.images as images
+
+    class FullDisk(io.BytesIO):
+        name = "rows-full.bin"
+
+        def write(self, _data) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images, "spool_writer", lambda directory: FullDisk())
+    root = write_folder(tmp_path / "pics", per_class=4)
+    with pytest.raises(DataSourceError, match=r"spool in .*tapeline-spool-.* ran out of disk space .*point TMPDIR"):
+        run_data(config_for(root), tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out" / "data").iterdir() if not p.name.endswith(".lock")] == []
+    assert not any(Path(tempfile.gettempdir()).glob("tapeline-spool-*/rows-full.bin"))
