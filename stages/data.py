@@ -129,16 +129,10 @@ class Selection:
         return self.segments[0][0].image_shape
 
     def subset(self, picked: np.ndarray) -> Selection:
-        """The rows at `picked` (positions in this selection), in that order."""
-        if len(self.segments) == 1:
-            pool, rows = self.segments[0]
-            return Selection(((pool, rows[picked]),))
-        starts = np.cumsum([0, *(len(rows) for _, rows in self.segments)])
-        owner = np.searchsorted(starts, picked, side="right") - 1
-        if np.any(np.diff(owner) < 0):
-            raise ValueError("a subset of a selection of several pools must keep their order")
-        return Selection(tuple((pool, rows[picked[owner == n] - starts[n]])
-                               for n, (pool, rows) in enumerate(self.segments) if np.any(owner == n)))
+        """The rows at `picked` (positions in this selection), in that order. Only a selection of one pool is
+        ever subset (the training pool, before test and validation are drawn from it)."""
+        (pool, rows), = self.segments
+        return Selection(((pool, rows[picked]),))
 
     def batches(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(images, labels) of rows start..stop, a bounded batch at a time."""
@@ -149,13 +143,6 @@ class Selection:
             for chunk in index_batches(rows[lo:hi], batch_for(self.image_shape)) if lo < hi else ():
                 yield pool.gather(chunk), pool.labels[chunk]
             offset += len(rows)
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole selection in memory (for small data and tests)."""
-        parts = list(self.batches())
-        if not parts:
-            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
-        return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def keys_of(images: Any) -> np.ndarray:
