@@ -416,7 +416,7 @@ def read_sources(root: str, files: tuple[ImageFile, ...]) -> Iterator[list[Job]]
 
 class Spool:
     """Decoded images on local disk (one append-only file per decoding process), in file order, with each image's
-    place and shape: what this process holds per image is a file index, an offset and a shape (about 40 bytes),
+    place, shape and key: what this process holds per image is about 70 bytes (file index, offset, shape, key),
     never its pixels. The files are removed with the spool (`close`, or when it is garbage-collected)."""
 
     def __init__(self) -> None:
@@ -456,12 +456,8 @@ class Spool:
         """Spooled image `row` as decoded: uint8 [H, W] or [H, W, C]."""
         h, w, c, ndim = (int(v) for v in self.shapes[row])
         out = np.empty((h, w, c) if ndim == 3 else (h, w), np.uint8)
-        self.read_into(row, out)
-        return out
-
-    def read_into(self, row: int, out: np.ndarray) -> None:
-        """Spooled image `row`'s bytes straight into `out` (C-contiguous, of its size)."""
         self.read_rows(np.asarray([row]), out[np.newaxis])
+        return out
 
     def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The bytes of spooled images `rows` (all of one size) straight into `out` [len(rows), ...]: one pread
