@@ -442,8 +442,8 @@ class Trainer:
         data, augment = self.config.data, augmentation(self.config.train)
         if self.train_in_memory is not None:
             if self.memory_iterator is None or self.memory_next_epoch != epoch:
-                # exactly the epochs training may still run: an iterator with epochs left over keeps producing
-                # them, and tearing it down waited on that (31 s after 12 epochs of the defaults, measured)
+                # the epochs training may still run, not train.max_epochs (100 by default), which the cosine
+                # schedule never reaches
                 ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed,
                                          epoch=epoch, epochs=epoch_limit(self.config.train) - epoch, augment=augment)
                 self.memory_iterator = iter(ds)
