@@ -19,7 +19,7 @@ import numpy as np
 from stages.cache import describe_files, package_versions, read_manifest
 from stages.config import DataConfig, PipelineConfig
 from stages.errors import DataSourceError
-from stages.images import ImageFolderSource, ImageOptions, SpooledImages, pixel_key
+from stages.images import ImageFolderSource, ImageOptions, SpooledImages, chunks, pixel_key
 from stages.results import DataResult, InputSpec, StageInputs
 from stages.sources import ParquetSource, RawData, Source, resolve_source
 
@@ -140,7 +140,7 @@ class Selection:
         offset = 0
         for pool, rows in self.segments:
             lo, hi = max(start - offset, 0), min(stop - offset, len(rows))
-            for chunk in index_batches(rows[lo:hi], batch_for(self.image_shape)) if lo < hi else ():
+            for chunk in chunks(rows[lo:hi], batch_for(self.image_shape)) if lo < hi else ():
                 yield pool.gather(chunk), pool.labels[chunk]
             offset += len(rows)
 
@@ -150,19 +150,13 @@ def keys_of(images: Any) -> np.ndarray:
     if isinstance(images, SpooledImages):
         return images.image_keys()
     batches = [image_keys(images[chunk])
-               for chunk in index_batches(np.arange(len(images)), batch_for(images.shape[1:]))]
+               for chunk in chunks(np.arange(len(images)), batch_for(images.shape[1:]))]
     return np.concatenate(batches) if batches else np.zeros(0, "S16")
 
 
 def batch_for(image_shape: tuple[int, ...]) -> int:
     """Images gathered at a time: GATHER_BATCH, fewer when that many would take more than GATHER_BYTES."""
     return max(1, min(GATHER_BATCH, GATHER_BYTES // max(1, int(np.prod(image_shape)))))
-
-
-def index_batches(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    """`indices` in consecutive slices of at most `size`."""
-    for start in range(0, len(indices), size):
-        yield indices[start:start + size]
 
 
 def whole(pool: Pool) -> Selection:

@@ -141,7 +141,7 @@ def forget_hashes() -> None:
     _hashes.clear()
 
 
-def on_every_core(function: Any, items: list[Any], chunk: int = DECODE_CHUNK) -> list[Any]:
+def on_every_core(function: Any, items: list[Any], chunk: int) -> list[Any]:
     """`function` (list -> list of results) over `items` in chunks on every core, results in order; in this
     process when there are few."""
     workers = os.cpu_count() or 1
@@ -390,8 +390,8 @@ def reason_of(exc: BaseException, relative: str) -> str:
     return text[:300] or type(exc).__name__
 
 
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """`items` in consecutive lists of at most `size`."""
+def chunks(items: Any, size: int) -> Iterator[Any]:
+    """`items` (a list or an array) in consecutive slices of at most `size`."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -521,8 +521,7 @@ class SpooledImages:
         whose colour mode was converted here."""
         keys = self.spool.keys[self.rows].copy()
         converted = np.flatnonzero(self.spool.shapes[self.rows, 2] != self.channels)
-        for start in range(0, len(converted), DECODE_CHUNK):
-            batch = converted[start:start + DECODE_CHUNK]
+        for batch in chunks(converted, DECODE_CHUNK):
             keys[batch] = [pixel_key(image) for image in self[batch]]
         return keys
 

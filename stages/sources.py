@@ -61,8 +61,10 @@ class RawData:
 
     def release(self) -> None:
         """Free what holds images read on demand (an image folder's on-disk spool); arrays need nothing."""
+        from stages.images import SpooledImages
+
         for images in (self.train_images, self.test_images, self.validation_images):
-            if hasattr(images, "spool"):
+            if isinstance(images, SpooledImages):
                 images.spool.close()
 
 

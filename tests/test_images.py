@@ -414,3 +414,27 @@ def test_a_full_spool_disk_is_one_error_naming_tmpdir(tmp_path: Path, monkeypatc
         run_data(config_for(root), tmp_path / "out")
     assert [p.name for p in (tmp_path / "out" / "data").iterdir() if not p.name.endswith(".lock")] == []
     assert not any(Path(tempfile.gettempdir()).glob("tapeline-spool-*/rows-full.bin"))
+
+
+def test_the_data_stage_lists_the_folder_once_unless_the_listing_is_not_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.images as images
+
+    listings: list[str] = []
+    original = images.list_files
+
+    def counting(root: str):
+        listings.append(root)
+        return original(root)
+
+    monkeypatch.setattr(images, "list_files", counting)
+    root = write_folder(tmp_path / "pics", per_class=4)
+    first = run_data(config_for(root), tmp_path / "out")
+    assert len(listings) == 1  # the fingerprint's listing is the one decoded
+    (root / "coat" / "new.png").write_bytes(encode(pattern(1, (20, 20), False, 77), "PNG"))
+    listings.clear()
+    # an identity this process did not make (the fingerprint computed elsewhere): listed again, new file seen
+    raw = images.ImageFolderSource(str(root)).load_listed({"kind": "images", "digest": "from another process"})
+    assert len(listings) == 1 and len(raw.train_labels) == 13
+    raw.release()
+    assert sum(s["records"] for s in manifest_of(first)["splits"].values()) == 12
