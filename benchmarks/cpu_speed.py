@@ -11,7 +11,8 @@ CPU), tapeline as `tapeline run` runs it (`stages` imported first: oneDNN on unl
 2. The ceiling: the fp32 (and, where the CPU has bf16 instructions, bf16) matmul rate measured in the same
    run, and each contender's share of it (training FLOPs of its model x images per second).
 3. The train stage, --stage-rounds interleaved rounds: today's defaults as a user got them before this work
-   (`--preset v2`, float32, TensorFlow's own kernel choice) vs the defaults, and the defaults in float32 (what
+   (`--preset v2` in the precision `auto` picked then: bf16 with AMX, float32 elsewhere; TensorFlow's own kernel
+   choice) vs the defaults, and the defaults in float32 (what
    `train.precision=auto` buys where it picks bf16): train stage seconds, test accuracy and seconds to 0.90
    validation accuracy, and the tutorial loop's seconds to 0.90 (tapeline's validation split for every
    contender).
@@ -42,12 +43,20 @@ THROUGHPUT = {
 }
 STAGES = {
     "tutorial_loop": (True, {}, None),
-    # before this work: float32 on every CPU without AMX (auto picked bf16 only with AMX tiles then)
-    "tapeline_v2_defaults": (True, {}, ["preset=v2", "train.precision=float32"]),
+    # before this work: `v2_precision()` is what auto picked then (bf16 only with AMX tiles), added in stage_part
+    "tapeline_v2_defaults": (True, {}, ["preset=v2"]),
     "tapeline_defaults": (False, {}, []),
     # what `train.precision=auto` buys where it picks bf16 (AMX or AVX-512 BF16); equal to the defaults elsewhere
     "tapeline_defaults_float32": (False, {}, ["train.precision=float32"]),
 }
+
+
+def v2_precision(isa: list[str]) -> str:
+    """The `train.precision` that `auto` picked before 2026-12-03 on a CPU with these features: mixed_bfloat16
+    with AMX tiles only, float32 elsewhere (AVX-512 BF16 included), so `v2` runs as users had it."""
+    from stages.hardware import BF16_TILES
+
+    return "train.precision=mixed_bfloat16" if BF16_TILES in isa else "train.precision=float32"
 
 
 def training_flops(model: Any) -> float:
@@ -246,9 +255,13 @@ def throughput_part(rounds: int, limit: int, artifacts: Path) -> dict[str, Any]:
 
 def stage_part(rounds: int, max_epochs: int, fp32_gflops: float) -> dict[str, Any]:
     """Part 3: each STAGES contender in a fresh process, rounds interleaved."""
+    from stages.hardware import cpu
+
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STAGES}
     for index in range(rounds):
         for name, (first, environment, overrides) in STAGES.items():
+            if name == "tapeline_v2_defaults":
+                overrides = [*overrides, v2_precision(cpu()["isa"])]
             worker = Worker(["--worker", "stage", f"--max-epochs={max_epochs}", *overrides_argv(overrides)],
                             first, environment)
             runs[name].append(worker.ask())
