@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.machine import machine  # noqa: E402
+
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 EPOCH = re.compile(r"(?:\[worker 0\] .*)?tapeline.train INFO epoch (\d+): .*\(([\d.]+) s, (\d+) img/s\)")
 
@@ -73,7 +76,8 @@ def main() -> None:
             rates[name].extend(found)
             print(f"round {round_index} {name}: {found} img/s", flush=True)
     medians = {name: round(statistics.median(values), 1) for name, values in rates.items()}
-    summary = {"date": time.strftime("%Y-%m-%d"), "overrides": overrides, "images_per_second": rates,
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+               "overrides": overrides, "images_per_second": rates,
                "median": medians,
                "ratio_2_workers_vs_1": round(medians["2_workers_x_1_thread"] / medians["1_worker_x_2_threads"], 3)}
     print(json.dumps(summary, indent=2))

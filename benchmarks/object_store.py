@@ -22,6 +22,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import machine  # noqa: E402
+
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 
 
@@ -112,7 +114,7 @@ def main() -> None:
     median = {k: round(statistics.median(v), 2) for k, v in runs.items()}
     build_median = {k: round(statistics.median(v), 2) for k, v in builds.items()}
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "repeats": args.repeats,
         "cached_run_seconds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "cached_run_median": median, "cached_run_ratio_s3_vs_local": round(median["s3"] / median["local"], 3),
         "data_build_seconds": {k: [round(x, 2) for x in v] for k, v in builds.items()},

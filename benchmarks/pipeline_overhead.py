@@ -21,6 +21,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import machine  # noqa: E402
+
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 TINY = ["--set", "data.shards=2", "--set", "model.conv_filters=[8,16]", "--set", "model.dense_units=16",
@@ -111,7 +113,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tapeline-overhead-"))
-    summary = {"date": time.strftime("%Y-%m-%d"), "cached_run": cached_run_times(args.repeats, workdir),
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+               "cached_run": cached_run_times(args.repeats, workdir),
                "data_stage": data_stage_times(args.repeats, workdir)}
     train_ips = args.train_ips
     if args.train_json:

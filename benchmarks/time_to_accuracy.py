@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.machine import machine  # noqa: E402
 from benchmarks.train_throughput import fit_contender, prepare_data, tutorial_contender  # noqa: E402
 
 TARGETS = (0.90, 0.92)
@@ -136,7 +136,7 @@ def main() -> None:
         print(name, json.dumps(results[name]), flush=True)
     tutorial, v1, defaults = (results.get(n, {}) for n in ("tutorial_loop", "tapeline_v1", "tapeline_defaults"))
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "max_epochs": args.max_epochs, "results": results,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "max_epochs": args.max_epochs, "results": results,
         "defaults_seconds_to_0.90_vs_tutorial_loop": ratio(defaults.get("seconds_to", {}).get("0.90"),
                                                            tutorial.get("seconds_to", {}).get("0.90")),
         "defaults_train_stage_vs_v1": ratio(defaults.get("train_seconds"), v1.get("train_seconds")),

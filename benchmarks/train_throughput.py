@@ -28,8 +28,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
+
+from benchmarks.machine import machine  # noqa: E402
 
 FLOPS_PER_IMAGE = 16.8e6  # forward + backward of the tutorial CNN, per training image
 
@@ -209,7 +210,8 @@ def main() -> None:
     ceiling = gflops * 1e9 / FLOPS_PER_IMAGE
     print(f"measured fp32 sgemm ceiling: {gflops:.1f} GFLOP/s = {ceiling:.0f} img/s for this CNN", flush=True)
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "images_per_round": images, "batch_size": 32, "results": results,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "images_per_round": images, "batch_size": 32, "results": results,
         "ratio_tapeline_vs_tutorial": round(tape / tutorial, 3), "ratio_tapeline_vs_fit": round(tape / fit, 3),
         "sgemm_gflops": round(gflops, 1), "ceiling_images_per_second": round(ceiling),
         "tapeline_fraction_of_measured_ceiling": round(tape / ceiling, 3),

@@ -20,6 +20,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import machine  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -50,7 +52,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(staging / "report.md", RESULTS / "validate_fashion_mnist_report.md")
     shutil.copy(staging / "class_histogram.png", RESULTS / "validate_fashion_mnist_class_histogram.png")
-    summary = {"date": time.strftime("%Y-%m-%d"), "records": report["records"], "passed": report["passed"],
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+               "records": report["records"], "passed": report["passed"],
                "anomalies": {a["kind"]: [a["severity"], a["count"]] for a in report["anomalies"]},
                "duplicates": report["duplicates"], "warm_seconds": [round(s, 2) for s in seconds],
                "warm_median_seconds": round(statistics.median(seconds), 2)}
