@@ -8,6 +8,7 @@ from stages.hardware import cpu
 
 
 def machine() -> dict[str, Any]:
-    """{cpu, cores, isa} of this machine (see `stages.hardware.cpu`)."""
+    """{cpu, family, model_number, cores, isa} of this machine (see `stages.hardware.cpu`)."""
     found = cpu()
-    return {"cpu": found["model"], "cores": found["cores"], "isa": found["isa"]}
+    return {"cpu": found["model"], "family": found["family"], "model_number": found["model_number"],
+            "cores": found["cores"], "isa": found["isa"]}

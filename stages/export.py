@@ -17,6 +17,7 @@ from stages.cache import describe_files, package_versions, read_manifest
 from stages.config import PipelineConfig
 from stages.data import load_split
 from stages.errors import ExportError
+from stages.hardware import cpu_name
 from stages.results import DataResult, ExportResult, InputSpec, StageInputs, TrainResult
 
 SAVED_MODEL, KERAS_FILE, TFLITE_FILE = "saved_model", "model.keras", "model.tflite"
@@ -141,7 +142,7 @@ def hardware_lines(hardware: dict[str, Any] | None) -> list[str]:
         return []
     precision, machine = hardware["precision"], hardware["precision"]["cpu"]
     onednn = f", oneDNN kernels {hardware['onednn']['reason']}" if "onednn" in hardware else ""
-    return [f"- Trained in {precision['resolved']} ({precision['reason']}) on {machine['model']}, {machine['cores']} "
+    return [f"- Trained in {precision['resolved']} ({precision['reason']}) on {cpu_name(machine)}, {machine['cores']} "
             f"cores, ISA {' '.join(machine['isa']) or 'baseline'}{onednn}"]
 
 

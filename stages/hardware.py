@@ -27,15 +27,34 @@ X86 = ("x86_64", "amd64", "i386", "i686")
 
 @cache
 def cpu(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
-    """{model, cores, isa}: the CPU's model name, logical cores and which of FEATURES it reports."""
+    """{model, family, model_number, cores, isa}: the CPU's model name, its family and model numbers (None where
+    not reported), logical cores and which of FEATURES it reports. Under a hypervisor the name can be as bare as
+    "AMD EPYC" for Zen 2 to Zen 5 alike; the family and model numbers still tell them apart."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
         text = ""
-    lines = text.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in FEATURES if f in flags]}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() not in fields:  # the first processor's block
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", "unknown"), "family": number(fields.get("cpu family")),
+            "model_number": number(fields.get("model")), "cores": os.cpu_count(),
+            "isa": [f for f in FEATURES if f in flags]}
+
+
+def number(value: str | None) -> int | None:
+    """A decimal field of /proc/cpuinfo, or None."""
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def cpu_name(found: dict[str, Any]) -> str:
+    """The CPU's model name with its family and model numbers where known: "AMD EPYC (family 25, model 17)"."""
+    if found.get("family") is None:
+        return found["model"]
+    return f"{found['model']} (family {found['family']}, model {found.get('model_number')})"
 
 
 def cpu_precision() -> tuple[str, str]:
@@ -48,11 +67,11 @@ def precision_for_cpu(found: dict[str, Any]) -> tuple[str, str]:
     (AMX tiles, or AVX-512 BF16 dot products: the default CNN trained 1.3x faster in mixed_bfloat16 than in
     float32 on a Zen 5 EPYC, benchmarks/cpu_speed.py), float32 elsewhere."""
     if BF16_TILES in found["isa"]:
-        return "mixed_bfloat16", f"CPU with AMX bf16 tiles ({BF16_TILES}): {found['model']}"
+        return "mixed_bfloat16", f"CPU with AMX bf16 tiles ({BF16_TILES}): {cpu_name(found)}"
     if BF16_DOT in found["isa"]:
-        return "mixed_bfloat16", f"CPU with AVX-512 bf16 dot products ({BF16_DOT}), no AMX: {found['model']}"
+        return "mixed_bfloat16", f"CPU with AVX-512 bf16 dot products ({BF16_DOT}), no AMX: {cpu_name(found)}"
     best = next((f for f in ("avx512f", "avx2", "avx") if f in found["isa"]), "no AVX")
-    return "float32", (f"CPU without AMX or AVX-512 BF16 (best vector ISA {best}): {found['model']}; bf16 would be "
+    return "float32", (f"CPU without AMX or AVX-512 BF16 (best vector ISA {best}): {cpu_name(found)}; bf16 would be "
                        "emulated, slower")
 
 

@@ -241,13 +241,18 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
              "bf16_dot": "fpu avx2 avx512f avx512_bf16", "avx512": "fpu avx2 avx512f avx512_vnni",
              "avx2": "fpu avx avx2 fma"}
     for name, line in flags.items():
-        (tmp_path / name).write_text(f"model name\t: Some CPU\nflags\t\t: {line}\n")
+        numbers = "cpu family\t: 25\nmodel\t\t: 17\n" if name == "bf16_dot" else ""
+        (tmp_path / name).write_text(f"{numbers}model name\t: Some CPU\nflags\t\t: {line}\n")
     decided = {name: precision_for_cpu(cpu(tmp_path / name)) for name in [*flags, "missing"]}
     assert {name: precision for name, (precision, _) in decided.items()} == {
         "amx": "mixed_bfloat16", "bf16_dot": "mixed_bfloat16", "avx512": "float32", "avx2": "float32",
         "missing": "float32"}
     assert decided["amx"][1] == "CPU with AMX bf16 tiles (amx_bf16): Some CPU"
-    assert decided["bf16_dot"][1] == "CPU with AVX-512 bf16 dot products (avx512_bf16), no AMX: Some CPU"
+    assert decided["bf16_dot"][1] == ("CPU with AVX-512 bf16 dot products (avx512_bf16), no AMX: Some CPU "
+                                      "(family 25, model 17)")  # a bare "AMD EPYC" is Zen 2 to Zen 5 alike
+    assert {k: cpu(tmp_path / "bf16_dot")[k] for k in ("model", "family", "model_number")} == {
+        "model": "Some CPU", "family": 25, "model_number": 17}
+    assert cpu(tmp_path / "amx")["family"] is None and cpu(tmp_path / "amx")["model_number"] is None
     assert decided["avx2"][1].startswith("CPU without AMX or AVX-512 BF16 (best vector ISA avx2): Some CPU")
     assert resolve_precision("float32") == "float32" and resolve_precision("mixed_float16") == "mixed_float16"
     assert resolve_precision("auto") == precision_for_cpu(cpu())[0]  # no GPU here
