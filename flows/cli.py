@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 from stages.config import PRESETS, PipelineConfig, config_keys, load_config
@@ -118,6 +118,7 @@ def command_run(args: argparse.Namespace) -> int:
     check_builder(config.model)  # before any work: a bad model.builder is one line here, not a failed flow run
     open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
+    without_server_telemetry()
     from flows.training import training_pipeline
 
     summary = training_pipeline(config=config, verify=args.verify)
@@ -130,6 +131,14 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"model: {summary['model_path']}")
         print(summary["message"])
     return 0
+
+
+def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Turn off the analytics of the temporary Prefect server that a run starts in its own process (no
+    PREFECT_API_URL set), unless the user chose: on a fresh Prefect home its first heartbeat met the database
+    still being created and logged an ERROR traceback ("database is locked") in every first `make run`. A server
+    of one's own reads its own environment, so this changes nothing there. Must run before Prefect is imported."""
+    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def command_stage(args: argparse.Namespace) -> int:

@@ -83,3 +83,14 @@ def test_promotion_step_needs_every_stage_output(tmp_path: Path, idx_dir: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stage", "promotion", *tiny_args(idx_dir, tmp_path / "a")]) == 2
     assert "no valid data output for this config" in capsys.readouterr().err
+
+
+def test_the_temporary_prefect_server_sends_no_telemetry_unless_the_user_chose() -> None:
+    from flows.cli import without_server_telemetry
+
+    chosen: dict[str, str] = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    without_server_telemetry(chosen)
+    assert chosen == {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    unset: dict[str, str] = {}
+    without_server_telemetry(unset)
+    assert unset == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
