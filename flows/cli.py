@@ -135,9 +135,10 @@ def command_run(args: argparse.Namespace) -> int:
 
 def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> None:
     """Turn off the analytics of the temporary Prefect server that a run starts in its own process (no
-    PREFECT_API_URL set), unless the user chose: on a fresh Prefect home its first heartbeat met the database
-    still being created and logged an ERROR traceback ("database is locked") in every first `make run`. A server
-    of one's own reads its own environment, so this changes nothing there. Must run before Prefect is imported."""
+    PREFECT_API_URL set), unless the user chose: its first heartbeat met the database locked while the server
+    started and logged an ERROR traceback ("database is locked"), on a fresh Prefect home and on a used one. A
+    server of one's own reads its own environment, so this changes nothing there. Must run before Prefect is
+    imported."""
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
