@@ -17,7 +17,13 @@ CPU), tapeline as `tapeline run` runs it (`stages` imported first: oneDNN on unl
    validation accuracy, and the tutorial loop's seconds to 0.90 (tapeline's validation split for every
    contender).
 
-    .venv/bin/python benchmarks/cpu_speed.py [--rounds 3] [--limit 20000] [--stage-rounds 1] [--json out.json]
+With --as-on-avx2, every contender runs as it would on an AVX2-only x86 CPU, on this (AVX-512) one: oneDNN limited
+to its AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2), TensorFlow's own kernel choice there (Eigen: oneDNN off) for the
+contenders that import TensorFlow first, and float32 wherever `auto` would pick it. A stand-in, not the real
+thing: Eigen's kernels are the same build either way, and the core under them is this one.
+
+    .venv/bin/python benchmarks/cpu_speed.py [--rounds 3] [--limit 20000] [--stage-rounds 1] [--as-on-avx2]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,6 +55,32 @@ STAGES = {
     # what `train.precision=auto` buys where it picks bf16 (AMX or AVX-512 BF16); equal to the defaults elsewhere
     "tapeline_defaults_float32": (False, {}, ["train.precision=float32"]),
 }
+
+
+AVX2_LIMIT = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def sets_precision(overrides: list[str]) -> bool:
+    """Whether `overrides` choose `train.precision` themselves."""
+    return any(o.startswith("train.precision=") for o in overrides)
+
+
+def as_on_avx2(contenders: dict[str, tuple[bool, dict[str, str], list[str] | None]]
+               ) -> dict[str, tuple[bool, dict[str, str], list[str] | None]]:
+    """`contenders` as they would run on an AVX2-only x86 CPU: TensorFlow's choice there (oneDNN off) where it is
+    imported first, float32 where no precision is set (what `auto` picks without bf16 instructions). The defaults
+    in float32 are then the defaults, and are left out. oneDNN's ISA limit itself is set for every worker by
+    `main`."""
+    emulated = {}
+    for name, (first, environment, overrides) in contenders.items():
+        if name == "tapeline_defaults_float32":
+            continue
+        if first:
+            environment = {"TF_ENABLE_ONEDNN_OPTS": "0", **environment}
+        if overrides is not None and not sets_precision(overrides):
+            overrides = [*overrides, "train.precision=float32"]
+        emulated[name] = (first, environment, overrides)
+    return emulated
 
 
 def v2_precision(isa: list[str]) -> str:
@@ -149,6 +181,7 @@ def throughput_worker(overrides: list[str] | None, limit: int, artifacts: Path) 
             say({"seconds": time.perf_counter() - started})
         elif command == "ceiling":
             bf16 = any(f in cpu()["isa"] for f in ("avx512_bf16", "amx_bf16"))
+            bf16 = bf16 and "ONEDNN_MAX_CPU_ISA" not in os.environ  # no bf16 kernels under an AVX2 limit
             say({"fp32": matmul_gflops("float32"), "bf16": matmul_gflops("bfloat16") if bf16 else None,
                  "fp32_numpy": numpy_gflops()})
         elif command == "accuracy":
@@ -216,11 +249,11 @@ def overrides_argv(overrides: list[str] | None) -> list[str]:
     return ["--tutorial-loop"] if overrides is None else [f"--set={o}" for o in overrides]
 
 
-def throughput_part(rounds: int, limit: int, artifacts: Path) -> dict[str, Any]:
+def throughput_part(rounds: int, limit: int, artifacts: Path, contenders: dict[str, Any]) -> dict[str, Any]:
     """Part 1 and 2: interleaved epochs of each THROUGHPUT contender, and the matmul ceiling."""
     workers: dict[str, Worker] = {}
     ready: dict[str, dict[str, Any]] = {}
-    for name, (first, environment, overrides) in THROUGHPUT.items():  # one at a time: the first builds the cache
+    for name, (first, environment, overrides) in contenders.items():  # one at a time: the first builds the cache
         workers[name] = Worker(["--worker", "throughput", f"--limit={limit}", f"--artifacts={artifacts}",
                                 *overrides_argv(overrides)], first, environment)
         ready[name] = workers[name].ask()
@@ -253,14 +286,14 @@ def throughput_part(rounds: int, limit: int, artifacts: Path) -> dict[str, Any]:
     }
 
 
-def stage_part(rounds: int, max_epochs: int, fp32_gflops: float) -> dict[str, Any]:
+def stage_part(rounds: int, max_epochs: int, fp32_gflops: float, contenders: dict[str, Any]) -> dict[str, Any]:
     """Part 3: each STAGES contender in a fresh process, rounds interleaved."""
     from stages.hardware import cpu
 
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STAGES}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     for index in range(rounds):
-        for name, (first, environment, overrides) in STAGES.items():
-            if name == "tapeline_v2_defaults":
+        for name, (first, environment, overrides) in contenders.items():
+            if name == "tapeline_v2_defaults" and not sets_precision(overrides):
                 overrides = [*overrides, v2_precision(cpu()["isa"])]
             worker = Worker(["--worker", "stage", f"--max-epochs={max_epochs}", *overrides_argv(overrides)],
                             first, environment)
@@ -271,7 +304,7 @@ def stage_part(rounds: int, max_epochs: int, fp32_gflops: float) -> dict[str, An
                   f"{row['train_seconds']} s, test {row['test_accuracy']}", flush=True)
 
     def median_of(name: str, pick: Any) -> float | None:
-        values = [v for v in (pick(r) for r in runs[name]) if v is not None]
+        values = [v for v in (pick(r) for r in runs.get(name, [])) if v is not None]  # none: left out
         return round(statistics.median(values), 4) if values else None
 
     def to_target(row: dict[str, Any]) -> float | None:
@@ -307,6 +340,8 @@ def main() -> None:
     parser.add_argument("--stage-rounds", type=int, default=1, help="train-stage rounds (0 = skip the part)")
     parser.add_argument("--max-epochs", type=int, default=15, help="epoch cap (tutorial loop; constant-rate presets)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--as-on-avx2", action="store_true",
+                        help="run every contender as on an AVX2-only x86 CPU (see above): a stand-in for one")
     parser.add_argument("--worker", choices=("throughput", "stage"), help=argparse.SUPPRESS)
     parser.add_argument("--tensorflow-first", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tutorial-loop", action="store_true", help=argparse.SUPPRESS)
@@ -323,12 +358,17 @@ def main() -> None:
     if args.worker == "stage":
         return stage_worker(overrides, args.max_epochs)
 
-    summary: dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
-    summary["throughput"] = throughput_part(args.rounds, args.limit, Path(tempfile.mkdtemp(prefix="tapeline-cpu-")))
+    throughput, stage = (as_on_avx2(THROUGHPUT), as_on_avx2(STAGES)) if args.as_on_avx2 else (THROUGHPUT, STAGES)
+    if args.as_on_avx2:
+        os.environ.update(AVX2_LIMIT)  # every worker inherits it
+    summary: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"),
+                               "as_on_avx2": {**AVX2_LIMIT, "contenders": stage} if args.as_on_avx2 else None}
+    summary["throughput"] = throughput_part(args.rounds, args.limit, Path(tempfile.mkdtemp(prefix="tapeline-cpu-")),
+                                            throughput)
     summary["machine"] = summary["throughput"]["machine"]
     if args.stage_rounds:
         summary["train_stage"] = stage_part(args.stage_rounds, args.max_epochs,
-                                            summary["throughput"]["matmul_gflops"]["fp32"])
+                                            summary["throughput"]["matmul_gflops"]["fp32"], stage)
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
