@@ -29,7 +29,14 @@ import numpy as np
 from stages.cache import package_versions
 from stages.cluster import Cluster, check_port_free, current_cluster, worker_failure
 from stages.config import PipelineConfig, TrainConfig
-from stages.data import Augment, load_split, make_dataset, make_memory_dataset, make_worker_dataset
+from stages.data import (
+    Augment,
+    load_split,
+    make_dataset,
+    make_memory_dataset,
+    make_worker_dataset,
+    without_autotune_thread,
+)
 from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
 from stages.errors import ConfigError, TrainingError
 from stages.hardware import cpu, cpu_precision, onednn_decision
@@ -463,7 +470,7 @@ class Trainer:
         reader start-up each time), and the number of batches that make one pass."""
         if self.validation_iterator is None:
             def whole_split(_context: Any = None) -> Any:
-                return make_dataset(self.data.path, "validation", VALIDATION_BATCH).repeat()
+                return without_autotune_thread(make_dataset(self.data.path, "validation", VALIDATION_BATCH).repeat())
 
             # On a cluster every worker evaluates the whole split: the all-reduced sums are then N times one
             # worker's, so the means (and every early-stopping decision) are the same everywhere.
