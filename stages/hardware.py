@@ -65,7 +65,7 @@ def cpu_precision() -> tuple[str, str]:
 def precision_for_cpu(found: dict[str, Any]) -> tuple[str, str]:
     """(precision, reason) for a CPU described as `cpu()` describes one: bf16 where it has bf16 instructions
     (AMX tiles, or AVX-512 BF16 dot products: the default CNN trained 1.3x faster in mixed_bfloat16 than in
-    float32 on a Zen 5 EPYC, benchmarks/cpu_speed.py), float32 elsewhere."""
+    float32 on a Zen 5 EPYC and 1.46x on a Zen 4, benchmarks/cpu_speed.py), float32 elsewhere."""
     if BF16_TILES in found["isa"]:
         return "mixed_bfloat16", f"CPU with AMX bf16 tiles ({BF16_TILES}): {cpu_name(found)}"
     if BF16_DOT in found["isa"]:
