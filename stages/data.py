@@ -567,11 +567,11 @@ def make_memory_dataset(images: Any, labels: Any, batch_size: int, *, seed: int 
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(gather)
         return with_augmentation(batches, augment, seed, number)
 
-    return without_autotune_thread(tf.data.Dataset.range(epoch, epoch + epochs).flat_map(one_epoch).prefetch(2))
+    return tf.data.Dataset.range(epoch, epoch + epochs).flat_map(one_epoch).prefetch(2)
 
 
 def without_autotune_thread(ds: Any) -> Any:
-    """`ds` without tf.data's autotuning model thread, for training's iterators. That thread wakes 10 ms,
+    """`ds` without tf.data's autotuning model thread: what the trainer reads through. That thread wakes 10 ms,
     30 ms, 70 ms, … 5.11 s, 10.23 s, 20.47 s, 40.95 s … after the iterator starts, and deleting the iterator waits
     for its next wake: a verbatim tutorial loop's epochs of 5–10 s take exactly 10.23 s, and a finished training
     run's process waited 20–30 s to exit (the defaults on Fashion-MNIST; 0.9 s without it, epochs no slower), and

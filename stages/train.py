@@ -453,7 +453,7 @@ class Trainer:
                 # schedule never reaches
                 ds = make_memory_dataset(*self.train_in_memory, data.batch_size, seed=self.config.seed,
                                          epoch=epoch, epochs=epoch_limit(self.config.train) - epoch, augment=augment)
-                self.memory_iterator = iter(ds)
+                self.memory_iterator = iter(without_autotune_thread(ds))
             self.memory_next_epoch = epoch + 1
             return self.memory_iterator
         if self.cluster is not None:
@@ -464,8 +464,8 @@ class Trainer:
         ds = make_dataset(self.data.path, "train", data.batch_size, training=True, shuffle_buffer=data.shuffle_buffer,
                           seed=self.config.seed, epoch=epoch, augment=augment)
         # one reader per epoch, dropped beside the next: with the autotune thread, 3 of 8 epochs ran at half speed
-        ds = without_autotune_thread(ds)
-        return self.replace_stream_iterator(iter(self.strategy.experimental_distribute_dataset(ds)))
+        return self.replace_stream_iterator(iter(self.strategy.experimental_distribute_dataset(
+            without_autotune_thread(ds))))
 
     def validation_batches(self) -> tuple[Any, int]:
         """One iterator over the validation split repeated, kept for the whole run (a new one per epoch costs a
