@@ -181,7 +181,7 @@ def throughput_worker(overrides: list[str] | None, limit: int, artifacts: Path) 
             say({"seconds": time.perf_counter() - started})
         elif command == "ceiling":
             bf16 = any(f in cpu()["isa"] for f in ("avx512_bf16", "amx_bf16"))
-            bf16 = bf16 and "ONEDNN_MAX_CPU_ISA" not in os.environ  # no bf16 kernels under an AVX2 limit
+            bf16 = bf16 and not AVX2_LIMIT.keys() & os.environ.keys()  # no bf16 kernels under an AVX2 limit
             say({"fp32": matmul_gflops("float32"), "bf16": matmul_gflops("bfloat16") if bf16 else None,
                  "fp32_numpy": numpy_gflops()})
         elif command == "accuracy":

@@ -40,12 +40,12 @@ def cpu(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
         if colon and key.strip() not in fields:  # the first processor's block
             fields[key.strip()] = value.strip()
     flags = set(fields.get("flags", "").split())
-    return {"model": fields.get("model name", "unknown"), "family": number(fields.get("cpu family")),
-            "model_number": number(fields.get("model")), "cores": os.cpu_count(),
+    return {"model": fields.get("model name", "unknown"), "family": cpuinfo_number(fields.get("cpu family")),
+            "model_number": cpuinfo_number(fields.get("model")), "cores": os.cpu_count(),
             "isa": [f for f in FEATURES if f in flags]}
 
 
-def number(value: str | None) -> int | None:
+def cpuinfo_number(value: str | None) -> int | None:
     """A decimal field of /proc/cpuinfo, or None."""
     return int(value) if value is not None and value.isdigit() else None
 
