@@ -474,14 +474,20 @@ class Trainer:
             return self.memory_iterator
         if self.cluster is not None:
             return self.replace_stream_iterator(iter(self.strategy.distribute_datasets_from_function(
-                lambda context: make_worker_dataset(
-                    self.data.path, data.batch_size, context.num_input_pipelines, context.input_pipeline_id,
-                    shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch, augment=augment))))
+                partial(self.worker_batches, epoch))))
         ds = make_dataset(self.data.path, "train", data.batch_size, training=True, shuffle_buffer=data.shuffle_buffer,
                           seed=self.config.seed, epoch=epoch, augment=augment)
         # one reader per epoch, dropped beside the next: with the autotune thread, 3 of 8 epochs ran at half speed
         return self.replace_stream_iterator(iter(self.strategy.experimental_distribute_dataset(
             without_autotune_thread(ds))))
+
+    def worker_batches(self, epoch: int, context: Any) -> Any:
+        """This worker's training batches for `epoch` on a cluster (`context`: its tf.distribute.InputContext)."""
+        data = self.config.data
+        return without_autotune_thread(make_worker_dataset(
+            self.data.path, data.batch_size, context.num_input_pipelines, context.input_pipeline_id,
+            shuffle_buffer=data.shuffle_buffer, seed=self.config.seed, epoch=epoch,
+            augment=augmentation(self.config.train)))
 
     def validation_batches(self) -> tuple[Any, int]:
         """One iterator over the validation split repeated, kept for the whole run (a new one per epoch costs a

@@ -303,6 +303,10 @@ def test_training_and_validation_iterators_have_no_autotune_thread(tmp_path: Pat
     streamed = build_trainer(tiny_config(f"idx:{idx_dir}", "train.input_pipeline=stream"), data, model,
                              tmp_path / "ckpt-stream").training_batches(0)
     assert streamed._dataset.options().autotune.enabled is False
+    import tensorflow as tf
+
+    on_a_cluster = trainer.worker_batches(0, tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1))
+    assert on_a_cluster.options().autotune.enabled is False
     # the same batches as with the thread: only how the pipeline is tuned changes
     first = next(training)[1].numpy()
     images, labels = trainer.train_in_memory
