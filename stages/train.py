@@ -578,41 +578,21 @@ def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelR
     import keras
 
     strategy = strategy or make_strategy(config.train, cluster)
-    in_memory = uses_memory_pipeline(config.train, data, strategy.num_replicas_in_sync)
-    with ThreadPoolExecutor(1, thread_name_prefix="tapeline-load") as loader:
-        # the training split loads while the model is built and its step functions compiled: about 0.6 s each for
-        # Fashion-MNIST on 2 cores, one after the other before
-        split = loader.submit(memory_split, data) if in_memory else None
-        with strategy.scope():
-            model = build_model(config.model, data.input_spec)
-            model.load_weights(model_result.path / WEIGHTS_FILE)
-            if init is not None:
-                warm_start(model, init[0], init[1], data.input_spec)
-            optimizer = make_optimizer(config.train, steps_for(data.records["train"], config.data.batch_size),
-                                       precision)
-            optimizer.build(model.trainable_variables)
-            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        train_metrics, val_metrics = EpochMetrics("train"), EpochMetrics("val")
-        steps = make_step_functions(model, optimizer, loss_fn, train_metrics, val_metrics, strategy,
-                                    jit_compile=config.train.jit_compile)
-        if split is not None:
-            compile_ahead(steps, data.input_spec.shape)
-        checkpointer = Checkpointer(checkpoints, model, optimizer, config.train.checkpoints_to_keep)
-        train_in_memory = split.result() if split is not None else None
+    with strategy.scope():
+        model = build_model(config.model, data.input_spec)
+        model.load_weights(model_result.path / WEIGHTS_FILE)
+        if init is not None:
+            warm_start(model, init[0], init[1], data.input_spec)
+        optimizer = make_optimizer(config.train, steps_for(data.records["train"], config.data.batch_size), precision)
+        optimizer.build(model.trainable_variables)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    train_metrics, val_metrics = EpochMetrics("train"), EpochMetrics("val")
+    steps = make_step_functions(model, optimizer, loss_fn, train_metrics, val_metrics, strategy,
+                                jit_compile=config.train.jit_compile)
+    checkpointer = Checkpointer(checkpoints, model, optimizer, config.train.checkpoints_to_keep)
+    in_memory = memory_split(data) if uses_memory_pipeline(config.train, data, strategy.num_replicas_in_sync) else None
     return Trainer(config, data, strategy, model, optimizer, steps, train_metrics, val_metrics, checkpointer,
-                   train_in_memory, precision, cluster if cluster is not None and cluster.size > 1 else None)
-
-
-def compile_ahead(steps: StepFunctions, image_shape: tuple[int, ...]) -> None:
-    """Trace and instantiate the train and evaluate functions for the batches the in-memory and validation pipelines
-    give, by running them for zero steps over an empty iterator of that kind; the first epoch then starts with them
-    compiled. (A different element spec would only mean tracing again at the first epoch.)"""
-    import tensorflow as tf
-
-    empty = make_memory_dataset(tf.zeros((0, *image_shape), tf.uint8), tf.zeros((0,), tf.int64), 1)
-    no_steps = tf.constant(0, tf.int64)
-    steps.train(iter(empty), no_steps)
-    steps.evaluate(iter(empty), no_steps)
+                   in_memory, precision, cluster if cluster is not None and cluster.size > 1 else None)
 
 
 @contextlib.contextmanager

@@ -58,21 +58,12 @@ def test_logged_val_loss_is_cross_entropy_from_logits(tmp_path: Path, idx_dir: P
 
 
 @pytest.mark.parametrize("pipeline", ["memory", "stream"])
-def test_compiled_ahead_and_the_partial_last_batch_does_not_retrace(tmp_path: Path, idx_dir: Path, pipeline: str
-                                                                     ) -> None:
+def test_partial_last_batch_does_not_retrace(tmp_path: Path, idx_dir: Path, pipeline: str) -> None:
     config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=3", "train.steps_per_execution=3",
                          f"train.input_pipeline={pipeline}")
     data, model = upstream(config, tmp_path)
     assert data.records["train"] % config.data.batch_size != 0  # 270 = 8 * 32 + 14
     trainer = build_trainer(config, data, model, tmp_path / "ckpt")
-    # in memory: compiled while the split loaded (zero steps over an empty iterator), nothing trained or counted;
-    # the stream pipeline has nothing to load first and compiles at its first epoch
-    ahead = 1 if pipeline == "memory" else 0
-    assert (trainer.train_in_memory is not None) == (pipeline == "memory")
-    assert trainer.steps.train.experimental_get_tracing_count() == ahead
-    assert trainer.steps.evaluate.experimental_get_tracing_count() == ahead
-    assert int(trainer.optimizer.iterations.numpy()) == 0
-    assert trainer.train_metrics.count.numpy() == 0 and trainer.val_metrics.count.numpy() == 0
     fit(trainer, make_early_stopping(config.train), tmp_path / "run")
     assert trainer.steps.train.experimental_get_tracing_count() == 1
     assert trainer.steps.evaluate.experimental_get_tracing_count() == 1
