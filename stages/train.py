@@ -167,8 +167,8 @@ def steps_in_one_call(step: Callable[[Any], None]) -> Any:
     """A compiled function `(iterator, steps)` that runs `step` on the next `steps` batches of the iterator."""
     import tensorflow as tf
 
-    # autograph off (here and in the step): nothing branches on a tensor, and converting the functions' source was
-    # half the time it took to trace them (0.5 of 1.0 s for the default CNN). Keras's fit does not convert either.
+    # autograph off (here and in the step): nothing branches on a tensor, and converting tapeline's step code took
+    # half the tracing (0.70 s -> 0.35 s for the default CNN). Keras's fit does not convert its steps either.
     @tf.function(autograph=False)
     def run(iterator: Any, steps: Any) -> None:
         def one(count: Any) -> Any:
