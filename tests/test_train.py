@@ -281,8 +281,9 @@ def test_both_input_pipelines_train(tmp_path: Path, idx_dir: Path, pipeline: str
 
 
 def test_training_and_validation_iterators_have_no_autotune_thread(tmp_path: Path, idx_dir: Path) -> None:
-    # tf.data's autotune thread makes deleting an iterator wait for its next wake (5.11 s, 10.23 s, 20.47 s …
-    # after the iterator started): a finished run's process waited 20-30 s to exit with the full defaults, and
+    # tf.data's autotune thread makes deleting an iterator wait for its next wake (5.11 s and 10.23 s after the
+    # iterator started, measured; later wakes inferred): a finished run's process waited 20-30 s to exit with the
+    # full defaults, and
     # stream epochs ran at half speed beside the previous epoch's teardown.
     config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=2", "train.input_pipeline=memory")
     data, model = upstream(config, tmp_path)
