@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Python between small steps), so a second nearly halves the time on two cores.
 TEST_WORKERS ?= auto
 
-.PHONY: run test lint dataset bench clean-artifacts
+.PHONY: run test lint docs dataset bench clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,12 +35,17 @@ run: $(STAMP) dataset
 test: $(STAMP) dataset
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
+# The manual: docs/ built by MkDocs (Material) into site/, strictly (a broken link or a stale generated page fails).
+docs: $(STAMP)
+	$(PY) -m tapeline.reference --check docs/configuration.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check stages flows tests benchmarks examples
+	$(VENV)/bin/ruff check tapeline stages flows tests benchmarks examples
 
 bench: $(STAMP) dataset
-	$(PY) benchmarks/train_throughput.py
-	$(PY) benchmarks/time_to_accuracy.py
-	$(PY) benchmarks/epoch_gaps.py
-	$(PY) benchmarks/multi_worker.py
-	$(PY) benchmarks/pipeline_overhead.py
+	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.time_to_accuracy
+	$(PY) -m benchmarks.epoch_gaps
+	$(PY) -m benchmarks.multi_worker
+	$(PY) -m benchmarks.pipeline_overhead

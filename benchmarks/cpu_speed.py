@@ -32,113 +32,33 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-TARGET = 0.90
-# name: (TensorFlow imported before tapeline, extra environment, tapeline overrides or None for the tutorial loop)
-THROUGHPUT = {
-    "tutorial_loop": (True, {}, None),
-    "tapeline_tutorial_preset": (False, {}, ["preset=tutorial"]),
-    "tapeline_tutorial_preset_onednn_off": (False, {"TF_ENABLE_ONEDNN_OPTS": "0"}, ["preset=tutorial"]),
-}
-STAGES = {
-    "tutorial_loop": (True, {}, None),
-    # before this work: `v2_precision()` is what auto picked then (bf16 only with AMX tiles), added in stage_part
-    "tapeline_v2_defaults": (True, {}, ["preset=v2"]),
-    "tapeline_defaults": (False, {}, []),
-    # what `train.precision=auto` buys where it picks bf16 (AMX or AVX-512 BF16); equal to the defaults elsewhere
-    "tapeline_defaults_float32": (False, {}, ["train.precision=float32"]),
-}
-
+from benchmarks.lib import (
+    STAGES,
+    TARGET,
+    THROUGHPUT,
+    Worker,
+    as_on_avx2,
+    matmul_gflops,
+    numpy_gflops,
+    overrides_argv,
+    sets_precision,
+    training_flops,
+    v2_precision,
+)
 
 AVX2_LIMIT = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def sets_precision(overrides: list[str]) -> bool:
-    """Whether `overrides` choose `train.precision` themselves."""
-    return any(o.startswith("train.precision=") for o in overrides)
-
-
-def as_on_avx2(contenders: dict[str, tuple[bool, dict[str, str], list[str] | None]]
-               ) -> dict[str, tuple[bool, dict[str, str], list[str] | None]]:
-    """`contenders` as they would run on an AVX2-only x86 CPU: TensorFlow's choice there (oneDNN off) where it is
-    imported first, float32 where no precision is set (what `auto` picks without bf16 instructions). The defaults
-    in float32 are then the defaults, and are left out. oneDNN's ISA limit itself is set for every worker by
-    `main`."""
-    emulated = {}
-    for name, (first, environment, overrides) in contenders.items():
-        if name == "tapeline_defaults_float32":
-            continue
-        if first:
-            environment = {"TF_ENABLE_ONEDNN_OPTS": "0", **environment}
-        if overrides is not None and not sets_precision(overrides):
-            overrides = [*overrides, "train.precision=float32"]
-        emulated[name] = (first, environment, overrides)
-    return emulated
-
-
-def v2_precision(isa: list[str]) -> str:
-    """The `train.precision` that `auto` picked before 2026-12-03 on a CPU with these features: mixed_bfloat16
-    with AMX tiles only, float32 elsewhere (AVX-512 BF16 included), so `v2` runs as users had it."""
-    from stages.hardware import BF16_TILES
-
-    return "train.precision=mixed_bfloat16" if BF16_TILES in isa else "train.precision=float32"
-
-
-def training_flops(model: Any) -> float:
-    """FLOPs of one training image through `model`: forward multiply-adds of its Conv2D and Dense layers x 2,
-    and the backward pass counted as twice the forward (the usual 3x)."""
-    forward = 0.0
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "Conv2D":
-            height, width, filters = layer.output.shape[1:]
-            kernel = layer.kernel.shape
-            forward += 2 * height * width * filters * kernel[0] * kernel[1] * kernel[2]
-        elif kind == "Dense":
-            forward += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    return 3 * forward
-
-
-def matmul_gflops(dtype: str, size: int = 2048, repeats: int = 7) -> float:
-    """The median GFLOP/s of a square matmul in `dtype`, run as one tf.function so only the GEMM is timed."""
-    import tensorflow as tf
-
-    a = tf.cast(tf.random.stateless_uniform((size, size), seed=(1, 2)), dtype)
-    b = tf.cast(tf.random.stateless_uniform((size, size), seed=(3, 4)), dtype)
-    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y), tf.float32)))
-    matmul(a, b).numpy()
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        matmul(a, b).numpy()
-        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return statistics.median(rates)
-
-
-def numpy_gflops(size: int = 2048, repeats: int = 7) -> float:
-    """The same fp32 matmul through numpy's BLAS (OpenBLAS): the CPU's ceiling outside TensorFlow."""
-    import numpy as np
-
-    a, b = np.random.default_rng(0).random((2, size, size), dtype=np.float32)
-    rates = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        a @ b
-        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return statistics.median(rates[1:])
-
-
 def this_process() -> dict[str, Any]:
     """The machine and this process's kernel choice."""
-    from benchmarks.machine import machine
-    from stages.hardware import onednn_decision
+    from benchmarks.lib import machine
+    from tapeline.hardware import onednn_decision
 
     return {"machine": machine(), "onednn": onednn_decision()}
 
@@ -156,8 +76,8 @@ def throughput_worker(overrides: list[str] | None, limit: int, artifacts: Path) 
 
     import keras
 
-    from benchmarks.train_throughput import prepare_data, tapeline_contender, tutorial_contender
-    from stages.hardware import cpu
+    from benchmarks.lib import prepare_data, throughput_contender, tutorial_contender
+    from tapeline.hardware import cpu
 
     keras.utils.set_random_seed(0)
     with redirect_stdout(io.StringIO()):
@@ -166,9 +86,9 @@ def throughput_worker(overrides: list[str] | None, limit: int, artifacts: Path) 
         epoch, accuracy = tutorial_contender(train, validation)
         flops = 16.8e6  # the tutorial CNN (training_flops of the same model)
     else:
-        epoch, accuracy = tapeline_contender(config, data, validation, artifacts, *overrides)
-        from stages.config import load_config
+        epoch, accuracy = throughput_contender(config, data, validation, artifacts, *overrides)
         from stages.model import build_model
+        from tapeline.config import load_config
 
         flops = training_flops(build_model(load_config(None, overrides).model, data.input_spec))
     say({"ready": True, "images": len(train[1]), "training_flops_per_image": flops, **this_process()})
@@ -192,10 +112,8 @@ def stage_worker(overrides: list[str] | None, max_epochs: int) -> None:
     """One train-stage contender (or the tutorial loop until TARGET), as time_to_accuracy.py runs it."""
     import keras
 
-    from benchmarks.time_to_accuracy import loop_contender
-    from benchmarks.time_to_accuracy import tapeline_contender as stage_contender
-    from benchmarks.train_throughput import prepare_data, tutorial_contender
-    from stages.data import load_split
+    from benchmarks.lib import loop_contender, prepare_data, stage_contender, tutorial_contender
+    from stages.data.readers import load_split
 
     keras.utils.set_random_seed(0)
     if overrides is None:
@@ -204,49 +122,18 @@ def stage_worker(overrides: list[str] | None, max_epochs: int) -> None:
         result = loop_contender("tutorial_loop", tutorial_contender, train, validation, test, max_epochs,
                                 stop_at=TARGET)
     else:
-        from stages.sources import DEBIAN_FASHION_MNIST
+        from stages.data.sources.base import DEBIAN_FASHION_MNIST
 
         if not DEBIAN_FASHION_MNIST.is_dir():
             raise SystemExit("the train-stage part needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-        from stages.config import load_config
         from stages.model import build_model
-        from stages.results import InputSpec
+        from tapeline.config import load_config
+        from tapeline.results import InputSpec
 
         result = stage_contender(" ".join(overrides) or "defaults", "fashion_mnist", overrides, max_epochs)
         spec = InputSpec(shape=(28, 28, 1), class_names=tuple("0123456789"))
         result["training_flops_per_image"] = training_flops(build_model(load_config(None, overrides).model, spec))
     say({**result, **this_process()})
-
-
-class Worker:
-    """A contender's process, driven line by line."""
-
-    def __init__(self, argv: list[str], tensorflow_first: bool, environment: dict[str, str]) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TAPELINE_SET_ONEDNN")}
-        env.update(environment, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, *(["--tensorflow-first"] if tensorflow_first else []), *argv],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-    def ask(self, command: str | None = None) -> dict[str, Any]:
-        """Send `command` (if any) and wait for the worker's next result line."""
-        if command is not None:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
-        for line in self.process.stdout:
-            if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
-        raise RuntimeError(f"worker {self.process.args} ended with {self.process.wait()}")
-
-    def close(self) -> None:
-        """End the worker."""
-        self.process.stdin.close()
-        self.process.wait()
-
-
-def overrides_argv(overrides: list[str] | None) -> list[str]:
-    """The worker's --set arguments (none: the tutorial loop)."""
-    return ["--tutorial-loop"] if overrides is None else [f"--set={o}" for o in overrides]
 
 
 def throughput_part(rounds: int, limit: int, artifacts: Path, contenders: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +175,7 @@ def throughput_part(rounds: int, limit: int, artifacts: Path, contenders: dict[s
 
 def stage_part(rounds: int, max_epochs: int, fp32_gflops: float, contenders: dict[str, Any]) -> dict[str, Any]:
     """Part 3: each STAGES contender in a fresh process, rounds interleaved."""
-    from stages.hardware import cpu
+    from tapeline.hardware import cpu
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     for index in range(rounds):
@@ -348,10 +235,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     if args.tensorflow_first:
         import tensorflow  # noqa: F401  (before tapeline: TensorFlow's own kernel choice, as the user's script has it)
-    import stages  # noqa: F401  (otherwise first: oneDNN as `tapeline run` has it)
+    from tapeline.hardware import onednn_origin
+
+    onednn_origin()  # otherwise first: oneDNN as `tapeline run` has it
     overrides = None if args.tutorial_loop else args.set
     if args.worker == "throughput":
         return throughput_worker(overrides, args.limit, args.artifacts)

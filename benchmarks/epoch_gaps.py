@@ -23,10 +23,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import machine  # noqa: E402
-from stages.cluster import free_ports  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
+from tapeline.cluster import free_ports  # noqa: E402
 
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 EPOCH_LINE = re.compile(r"epoch (\d+): loss .*\(([\d.]+) s, \d+ img/s\)")

@@ -32,16 +32,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
 
 BATCH = 256
 CHILD = """
 import json, sys, time
 from pathlib import Path
 import tensorflow  # loaded before the baseline: the data stage's own growth is what is measured
-from stages.config import load_config
+from tapeline.config import load_config
 from stages.pipeline import run_data
 def status_mb(field):  # VmHWM, not getrusage: ru_maxrss survives exec, so a child reports its parent's peak
     with open("/proc/self/status") as f:
@@ -66,7 +65,8 @@ def write_fashion_pngs(directory: Path) -> int:
     """Fashion-MNIST's train and test images as PNG files in class folders; returns how many."""
     from PIL import Image
 
-    from stages.sources import FASHION_MNIST_CLASSES, named_source
+    from stages.data.sources.base import FASHION_MNIST_CLASSES
+    from stages.data.sources.resolve import named_source
 
     raw = named_source("fashion_mnist").load()
     count = 0
@@ -122,7 +122,7 @@ def keras_epoch_seconds(directory: Path, config, spec) -> list[float]:
     import tensorflow as tf
 
     from stages.model import build_model
-    from stages.train import precision_policy, resolve_precision
+    from stages.train.environment import precision_policy, resolve_precision
 
     with precision_policy(resolve_precision(config.train.precision)):
         model = build_model(config.model, spec)
@@ -156,7 +156,7 @@ def keras_train_pass_seconds(directory: Path) -> float:
 
 def tapeline_train_pass_seconds(data, config) -> float:
     """One epoch of tapeline's training reader (the TFRecord cache, shuffled, batched, augmented), no model."""
-    from stages.data import Augment, make_dataset
+    from stages.data.readers import Augment, make_dataset
 
     started = time.perf_counter()
     for _ in make_dataset(data.path, "train", BATCH, training=True, shuffle_buffer=config.data.shuffle_buffer,
@@ -190,15 +190,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from stages.config import load_config
     from stages.pipeline import run_data
+    from tapeline.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="tapeline-images-"))
     started = time.perf_counter()
     written = write_fashion_pngs(work / "fashion")
     print(f"wrote {written} PNG files in {time.perf_counter() - started:.1f} s", flush=True)
 
-    from stages.images import forget_hashes
+    from stages.data.sources.images import forget_hashes
 
     rounds: list[dict] = []
     for number in range(1, args.rounds + 1):  # interleaved: each round runs every contender once

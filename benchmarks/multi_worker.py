@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
 
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 EPOCH = re.compile(r"(?:\[worker 0\] .*)?tapeline.train INFO epoch (\d+): .*\(([\d.]+) s, (\d+) img/s\)")

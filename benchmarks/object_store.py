@@ -21,8 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
 
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 
@@ -50,7 +49,7 @@ def timed_run(artifacts: str, overrides: list[str], env: dict[str, str], cwd: Pa
 
 def cached_runs(work: Path, repeats: int) -> dict[str, list[float]]:
     """A fully cached run on local disk and on S3, interleaved (tiny synthetic data, the full pipeline)."""
-    from tests.helpers import tiny_overrides, write_idx_dir
+    from tapeline.testing import tiny_overrides, write_idx_dir
 
     source = write_idx_dir(work / "tiny")
     overrides = [a for o in tiny_overrides(f"idx:{source}", "train.max_epochs=2") for a in ("--set", o)]
@@ -70,9 +69,9 @@ def cached_runs(work: Path, repeats: int) -> dict[str, list[float]]:
 
 def data_builds(work: Path, repeats: int) -> tuple[dict[str, list[float]], list[float], int]:
     """Cold data-stage builds (Fashion-MNIST) on local disk and on S3, interleaved; then read-cache fills."""
-    from stages.config import load_config
     from stages.graph import fingerprints, run_stage
-    from stages.store import open_store
+    from tapeline.config import load_config
+    from tapeline.store import open_store
 
     config = load_config()
     seconds: dict[str, list[float]] = {"local": [], "s3": []}
@@ -101,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from tests.s3server import start_s3_server
+    from tapeline.testing import start_s3_server
 
     work = Path(tempfile.mkdtemp(prefix="tapeline-s3-bench-"))
     server = start_s3_server(work / "seaweedfs")

@@ -20,8 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
 
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -48,7 +47,7 @@ def cached_run_times(repeats: int, workdir: Path) -> dict:
     """Median wall time of a fully cached `tapeline run` on a tiny dataset, ephemeral vs server."""
     import httpx
 
-    from tests.helpers import write_idx_dir
+    from tapeline.testing import write_idx_dir
 
     source = write_idx_dir(workdir / "idx")
     env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -80,10 +79,10 @@ def cached_run_times(repeats: int, workdir: Path) -> dict:
 
 def data_stage_times(repeats: int, workdir: Path) -> dict:
     """Cold builds of the Fashion-MNIST cache: decode (IDX gz) and split+write seconds, from the manifests."""
-    from stages.cache import read_manifest
-    from stages.config import load_config
-    from stages.data import make_dataset
+    from stages.data.readers import make_dataset
     from stages.pipeline import run_data
+    from tapeline.cache import read_manifest
+    from tapeline.config import load_config
 
     config = load_config()
     loads, writes, totals = [], [], []

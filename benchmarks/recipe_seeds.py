@@ -17,14 +17,11 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.cpu_speed import TARGET, Worker, overrides_argv, v2_precision  # noqa: E402
+from benchmarks.lib import TARGET, Worker, overrides_argv, v2_precision
 
 
 def default_recipes(isa: list[str]) -> dict[str, list[str]]:
@@ -72,7 +69,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=15)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from stages.hardware import cpu
+    from tapeline.hardware import cpu
 
     recipes = dict(args.recipe) if args.recipe else default_recipes(cpu()["isa"])
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in recipes}

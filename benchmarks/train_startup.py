@@ -30,9 +30,9 @@ def measure(artifacts: Path, overrides: list[str]) -> dict[str, float]:
     over later ones (32 steps a call, as the trainer runs them)."""
     import tensorflow as tf
 
-    from stages.config import load_config
     from stages.pipeline import run_data, run_model
-    from stages.train import build_trainer
+    from stages.train.loop import build_trainer
+    from tapeline.config import load_config
 
     config = load_config(None, ["data.source=fashion_mnist", *overrides])
     data = run_data(config, artifacts)
@@ -91,8 +91,7 @@ def main() -> None:
         return
     if not args.baseline:
         parser.error("--baseline is required")
-    sys.path.insert(0, str(ROOT))  # not in a worker: it imports tapeline from its own tree (PYTHONPATH)
-    from benchmarks.machine import machine
+    from benchmarks.lib import machine
     where = Path(tempfile.mkdtemp(prefix="tapeline-startup-bench-"))
     trees = {"baseline": baseline_tree(args.baseline, where), "this_checkout": ROOT}
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in trees}

@@ -12,15 +12,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -32,10 +30,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from stages.config import load_config
     from stages.graph import run_stage
-    from stages.results import StageInputs
     from stages.validate import build_validate
+    from tapeline.config import load_config
+    from tapeline.results import StageInputs
 
     config = load_config()
     artifacts = Path(tempfile.mkdtemp(prefix="tapeline-validate-bench-"))

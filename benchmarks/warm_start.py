@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.lib import machine
 
 WARM = ["train.init_from=production", "train.decay_epochs=4", "train.warmup_epochs=0", "train.learning_rate=1e-3"]
 
@@ -64,7 +62,7 @@ def idx_bytes(array) -> bytes:
 
 def write_champion_source(data_path: Path, directory: Path) -> Path:
     """Fashion-MNIST less the held-back validation split, as the four IDX files under directory/fashion_mnist."""
-    from stages.data import load_split
+    from stages.data.readers import load_split
 
     target = directory / "fashion_mnist"
     target.mkdir(parents=True)
@@ -80,10 +78,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from stages.config import load_config
-    from stages.data import load_split
+    from stages.data.readers import load_split
     from stages.evaluate import classification_metrics, model_logits
     from stages.pipeline import run_all, run_data, run_evaluate, run_model
+    from tapeline.config import load_config
 
     artifacts = Path(tempfile.mkdtemp(prefix="tapeline-warm-"))
     cold_config = load_config()

@@ -14,8 +14,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from stages.results import EpochCallback, ValidateResult
-from stages.train import epoch_log_line
+from stages.train.outputs import epoch_log_line
+from tapeline.results import EpochCallback, ValidateResult
 
 
 def progress_reporter() -> EpochCallback:

@@ -12,10 +12,11 @@ import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
-from stages.config import PRESETS, PipelineConfig, config_keys, load_config
-from stages.errors import TapelineError
 from stages.graph import STAGE_NAMES
-from stages.store import normalize_root, open_store
+from tapeline.config import PRESETS, PipelineConfig, config_keys, load_config
+from tapeline.errors import TapelineError
+from tapeline.hardware import onednn_origin
+from tapeline.store import normalize_root, open_store
 
 PROMOTION = "promotion"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -49,9 +50,12 @@ def keys_epilog() -> str:
     return "config keys (--set KEY=VALUE, or a YAML file of sections):\n" + "\n".join(lines)
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """--artifacts on every command."""
-    parser.add_argument("--artifacts", default=os.environ.get("TAPELINE_ARTIFACTS", "artifacts"),
+def add_global(parser: argparse.ArgumentParser, *, under_command: bool) -> None:
+    """The global options, accepted before the subcommand and after it. Only the top-level parser has their
+    defaults: a subcommand's copy defaults to "not given" (SUPPRESS), so it never overwrites what the user gave
+    before the subcommand (`tapeline --artifacts s3://b run` uses s3://b)."""
+    default = argparse.SUPPRESS if under_command else os.environ.get("TAPELINE_ARTIFACTS", "artifacts")
+    parser.add_argument("--artifacts", default=default,
                         help="artifacts directory or object-store URL (s3://BUCKET/PREFIX, gs://…, file://DIR); "
                         "default ./artifacts, env TAPELINE_ARTIFACTS")
 
@@ -71,35 +75,34 @@ def add_config(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     formatter = argparse.RawDescriptionHelpFormatter
+    keys = keys_epilog()
     parser = argparse.ArgumentParser(prog="tapeline", description="Staged TensorFlow training pipeline on Prefect.",
-                                     epilog=keys_epilog(), formatter_class=formatter)
-    add_common(parser)
+                                     epilog=keys, formatter_class=formatter)
+    add_global(parser, under_command=False)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the whole flow (Prefect API if PREFECT_API_URL is set, else ephemeral)",
-                              epilog=keys_epilog(), formatter_class=formatter)
-    add_common(run)
+                              epilog=keys, formatter_class=formatter)
+    add_global(run, under_command=True)
     add_config(run)
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     stage = commands.add_parser("stage", help="run one stage locally, without a Prefect server",
-                                epilog=keys_epilog(), formatter_class=formatter)
+                                epilog=keys, formatter_class=formatter)
     stage.add_argument("name", choices=(*STAGE_NAMES, PROMOTION),
                        help="a stage of the graph, or the promotion step (needs every stage's output)")
-    add_common(stage)
+    add_global(stage, under_command=True)
     add_config(stage)
     stage.add_argument("--json", action="store_true", help="print the stage result as JSON")
     plan = commands.add_parser("plan", help="each stage's fingerprint, whether it is cached, and what `tapeline run` "
-                               "would run; runs nothing", epilog=keys_epilog(), formatter_class=formatter)
-    add_common(plan)
+                               "would run; runs nothing", epilog=keys, formatter_class=formatter)
+    add_global(plan, under_command=True)
     add_config(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    predict = commands.add_parser("predict", help="classify PNG / .npy images with an exported model",
-                                  epilog=keys_epilog(), formatter_class=formatter)
-    add_common(predict)
+    predict = commands.add_parser("predict", help="classify PNG / .npy images with an exported model")
+    add_global(predict, under_command=True)
     predict.add_argument("--model", type=Path, help="exported model directory (default: production)")
     predict.add_argument("images", nargs="+", type=Path)
-    runs = commands.add_parser("runs", help="list registered runs, newest first", epilog=keys_epilog(),
-                               formatter_class=formatter)
-    add_common(runs)
+    runs = commands.add_parser("runs", help="list registered runs, newest first")
+    add_global(runs, under_command=True)
     runs.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
@@ -112,7 +115,7 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
 
 def command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
-    from stages.builder import check_builder
+    from tapeline.builder import check_builder
 
     config = config_from(args)
     check_builder(config.model)  # before any work: a bad model.builder is one line here, not a failed flow run
@@ -144,8 +147,8 @@ def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> 
 
 def command_stage(args: argparse.Namespace) -> int:
     """Run one stage (or the promotion step) in this process."""
-    from stages.builder import check_builder
     from stages.graph import find_output, run_stage
+    from tapeline.builder import check_builder
 
     config = config_from(args)
     check_builder(config.model)
@@ -166,10 +169,17 @@ def command_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_line(name: str, row: dict) -> str:
+    """One stage of the plan: fingerprint, cached or to run, where; or which upstream output it waits on."""
+    if row["fingerprint"] is None:
+        return f"{name:<9} {'-' * 16}  to run  depends on {row['waits_on']}'s new output (cached after all if that " \
+               "comes out byte-identical)"
+    return f"{name:<9} {row['fingerprint']}  {'cached' if row['cached'] else 'to run'}  {row['path']}"
+
+
 def format_plan(plan: dict) -> str:
     """The plan as aligned text: one line per stage, then what would run."""
-    lines = [f"{name:<9} {row['fingerprint']}  {'cached' if row['cached'] else 'to run'}  {row['path']}"
-             for name, row in plan["stages"].items()]
+    lines = [plan_line(name, row) for name, row in plan["stages"].items()]
     would_run = plan["would_run"]
     lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: nothing (every stage is cached)")
     lines.append("the promotion step runs on every run")
@@ -193,7 +203,7 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_predict(args: argparse.Namespace) -> int:
     """Print one line per image: path, class name, probability."""
-    from stages.predict import iter_predictions
+    from tapeline.predict import iter_predictions
 
     for row in iter_predictions(args.images, args.model, normalize_root(args.artifacts)):
         print(f"{row.path}\t{row.class_name}\t{row.probability:.4f}")
@@ -202,7 +212,7 @@ def command_predict(args: argparse.Namespace) -> int:
 
 def command_runs(args: argparse.Namespace) -> int:
     """Print the registry, newest first."""
-    from stages.registry import format_runs, runs_of
+    from tapeline.registry import format_runs, runs_of
 
     rows = runs_of(normalize_root(args.artifacts))
     print(json.dumps(rows, default=str) if args.json else format_runs(rows))
@@ -216,6 +226,7 @@ COMMANDS = {"run": command_run, "stage": command_stage, "plan": command_plan, "p
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tapeline` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    onednn_origin()
     args = build_parser().parse_args(argv)
     configure_logging()
     try:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect.events import emit_event
 
-from stages.results import Promotion, ValidateResult
+from tapeline.results import Promotion, ValidateResult
 
 RESOURCE = {"prefect.resource.id": "tapeline.pipeline.training-pipeline", "prefect.resource.name": "tapeline"}
 

@@ -24,13 +24,13 @@ from prefect.tasks import exponential_backoff
 
 from flows import events
 from flows.artifacts import progress_reporter, publish_artifacts, publish_validation_report
-from stages.builder import check_builder
-from stages.config import PipelineConfig
-from stages.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
 from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
 from stages.pipeline import new_run_id, promote_run, record_run, registry_row
-from stages.results import Promotion, StageResult, ValidateResult
-from stages.store import is_remote, normalize_root
+from tapeline.builder import check_builder
+from tapeline.config import PipelineConfig
+from tapeline.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
+from tapeline.results import Promotion, StageResult, ValidateResult
+from tapeline.store import is_remote, normalize_root
 
 
 def artifacts_dir() -> Artifacts:

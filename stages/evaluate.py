@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.builder import import_user_code
-from stages.cache import package_versions
-from stages.data import load_split
-from stages.results import METRICS_FILE, DataResult, EvaluateResult, StageInputs
+from stages.data.readers import load_split
+from tapeline.builder import import_user_code
+from tapeline.cache import package_versions
+from tapeline.results import METRICS_FILE, DataResult, EvaluateResult, StageInputs
 
 log = logging.getLogger("tapeline.evaluate")
 

@@ -12,15 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from stages.builder import import_user_code
-from stages.cache import describe_files, package_versions, read_manifest
-from stages.config import PipelineConfig
-from stages.data import load_split
-from stages.errors import ExportError
-from stages.hardware import cpu_name
-from stages.results import DataResult, ExportResult, InputSpec, StageInputs, TrainResult
+from stages.data.readers import load_split
+from tapeline.builder import import_user_code
+from tapeline.cache import describe_files, package_versions, read_manifest
+from tapeline.config import PipelineConfig
+from tapeline.errors import ExportError
+from tapeline.hardware import cpu_name
+from tapeline.results import DataResult, ExportResult, InputSpec, StageInputs, TrainResult
+from tapeline.serving import SAVED_MODEL
 
-SAVED_MODEL, KERAS_FILE, TFLITE_FILE = "saved_model", "model.keras", "model.tflite"
+KERAS_FILE, TFLITE_FILE = "model.keras", "model.tflite"
 TFLITE_SIGNATURE = "serving_nhwc"
 VERIFY_IMAGES = 64
 log = logging.getLogger("tapeline.export")

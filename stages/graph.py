@@ -6,11 +6,15 @@ names, `run_stage`, `find_output`, output paths, `plan`, `run_all` and the Prefe
 stage is one module with a `build_*` and a `*_result` function, plus one entry here.
 
 A stage's fingerprint hashes: the config keys that shape its output (`covers`, minus runtime knobs,
-plus keys another section marks `used_by` it), its upstream fingerprints, the code of its module and
-of every project module that module imports (`stages.codehash`), and, for stages that read outside
+plus keys another section marks `used_by` it), a key per upstream output, the code of its module and
+of every project module that module imports (`tapeline.codehash`), and, for stages that read outside
 their upstream outputs, a cheap identity of what they read (the data sources' checksums; validate's
-baseline, the data production was trained on). Fingerprints never depend on the outputs themselves,
-so `plan` computes them all without running anything.
+baseline, the data production was trained on). The key of an `early_cutoff` stage's output (data's:
+records framed by hand, byte-reproducible) is its content digest (its files' checksums and the manifest
+keys its dependents `reads`), the early cutoff of build systems: when it runs again and writes the
+same bytes, its dependents stay cached. So `plan` knows the fingerprint of a stage downstream of data
+once data's output exists; until then the stage waits on it. Other stages' outputs carry save times
+(Keras zips, HDF5, TensorBoard events), so their dependents key on their fingerprints.
 
 A stage may declare a `gate`, called on its result whether it was built or cached: validate's raises
 when the report has errors, so the run stops before the model stage and the report is kept.
@@ -27,21 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.builder import builder_identity
-from stages.cache import fingerprint, manifest_problem
-from stages.cluster import Cluster, check_workers, current_cluster, launch_local_workers, worker_command
-from stages.codehash import code_fingerprint
-from stages.config import PipelineConfig, output_config
-from stages.data import build_data, data_result, source_identity
+from stages.data.stage import build_data, data_result, source_identity
 from stages.evaluate import build_evaluation, evaluate_result
 from stages.export import build_export, export_result
-from stages.hardware import planned_choices
 from stages.model import build_model_dir, model_result
-from stages.results import EpochCallback, StageInputs, StageResult
-from stages.store import SavePartial, Store, open_store
-from stages.train import build_train_dir, train_result
+from stages.train.stage import build_train_dir, train_result
+from stages.train.warm_start import init_identity
 from stages.validate import baseline_identity, build_validate, ensure_passed, validate_result
-from stages.warmstart import init_identity
+from tapeline.builder import builder_identity
+from tapeline.cache import files_digest, fingerprint, manifest_problem, read_manifest
+from tapeline.cluster import Cluster, check_workers, current_cluster, launch_local_workers, worker_command
+from tapeline.codehash import code_fingerprint, module_closure
+from tapeline.config import PipelineConfig, output_config
+from tapeline.errors import MissingUpstreamError
+from tapeline.hardware import onednn_origin, planned_choices
+from tapeline.results import EpochCallback, StageInputs, StageResult
+from tapeline.store import SavePartial, Store, open_store
 
 log = logging.getLogger("tapeline.graph")
 BuildFn = Callable[[Path, StageInputs], dict[str, Any]]
@@ -63,6 +68,9 @@ class Stage:
     gate: Callable[[Any], None] | None = None
     resumable: bool = False
     distributed: bool = False
+    reads: tuple[str, ...] = ()
+    early_cutoff: bool = False
+
 
     @property
     def module(self) -> str:
@@ -76,7 +84,9 @@ def user_model_code(config: PipelineConfig, *_context: Any) -> dict[str, Any] | 
 
 
 GRAPH: tuple[Stage, ...] = (
-    Stage("data", (), build_data, data_result, covers=("seed", "data"), external=source_identity),
+    Stage("data", (), build_data, data_result, covers=("seed", "data"), external=source_identity, early_cutoff=True,
+          reads=("input_spec", "encoding", "normalization", "splits", "skipped", "image_files",
+                 "dropped_test_duplicates")),
     Stage("validate", ("data",), build_validate, validate_result, covers=("validate",), external=baseline_identity,
           gate=ensure_passed),
     Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model"), external=user_model_code),
@@ -94,8 +104,22 @@ def external_inputs(stage: Stage, config: PipelineConfig, store: Store, upstream
     return stage.external(config, store, upstream) if stage.external else None
 
 
+def content_digest(stage: Stage, manifest: Mapping[str, Any]) -> str:
+    """What a stage's dependents read of its output, hashed: every file's name and SHA-256 and the manifest
+    keys it `reads` (never timings, versions or run ids). Two builds that wrote the same bytes have one digest."""
+    return fingerprint({"files": files_digest(manifest), "reads": {key: manifest.get(key) for key in stage.reads}})
+
+
+def upstream_key(stage: Stage, fp: str, manifest: Mapping[str, Any]) -> str:
+    """What a dependent's fingerprint keys on for this upstream output: its content digest when the stage writes
+    byte-reproducible output (`early_cutoff`: the data stage's hand-framed records), else its fingerprint (Keras
+    zips, HDF5 files and TensorBoard events carry save times, so their bytes never repeat)."""
+    return content_digest(stage, manifest) if stage.early_cutoff else fp
+
+
 def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[str, str], external: Any) -> str:
-    """The fingerprint of `stage` given its upstream stages' fingerprints and its external inputs."""
+    """The fingerprint of `stage` given its upstream outputs' keys (`upstream_key`) and its external inputs (early
+    cutoff: an upstream data stage that ran again and wrote the same bytes leaves this fingerprint as it was)."""
     return fingerprint({
         "stage": stage.name,
         "config": output_config(config, stage.name, stage.covers),
@@ -105,23 +129,62 @@ def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[st
     })
 
 
-def fingerprints(config: PipelineConfig, artifacts: Artifacts) -> dict[str, str]:
-    """Every stage's fingerprint for this config and store, in graph order."""
+@dataclass(frozen=True)
+class Keys:
+    """The graph's keys for one config and store: each stage's fingerprint (None while it depends on the content of
+    an upstream output not built yet, named in `waits_on`) and what dependents key on for each known stage."""
+
+    fingerprints: dict[str, str | None]
+    keys: dict[str, str]
+    waits_on: dict[str, str]
+
+
+def graph_keys(config: PipelineConfig, artifacts: Artifacts) -> Keys:
+    """Walk the graph in order. A stage's fingerprint needs its upstream keys: an early-cutoff stage's key is its
+    output's content digest, read from its manifest, so a stage downstream of one not built (yet) waits on it."""
     store = open_store(artifacts)
-    found: dict[str, str] = {}
+    fps: dict[str, str | None] = {}
+    keys: dict[str, str] = {}
+    waits_on: dict[str, str] = {}
     for stage in GRAPH:
-        found[stage.name] = stage_fingerprint(stage, config, found, external_inputs(stage, config, store, found))
-    return found
+        missing = next((u for u in stage.upstream if u not in keys), None)
+        if missing is not None:
+            fps[stage.name], waits_on[stage.name] = None, waits_on.get(missing, missing)
+            continue
+        located_fps = {u: fps[u] for u in stage.upstream}
+        fp = stage_fingerprint(stage, config, keys, external_inputs(stage, config, store, located_fps))
+        fps[stage.name] = fp
+        if not stage.early_cutoff:
+            keys[stage.name] = fp
+        elif (manifest := store.manifest(stage.name, fp)) is not None:
+            keys[stage.name] = content_digest(stage, manifest)
+    return Keys(fps, keys, waits_on)
+
+
+def fingerprints(config: PipelineConfig, artifacts: Artifacts) -> dict[str, str | None]:
+    """Every stage's fingerprint for this config and store, in graph order (None: waits on an upstream output)."""
+    return graph_keys(config, artifacts).fingerprints
+
+
+def known_fingerprint(name: str, config: PipelineConfig, artifacts: Artifacts) -> str:
+    """Stage `name`'s fingerprint, or MissingUpstreamError naming the upstream stage to run first."""
+    keys = graph_keys(config, artifacts)
+    fp = keys.fingerprints[name]
+    if fp is None:
+        first = keys.waits_on[name]
+        raise MissingUpstreamError(f"no valid {first} output for this config (stage {name} needs it): run "
+                                   f"`tapeline stage {first}` with the same config first")
+    return fp
 
 
 def output_path(name: str, config: PipelineConfig, artifacts: Path) -> Path:
     """Where stage `name`'s output for this config lives in an artifacts directory (built or not)."""
-    return artifacts / name / fingerprints(config, artifacts)[name]
+    return artifacts / name / known_fingerprint(name, config, artifacts)
 
 
 def output_location(name: str, config: PipelineConfig, artifacts: Artifacts) -> str:
     """Where stage `name`'s output for this config lives in any store, as a path or URL."""
-    return open_store(artifacts).location(name, fingerprints(config, artifacts)[name])
+    return open_store(artifacts).location(name, known_fingerprint(name, config, artifacts))
 
 
 def located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local: Path, cached: bool,
@@ -133,7 +196,7 @@ def located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local
 
 def find_output(name: str, config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> StageResult:
     """The valid cached output of stage `name` (fetched locally), or MissingUpstreamError saying to run it first."""
-    return find_output_by_fingerprint(name, fingerprints(config, artifacts)[name], artifacts, verify)
+    return find_output_by_fingerprint(name, known_fingerprint(name, config, artifacts), artifacts, verify)
 
 
 def find_output_by_fingerprint(name: str, fp: str, artifacts: Artifacts, verify: bool = False) -> StageResult:
@@ -152,11 +215,19 @@ def usable_locally(result: StageResult, store: Store, verify: bool) -> StageResu
     return result.model_copy(update={"path": local})
 
 
+def key_of(result: StageResult) -> str:
+    """What dependents key on for a stage's output (`upstream_key`), from its local manifest."""
+    stage = STAGES[result.stage]
+    return upstream_key(stage, result.fingerprint, read_manifest(result.path)) if stage.early_cutoff \
+        else result.fingerprint
+
+
 def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
               upstream: Mapping[str, StageResult] | None = None, *, verify: bool = False,
               on_epoch_end: EpochCallback | None = None) -> StageResult:
     """Run one stage: reuse its valid cached output, or build it. Upstream results not given are looked
     up by fingerprint; a missing one is a MissingUpstreamError naming the stage to run first."""
+    onednn_origin()
     stage = STAGES[name]
     store = open_store(artifacts)
     started = time.perf_counter()
@@ -165,7 +236,7 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
               for u in stage.upstream}
     upstream_fps = {u: r.fingerprint for u, r in inputs.items()}
     external = external_inputs(stage, config, store, upstream_fps)
-    fp = stage_fingerprint(stage, config, upstream_fps, external)
+    fp = stage_fingerprint(stage, config, {u: key_of(r) for u, r in inputs.items()}, external)
 
     def stage_inputs(hooks: EpochCallback | None) -> StageInputs:
         return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1], store)
@@ -251,16 +322,24 @@ def with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePar
 
 def output_is_valid(name: str, config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> bool:
     """Whether the stage's cached output exists and matches its manifest (sizes; SHA-256 with `verify`)."""
-    return open_store(artifacts).problem(name, fingerprints(config, artifacts)[name], verify) is None
+    fp = fingerprints(config, artifacts)[name]
+    return fp is not None and open_store(artifacts).problem(name, fp, verify) is None
 
 
 def plan(config: PipelineConfig, artifacts: Artifacts, verify: bool = False) -> dict[str, Any]:
-    """What `tapeline run` would do, running nothing: each stage's fingerprint, output location and whether
-    a valid output is cached, and the stages that would run (the promotion step always runs)."""
+    """What `tapeline run` would do, running nothing: each stage's fingerprint, output location, whether a valid
+    output is cached and the project modules its code fingerprint covers, and the stages that would run (the
+    promotion step always runs). A stage downstream of one that must run has no fingerprint yet: it depends on
+    that stage's new output (`waits_on`), and is a cache hit after all if that output comes out byte-identical."""
     store = open_store(artifacts)
-    stages = {}
-    for name, fp in fingerprints(config, artifacts).items():
-        stages[name] = {"fingerprint": fp, "cached": store.problem(name, fp, verify) is None,
-                        "path": store.location(name, fp)}
+    keys = graph_keys(config, artifacts)
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in GRAPH:
+        fp = keys.fingerprints[stage.name]
+        row: dict[str, Any] = {"fingerprint": fp, "cached": fp is not None and store.problem(stage.name, fp, verify)
+                               is None, "path": store.location(stage.name, fp) if fp else None}
+        if fp is None:
+            row["waits_on"] = keys.waits_on[stage.name]
+        stages[stage.name] = {**row, "code": module_closure(stage.module)}
     return {"stages": stages, "would_run": [name for name, row in stages.items() if not row["cached"]],
             "auto": planned_choices(config.train.precision)}

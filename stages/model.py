@@ -8,11 +8,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stages.builder import build_user_model
-from stages.cache import package_versions
-from stages.config import ModelConfig
-from stages.errors import ConfigError
-from stages.results import InputSpec, ModelResult, StageInputs
+from tapeline.builder import build_user_model
+from tapeline.cache import package_versions
+from tapeline.config import ModelConfig
+from tapeline.errors import ConfigError
+from tapeline.results import InputSpec, ModelResult, StageInputs
 
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "initial.weights.h5"

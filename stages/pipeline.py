@@ -7,11 +7,11 @@ import time
 import uuid
 from typing import Any, cast
 
-from stages.config import PipelineConfig
 from stages.graph import GRAPH, Artifacts, run_stage
 from stages.promotion import promote
-from stages.registry import record_row
-from stages.results import (
+from tapeline.config import PipelineConfig
+from tapeline.registry import record_row
+from tapeline.results import (
     DataResult,
     EpochCallback,
     EvaluateResult,
@@ -21,7 +21,7 @@ from stages.results import (
     StageResult,
     TrainResult,
 )
-from stages.store import open_store, with_lock
+from tapeline.store import open_store, with_lock
 
 
 def run_data(config: PipelineConfig, artifacts: Artifacts, *, verify: bool = False) -> DataResult:

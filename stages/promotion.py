@@ -15,15 +15,15 @@ import shutil
 import time
 from typing import Any
 
-from stages.config import ExportConfig, PipelineConfig
-from stages.errors import CacheError, LockTimeoutError
 from stages.evaluate import test_metrics
 from stages.export import render_model_card
 from stages.graph import Artifacts, find_output_by_fingerprint, run_stage
-from stages.registry import local_version, publish, read_production, switch
-from stages.results import DataResult, EvaluateResult, ExportResult, Promotion, TrainResult
-from stages.serving import publish_serving
-from stages.store import LocalStore, RemoteStore, Store, open_store, with_lock
+from tapeline.config import ExportConfig, PipelineConfig
+from tapeline.errors import CacheError, LockTimeoutError
+from tapeline.registry import local_version, publish, read_production, switch
+from tapeline.results import DataResult, EvaluateResult, ExportResult, Promotion, TrainResult
+from tapeline.serving import publish_serving
+from tapeline.store import LocalStore, RemoteStore, Store, open_store, with_lock
 
 RUNS = "runs"
 SWITCH_ATTEMPTS = 5

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from stages.cache import package_versions, read_manifest
-from stages.config import PipelineConfig, ValidateConfig
-from stages.data import SPLITS, image_keys, load_split
-from stages.errors import ValidationError
-from stages.registry import read_production
-from stages.results import StageInputs, ValidateResult
-from stages.store import Store
+from stages.data.layout import SPLITS, image_keys
+from stages.data.readers import load_split
+from tapeline.cache import files_digest, package_versions, read_manifest
+from tapeline.config import PipelineConfig, ValidateConfig
+from tapeline.errors import ValidationError
+from tapeline.registry import read_production
+from tapeline.results import StageInputs, ValidateResult
+from tapeline.store import Store
 
 REPORT, REPORT_MD, STATISTICS = "report.json", "report.md", "statistics.parquet"
 CLASS_PLOT, PIXEL_PLOT = "class_histogram.png", "pixel_histogram.png"
@@ -446,7 +447,11 @@ def baseline_identity(_config: PipelineConfig, store: Store, upstream: Mapping[s
     data_fp = (train or {}).get("upstream", {}).get("data")
     if data_fp is None or data_fp == upstream["data"]:
         return None
-    if store.problem("data", data_fp) is not None:
+    baseline = store.manifest("data", data_fp)
+    if baseline is None:
         log.warning("the data production %s was trained on (%s) is gone: no baseline", pointer["version"], data_fp)
         return None
+    current = store.manifest("data", upstream["data"])
+    if current is not None and files_digest(current) == files_digest(baseline):
+        return None  # the same records, rebuilt (a new data fingerprint, byte-identical output): no baseline
     return {"data": data_fp}

@@ -10,8 +10,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-import stages  # noqa: E402,F401  (before TensorFlow, as in every entry point: it turns oneDNN kernels on)
-from tests.helpers import write_idx_dir  # noqa: E402
+from tapeline.hardware import onednn_origin  # noqa: E402
+from tapeline.testing import write_idx_dir  # noqa: E402
+
+onednn_origin()  # as every entry point does before TensorFlow is imported
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,7 @@ def harness():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """One real S3-compatible server (SeaweedFS) for the session, stopped at the end."""
-    from tests.s3server import start_s3_server
+    from tapeline.testing import start_s3_server
 
     server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
     yield server
@@ -54,7 +56,7 @@ def s3_url(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: 
 
     import fsspec
 
-    from stages.store import open_remote
+    from tapeline.store import open_remote
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)

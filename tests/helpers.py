@@ -2,75 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 from pathlib import Path
 
 import numpy as np
-
-from stages.config import PipelineConfig, load_config
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An array in MNIST IDX format (uint8 only)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + np.ascontiguousarray(array, np.uint8).tobytes()
-
-
-def synthetic_images(n: int, classes: int = 10, shape: tuple[int, ...] = (28, 28), seed: int = 0,
-                     brightness: int = 0):
-    """Images whose class is a bright horizontal band at a class-specific height, plus noise (raised by
-    `brightness` grey levels)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    rng.shuffle(labels)
-    images = rng.integers(brightness, 60 + brightness, size=(n, *shape), dtype=np.uint8)
-    band = max(1, shape[0] // classes)
-    for i, label in enumerate(labels):
-        images[i, label * band : (label + 1) * band] = 220
-    return images, labels.astype(np.uint8)
-
-
-def write_idx_dir(directory: Path, n_train: int = 300, n_test: int = 100, gz: bool = False, seed: int = 0,
-                  classes: int = 10, brightness: int = 0) -> Path:
-    """The four MNIST-format files of a synthetic dataset."""
-    directory.mkdir(parents=True, exist_ok=True)
-    train_x, train_y = synthetic_images(n_train, classes, seed=seed, brightness=brightness)
-    test_x, test_y = synthetic_images(n_test, classes, seed=seed + 1, brightness=brightness)
-    files = {
-        "train-images-idx3-ubyte": train_x, "train-labels-idx1-ubyte": train_y,
-        "t10k-images-idx3-ubyte": test_x, "t10k-labels-idx1-ubyte": test_y,
-    }
-    for name, array in files.items():
-        data = idx_bytes(array)
-        if gz:
-            (directory / f"{name}.gz").write_bytes(gzip.compress(data))
-        else:
-            (directory / name).write_bytes(data)
-    return directory
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A uint8 image (H, W) or (H, W, 3) as PNG bytes."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tiny_overrides(source: str, *more: str) -> list[str]:
-    """`--set` overrides of a fast config: a small CNN, small batches, few epochs, and the v1 training recipe (no
-    augmentation, plateau schedule, float32) that these tests were written against; tests of the current defaults
-    drop the preset."""
-    return ["preset=v1", f"data.source={source}", "data.batch_size=32", "data.shards=2", "data.shuffle_buffer=256",
-            "model.conv_filters=[8, 16]", "model.dense_units=16", "train.max_epochs=3", "train.patience=2",
-            "train.steps_per_execution=4", *more]
-
-
-def tiny_config(source: str, *overrides: str) -> PipelineConfig:
-    """The fast config of `tiny_overrides`."""
-    return load_config(None, tiny_overrides(source, *overrides))
 
 
 class Interrupted(Exception):
@@ -91,7 +25,7 @@ def reference_test_accuracy(data_path: Path, train_path: Path) -> float:
     """The trained model's accuracy on the test split, computed here independently of the evaluate stage."""
     import keras
 
-    from stages.data import load_split
+    from stages.data.readers import load_split
 
     images, labels = load_split(data_path, "test")
     model = keras.models.load_model(train_path / "model.keras", compile=False)

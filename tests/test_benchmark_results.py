@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.hardware import FEATURES
+from tapeline.hardware import FEATURES
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -25,16 +25,30 @@ def test_the_results_folder_is_not_empty() -> None:
     assert len(list(RESULTS.glob("*.json"))) >= 10
 
 
-def test_the_avx2_stand_in_runs_contenders_as_an_avx2_cpu_would() -> None:
-    from benchmarks.cpu_speed import STAGES, THROUGHPUT, as_on_avx2
+ROOT = RESULTS.parents[1]
+PAGES_WITH_FIGURES = [ROOT / "benchmarks" / "README.md", ROOT / "README.md"]
 
-    assert as_on_avx2(STAGES) == {
-        # TensorFlow imported first keeps its own choice, which on an AVX2-only x86 CPU is Eigen (oneDNN off)
-        "tutorial_loop": (True, {"TF_ENABLE_ONEDNN_OPTS": "0"}, None),
-        "tapeline_v2_defaults": (True, {"TF_ENABLE_ONEDNN_OPTS": "0"}, ["preset=v2", "train.precision=float32"]),
-        # tapeline's own choice stays (oneDNN on); `auto` would pick float32 there, so the float32 twin goes
-        "tapeline_defaults": (False, {}, ["train.precision=float32"]),
-    }
-    emulated = as_on_avx2(THROUGHPUT)
-    assert emulated["tapeline_tutorial_preset_onednn_off"][1] == {"TF_ENABLE_ONEDNN_OPTS": "0"}
-    assert emulated["tapeline_tutorial_preset"] == (False, {}, ["preset=tutorial", "train.precision=float32"])
+
+def figure_rows(page: Path) -> list[dict[str, str]]:
+    """The rows of every Markdown table on `page` that has a `results` column, as {column: cell}."""
+    rows, header = [], None
+    for line in page.read_text().splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif set(cells[0]) > {"-"} and "results" in header:
+            rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_FIGURES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_figure_in_the_docs_tables_has_a_results_file_of_that_date(page: Path) -> None:
+    rows = figure_rows(page)
+    assert rows, f"{page} has no figure table with a results column"
+    for row in rows:
+        name = row["results"].strip("`").rpartition("/")[2].rstrip(")").strip("`")
+        result = json.loads((RESULTS / name).read_text())
+        assert result["machine"]["cpu"] and result["date"] == row["date"], row

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from stages.data import load_split
+from stages.data.readers import load_split
 
 TINY = ["--set", "data.shards=2", "--set", "model.conv_filters=[8, 16]", "--set", "model.dense_units=16",
         "--set", "train.max_epochs=1", "--set", "train.steps_per_execution=4"]
@@ -23,7 +23,7 @@ def tiny_args(idx_dir: Path, artifacts: Path) -> list[str]:
 
 
 def test_help_lists_every_config_key(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in (["--help"], ["run", "--help"], ["stage", "--help"], ["predict", "--help"], ["runs", "--help"]):
+    for command in (["--help"], ["run", "--help"], ["stage", "--help"], ["plan", "--help"]):
         with pytest.raises(SystemExit):
             main(command)
         out = capsys.readouterr().out
@@ -94,3 +94,42 @@ def test_the_temporary_prefect_server_sends_no_telemetry_unless_the_user_chose()
     unset: dict[str, str] = {}
     without_server_telemetry(unset)
     assert unset == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+# ---------------------------------------------------------------- global options
+
+GLOBAL_COMMANDS = [["run"], ["stage", "data"], ["plan"], ["predict", "x.png"], ["runs"]]
+
+
+@pytest.mark.parametrize("command", GLOBAL_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_artifacts_is_taken_before_or_after_the_subcommand(command: list[str], where: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.cli import build_parser
+
+    monkeypatch.delenv("TAPELINE_ARTIFACTS", raising=False)
+    given = ["--artifacts", "s3://bucket/prefix"]
+    argv = [*given, *command] if where == "before" else [*command, *given]
+    assert build_parser().parse_args(argv).artifacts == "s3://bucket/prefix"
+    assert build_parser().parse_args(command).artifacts == "artifacts"
+    monkeypatch.setenv("TAPELINE_ARTIFACTS", "from-env")
+    assert build_parser().parse_args(command).artifacts == "from-env"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_plan_uses_the_artifacts_given_before_or_after_it(where: str, tmp_path: Path, idx_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    given = ["--artifacts", str(tmp_path / "chosen")]
+    plan = ["plan", "--json", "--set", f"data.source=idx:{idx_dir}"]
+    assert main([*given, *plan] if where == "before" else [*plan, *given]) == 0
+    data = json.loads(capsys.readouterr().out)["stages"]["data"]
+    assert data["path"] == str(tmp_path / "chosen" / "data" / data["fingerprint"])
+
+
+def test_help_lists_config_keys_only_where_they_are_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, lists_keys in (("run", True), ("plan", True), ("predict", False), ("runs", False)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert ("train.max_epochs" in text) is lists_keys, command
+        assert "PydanticUndefined" not in text

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import PipelineConfig, config_keys, load_config
-from stages.errors import ConfigError
+from tapeline.config import PipelineConfig, config_keys, load_config
+from tapeline.errors import ConfigError
 
 
 def test_defaults_match_the_documented_values() -> None:

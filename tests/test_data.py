@@ -10,13 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.cache import manifest_problem, read_manifest
-from stages.data import load_split, make_dataset
-from stages.errors import DataSourceError, MissingUpstreamError
+from stages.data.readers import load_split, make_dataset
+from stages.data.sources.base import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES
+from stages.data.sources.idx import parse_idx
+from stages.data.sources.resolve import resolve_source
 from stages.graph import find_output
 from stages.pipeline import run_data
-from stages.sources import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, parse_idx, resolve_source
-from tests.helpers import idx_bytes, png_bytes, synthetic_images, tiny_config, write_idx_dir
+from tapeline.cache import manifest_problem, read_manifest
+from tapeline.errors import DataSourceError, MissingUpstreamError
+from tapeline.testing import idx_bytes, png_bytes, synthetic_images, tiny_config, write_idx_dir
 
 
 def sorted_rows(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
@@ -349,7 +351,7 @@ def test_real_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_hand_encoded_examples_are_tensorflow_examples() -> None:
     import tensorflow as tf
 
-    from stages.data import serialize_example
+    from stages.data.records import serialize_example
 
     rng = np.random.default_rng(0)
     for shape, label in (((28, 28, 1), 0), ((5, 7, 3), 9), ((96, 96, 3), 300), ((1, 1, 1), 127)):
@@ -362,7 +364,7 @@ def test_hand_encoded_examples_are_tensorflow_examples() -> None:
 
 
 def test_framed_records_equal_hand_encoded_examples() -> None:
-    from stages.data import example_frame, serialize_example
+    from stages.data.records import example_frame, serialize_example
 
     rng = np.random.default_rng(1)
     for shape, label in (((28, 28, 1), 0), ((5, 7, 3), 9), ((96, 96, 3), 300), ((1, 1, 1), 127), ((2, 2, 1), 128)):

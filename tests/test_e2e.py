@@ -18,8 +18,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from stages.registry import local_version, read_production, runs_of
-from stages.store import open_store
+from tapeline.registry import local_version, read_production, runs_of
+from tapeline.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -82,7 +82,7 @@ def drop_file(seed: int) -> bytes:
     import numpy as np
     import pyarrow as pa
 
-    from tests.helpers import png_bytes, synthetic_images
+    from tapeline.testing import png_bytes, synthetic_images
 
     images, labels = synthetic_images(DROP_ROWS, seed=seed)
     buffer = pa.BufferOutputStream()

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from stages.early_stopping import EarlyStopping, ReduceLROnPlateau
+from stages.train.early_stopping import EarlyStopping, ReduceLROnPlateau
 
 
 def tiny_model() -> keras.Model:

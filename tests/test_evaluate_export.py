@@ -12,16 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from stages.config import load_config
-from stages.data import load_split
-from stages.errors import ExportError, PredictError
+from stages.data.readers import load_split
 from stages.evaluate import classification_metrics, cross_entropy_from_logits
 from stages.graph import STAGE_NAMES
 from stages.pipeline import record_run, registry_row, run_all, run_export
-from stages.predict import predict
 from stages.promotion import decide
-from stages.registry import POINTER, format_runs, production, read_runs
-from tests.helpers import png_bytes, tiny_config
+from tapeline.config import load_config
+from tapeline.errors import ExportError, PredictError
+from tapeline.predict import predict
+from tapeline.registry import POINTER, format_runs, production, read_runs
+from tapeline.testing import png_bytes, tiny_config
 
 
 @pytest.fixture(scope="module")

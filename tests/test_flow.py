@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from stages.cache import manifest_problem
-from stages.config import PipelineConfig
-from stages.data import load_split
+from stages.data.readers import load_split
 from stages.graph import STAGE_NAMES
-from tests.helpers import reference_test_accuracy, synthetic_images, tiny_config
+from tapeline.cache import manifest_problem
+from tapeline.config import PipelineConfig
+from tapeline.testing import synthetic_images, tiny_config
+from tests.helpers import reference_test_accuracy
 
 
 def write_parquet(path: Path, images, labels) -> None:
@@ -77,7 +78,7 @@ def test_caching_across_runs(flow_env: Path, idx_dir: Path) -> None:
     assert states(longer) == {"data": "Cached", "validate": "Cached", "model": "Cached", "train": "Completed",
                               "evaluate": "Completed", "export": "Completed"}
 
-    from stages.registry import read_runs
+    from tapeline.registry import read_runs
 
     assert len(read_runs(flow_env)) == 4
 
@@ -110,7 +111,7 @@ def test_run_verify_checksums_every_reused_output(flow_env: Path, idx_dir: Path)
 
 
 def test_failed_stage_fails_the_flow_with_its_message(flow_env: Path, tmp_path: Path) -> None:
-    from stages.errors import DataSourceError
+    from tapeline.errors import DataSourceError
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -124,8 +125,8 @@ def test_failed_stage_fails_the_flow_with_its_message(flow_env: Path, tmp_path: 
 def test_downloads_are_retried_bad_input_is_not(flow_env: Path, idx_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.training
-    from stages.errors import DataSourceError, DownloadError
     from stages.graph import run_stage
+    from tapeline.errors import DataSourceError, DownloadError
 
     calls: list[str] = []
 
@@ -169,9 +170,9 @@ def api_events(name: str, wanted, deadline_seconds: float = 60) -> list[dict]:
 
 
 def test_nightly_drop_clean_trains_conflict_stops_at_validate(flow_env: Path, idx_dir: Path, tmp_path: Path) -> None:
-    from stages.errors import ValidationError
     from stages.graph import output_location
     from stages.pipeline import run_data
+    from tapeline.errors import ValidationError
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()
@@ -198,7 +199,7 @@ def test_nightly_drop_clean_trains_conflict_stops_at_validate(flow_env: Path, id
 
 def test_transient_store_errors_are_retried_bad_settings_are_not() -> None:
     from flows.training import is_transient
-    from stages.errors import StoreConnectionError, StoreError
+    from tapeline.errors import StoreConnectionError, StoreError
 
     class Failed:
         def __init__(self, error: Exception) -> None:

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from stages.cache import manifest_problem
-from stages.config import load_config
-from stages.errors import CacheError, ConfigError, DataSourceError, PredictError
+from stages.data.sources.idx import read_idx_bytes
 from stages.pipeline import run_all, run_data
-from stages.predict import predict
-from stages.registry import production
-from stages.sources import open_image, read_idx_bytes
-from tests.helpers import idx_bytes, png_bytes, tiny_config, write_idx_dir
+from tapeline.cache import manifest_problem
+from tapeline.config import load_config
+from tapeline.errors import CacheError, ConfigError, DataSourceError, PredictError
+from tapeline.imaging import open_image
+from tapeline.predict import predict
+from tapeline.registry import production
+from tapeline.testing import idx_bytes, png_bytes, tiny_config, write_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_RSS = textwrap.dedent("""
@@ -55,10 +56,10 @@ def test_gzip_bomb_behind_a_small_header_is_read_with_bounded_memory(tmp_path: P
     good.write_bytes(gzip.compress(header + bytes(100 * 28 * 28)))
     with pytest.raises(DataSourceError, match=r"declares dims \[100, 28, 28\] \(78400 bytes of data\) but the file "
                                               r"holds 78401 or more"):
-        from stages.sources import parse_idx
+        from stages.data.sources.idx import parse_idx
 
         parse_idx(read_idx_bytes(bomb), str(bomb))
-    code = ("from stages.sources import read_idx_bytes\n"
+    code = ("from stages.data.sources.idx import read_idx_bytes\n"
             "try:\n    read_idx_bytes(Path({!r}))\nexcept Exception:\n    pass")
     baseline, bombed = peak_rss_mb(code.format(str(good))), peak_rss_mb(code.format(str(bomb)))
     assert bombed < baseline + 32, (baseline, bombed)
@@ -108,7 +109,7 @@ def test_predict_memory_does_not_grow_with_the_number_of_images(tmp_path: Path, 
     folder.mkdir()
     for i, image in enumerate(images):
         (folder / f"{i:05d}.png").write_bytes(png_bytes(image))
-    code = ("from stages.predict import iter_predictions\n"
+    code = ("from tapeline.predict import iter_predictions\n"
             f"paths = sorted(Path({str(folder)!r}).glob('*.png'))[:{{n}}]\n"
             f"assert sum(1 for _ in iter_predictions(paths, None, Path({str(artifacts)!r}))) == {{n}}")
     one, many = peak_rss_mb(code.format(n=1)), peak_rss_mb(code.format(n=3000))
@@ -221,7 +222,7 @@ def test_cache_hits_plan_predict_and_runs_write_nothing(tmp_path: Path, idx_dir:
 
 
 def test_a_read_only_place_to_write_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from stages.cache import file_lock
+    from tapeline.cache import file_lock
 
     with pytest.raises(CacheError, match="is read-only"), file_lock(Path("/sys/tapeline/x.lock"), 1, "building x"):
         pass
@@ -265,7 +266,7 @@ def test_palette_alpha_and_cmyk_become_rgb() -> None:
 def test_decompression_bombs_and_oversize_images_are_named(tmp_path: Path) -> None:
     from PIL import Image
 
-    from stages.errors import ImageError
+    from tapeline.errors import ImageError
 
     big = encoded(Image.new("L", (5000, 4000)))
     with pytest.raises(ImageError, match="5000x4000 pixels, larger than tapeline accepts"):
@@ -284,7 +285,7 @@ def test_parquet_training_data_gets_the_same_conversion(tmp_path: Path) -> None:
     pq.write_table(pa.table({"image": scans, "label": [i % 2 for i in range(40)]}), tmp_path / "scans.parquet")
     config = tiny_config(f"parquet:{tmp_path / 'scans.parquet'}", "data.validation_fraction=0.2")
     data = run_data(config, tmp_path / "a")
-    from stages.data import load_split
+    from stages.data.readers import load_split
 
     images, _ = load_split(data.path, "train")
     assert 10 <= images.min() and images.max() <= 49  # scaled from 16 bits, not clipped to 255

@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from stages.config import load_config
-from stages.data import load_split
-from stages.errors import ConfigError, DataSourceError, ValidationError
+from stages.data.readers import load_split
 from stages.graph import fingerprints
-from stages.images import crop_box, resize_pixels
 from stages.pipeline import run_data, run_stage
+from tapeline.config import load_config
+from tapeline.errors import ConfigError, DataSourceError, ValidationError
+from tapeline.imaging import crop_box, resize_pixels
 
 CLASSES = ("boot", "coat", "shirt")
 TINY = ["data.shards=2", "data.batch_size=16", "model.conv_filters=[8]", "model.dense_units=16",
@@ -274,7 +274,7 @@ def test_extra_parquet_in_a_bucket(s3_url: str, tmp_path: Path, idx_dir: Path) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.helpers import png_bytes, synthetic_images
+    from tapeline.testing import png_bytes, synthetic_images
 
     images, labels = synthetic_images(20, seed=3)
     buffer = pa.BufferOutputStream()
@@ -339,7 +339,7 @@ def test_image_keys_are_checked() -> None:
 
 def test_decoding_processes_give_what_one_process_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         spool_root: Path) -> None:
-    import stages.images as images
+    import stages.data.sources.images as images
 
     root = write_folder(tmp_path / "pics", per_class=10, rgb=True)
     bad_files(root / "coat")
@@ -367,7 +367,8 @@ def test_decoding_processes_give_what_one_process_gives(tmp_path: Path, monkeypa
 
 def test_records_are_the_files_decoded_and_converted_copies_are_duplicates(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.images as images
+    import stages.data.sources.images as images
+    from tapeline.imaging import to_channels
 
     monkeypatch.setattr(images, "IN_PROCESS_BELOW", 0)  # decoding processes and their spool files
     monkeypatch.setattr(images, "DECODE_CHUNK", 5)
@@ -384,20 +385,20 @@ def test_records_are_the_files_decoded_and_converted_copies_are_duplicates(
     written = sorted(image.tobytes() for split in ("train", "validation", "test")
                      for image in load_split(result.path, split)[0])
     files = [p for p in sorted(root.rglob("*.png")) if p.name != "copy.png"]
-    expected = sorted(images.to_channels(np.asarray(Image.open(p)), 3).tobytes() for p in files)
+    expected = sorted(to_channels(np.asarray(Image.open(p)), 3).tobytes() for p in files)
     assert written == expected
 
 
 def test_writing_gathers_a_bounded_batch_of_images_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              spool_root: Path) -> None:
-    import stages.data
-    import stages.images as images
+    import stages.data.sources.images as images
+    import stages.data.stage
 
-    monkeypatch.setattr(stages.data, "GATHER_BATCH", 7)
-    assert stages.data.batch_for((20, 20, 1)) == 7
-    monkeypatch.setattr(stages.data, "GATHER_BYTES", 5 * 20 * 20)  # or fewer, when 7 would take more bytes
-    assert stages.data.batch_for((20, 20, 1)) == 5 and stages.data.batch_for((4096, 4096, 3)) == 1
-    monkeypatch.setattr(stages.data, "GATHER_BYTES", 16 << 20)
+    monkeypatch.setattr(stages.data.stage, "GATHER_BATCH", 7)
+    assert stages.data.stage.batch_for((20, 20, 1)) == 7
+    monkeypatch.setattr(stages.data.stage, "GATHER_BYTES", 5 * 20 * 20)  # or fewer, when 7 would take more bytes
+    assert stages.data.stage.batch_for((20, 20, 1)) == 5 and stages.data.stage.batch_for((4096, 4096, 3)) == 1
+    monkeypatch.setattr(stages.data.stage, "GATHER_BYTES", 16 << 20)
     gathered: list[int] = []
     original = images.SpooledImages.__getitem__
 
@@ -418,7 +419,7 @@ def test_a_full_spool_disk_is_one_error_naming_tmpdir(tmp_path: Path, monkeypatc
                                                       spool_root: Path) -> None:
     import errno
 
-    import stages.images as images
+    import stages.data.sources.images as images
 
     class FullDisk(io.BytesIO):
         name = "rows-full.bin"
@@ -436,7 +437,7 @@ def test_a_full_spool_disk_is_one_error_naming_tmpdir(tmp_path: Path, monkeypatc
 
 def test_the_data_stage_lists_the_folder_once_unless_the_listing_is_not_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.images as images
+    import stages.data.sources.images as images
 
     listings: list[str] = []
     original = images.list_files

@@ -9,13 +9,13 @@ import keras
 import numpy as np
 import pytest
 
-from stages.config import ModelConfig, load_config
-from stages.errors import ConfigError, MissingUpstreamError
 from stages.graph import find_output
 from stages.model import build_model
 from stages.pipeline import run_data, run_model
-from stages.results import InputSpec
-from tests.helpers import tiny_config
+from tapeline.config import ModelConfig, load_config
+from tapeline.errors import ConfigError, MissingUpstreamError
+from tapeline.results import InputSpec
+from tapeline.testing import tiny_config
 
 FASHION = InputSpec(shape=(28, 28, 1), class_names=tuple(str(i) for i in range(10)))
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.cluster import (
+from stages.pipeline import run_data, run_model, run_train
+from tapeline.cluster import (
     Cluster,
     check_port_free,
     check_workers,
@@ -24,10 +25,9 @@ from stages.cluster import (
     local_tf_configs,
     parse_tf_config,
 )
-from stages.config import load_config
-from stages.errors import ConfigError, TrainingError
-from stages.pipeline import run_data, run_model, run_train
-from tests.helpers import write_idx_dir
+from tapeline.config import load_config
+from tapeline.errors import ConfigError, TrainingError
+from tapeline.testing import write_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
@@ -227,7 +227,8 @@ def test_malformed_tf_config_from_the_command_line(tmp_path: Path, bigger_idx: P
 @pytest.mark.parametrize(("shards", "by_file"), [(4, True), (1, False)])
 def test_worker_shards_split_the_training_data_exactly(tmp_path: Path, bigger_idx: Path, shards: int,
                                                        by_file: bool) -> None:
-    from stages.data import load_split, make_worker_dataset, split_files
+    from stages.data.layout import split_files
+    from stages.data.readers import load_split, make_worker_dataset
 
     config = load_config(None, worker_overrides(bigger_idx, f"data.shards={shards}"))
     data = run_data(config, tmp_path)

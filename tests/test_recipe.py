@@ -18,20 +18,15 @@ import pytest
 import tensorflow as tf
 
 from flows.cli import main
-from stages.config import PRESETS, load_config
-from stages.data import Augment, augment_batch, load_split, make_dataset, make_memory_dataset
-from stages.errors import ConfigError
-from stages.hardware import onednn_enabled, onednn_reason
+from stages.data.readers import Augment, augment_batch, load_split, make_dataset, make_memory_dataset
 from stages.pipeline import run_data, run_evaluate, run_export, run_model, run_train
-from stages.train import (
-    build_trainer,
-    epoch_limit,
-    fit,
-    learning_rate_for,
-    make_early_stopping,
-    resolve_precision,
-)
-from tests.helpers import Interrupted, tiny_overrides
+from stages.train.environment import resolve_precision
+from stages.train.loop import build_trainer, epoch_limit, fit, learning_rate_for, make_early_stopping
+from tapeline.config import PRESETS, load_config
+from tapeline.errors import ConfigError
+from tapeline.hardware import onednn_enabled, onednn_reason
+from tapeline.testing import tiny_overrides
+from tests.helpers import Interrupted
 from tests.test_train import assert_same_weights, history
 
 # The current defaults on tiny data: the tiny CNN and batches of the other tests, nothing of the v1 recipe.
@@ -227,15 +222,19 @@ def test_preset_changes_the_train_fingerprint_but_not_the_data(tmp_path: Path, i
         stages = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]
         return {name: row["fingerprint"] for name, row in stages.items()}
 
+    # Stages past data key on data's content: build it, so plan knows their fingerprints.
+    assert main(["stage", "data", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}"]) == 0
+    capsys.readouterr()
     default, tutorial = plan_of(), plan_of("--preset", "tutorial")
-    assert default["data"] == tutorial["data"] and default["train"] != tutorial["train"]
+    assert default["data"] == tutorial["data"] and None not in (default["train"], tutorial["train"])
+    assert default["train"] != tutorial["train"]
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--preset", "quick", "--artifacts", str(tmp_path)])
     assert exit_info.value.code == 2 and "invalid choice: 'quick'" in capsys.readouterr().err
 
 
 def test_auto_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
-    from stages.hardware import cpu, precision_for_cpu
+    from tapeline.hardware import cpu, precision_for_cpu
 
     flags = {"amx": "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8",
              "bf16_dot": "fpu avx2 avx512f avx512_bf16", "avx512": "fpu avx2 avx512f avx512_vnni",
@@ -260,7 +259,7 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
 
 def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from stages.hardware import cpu, cpu_precision
+    from tapeline.hardware import cpu, cpu_precision
 
     config = load_config(None, tiny_overrides(f"idx:{idx_dir}", "train.precision=auto", "train.max_epochs=1"))
     data = run_data(config, tmp_path)
@@ -280,7 +279,7 @@ def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path
 
 
 def test_onednn_is_preferred_unless_the_user_chose() -> None:
-    from stages.hardware import SET_BY_TAPELINE, prefer_onednn
+    from tapeline.hardware import SET_BY_TAPELINE, prefer_onednn
 
     unset: dict[str, str] = {}
     assert prefer_onednn(unset, {}) == "tapeline" and unset == {"TF_ENABLE_ONEDNN_OPTS": "1", SET_BY_TAPELINE: "1"}
@@ -294,11 +293,11 @@ def test_onednn_is_preferred_unless_the_user_chose() -> None:
 
 
 @pytest.mark.parametrize(("setting", "expected"), [(None, True), ("0", False)])
-def test_importing_stages_before_tensorflow_turns_onednn_on(setting: str | None, expected: bool) -> None:
+def test_the_engine_turns_onednn_on_before_tensorflow_loads(setting: str | None, expected: bool) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TAPELINE_SET_ONEDNN")}
     if setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = setting
-    code = ("import stages, tensorflow; from stages.hardware import onednn_decision; import json; "
+    code = ("from tapeline.hardware import onednn_decision, onednn_origin; onednn_origin(); import tensorflow, json; "
             "print(json.dumps(onednn_decision()))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])

@@ -19,22 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.cache import file_lock, manifest_problem
-from stages.errors import CacheError, DataSourceError, LockTimeoutError, TrainingError
+from stages.data.sources.idx import parse_idx
+from stages.data.sources.parquet import read_parquet_file
 from stages.pipeline import record_run, registry_row, run_all, run_data
-from stages.registry import POINTER, production, read_runs
-from stages.sources import parse_idx, read_parquet_file
-from tests.helpers import (
-    Interrupted,
-    idx_bytes,
-    interrupt_after,
-    png_bytes,
-    reference_test_accuracy,
-    synthetic_images,
-    tiny_config,
-    tiny_overrides,
-    write_idx_dir,
-)
+from tapeline.cache import file_lock, manifest_problem
+from tapeline.errors import CacheError, DataSourceError, LockTimeoutError, TrainingError
+from tapeline.registry import POINTER, production, read_runs
+from tapeline.testing import idx_bytes, png_bytes, synthetic_images, tiny_config, tiny_overrides, write_idx_dir
+from tests.helpers import Interrupted, interrupt_after, reference_test_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -43,8 +35,8 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import stages.data, stages.export, stages.promotion
-    from stages.config import load_config
+    import stages.data.stage, stages.export, stages.promotion
+    from tapeline.config import load_config
     from stages.pipeline import run_all
     where = sys.argv[2]
 
@@ -56,7 +48,7 @@ CHILD = textwrap.dedent("""
         return wrapper
 
     if where == "data":
-        stages.data.write_shards = stall(stages.data.write_shards)
+        stages.data.stage.write_shards = stall(stages.data.stage.write_shards)
     elif where == "export":
         stages.export.write_saved_model = stall(stages.export.write_saved_model)
     elif where == "promotion":
@@ -176,7 +168,7 @@ def test_corrupt_registry_is_reported_and_set_aside(tmp_path: Path, idx_dir: Pat
 
 
 def test_damaged_production_model_is_reported(tmp_path: Path, idx_dir: Path) -> None:
-    from stages.predict import predict
+    from tapeline.predict import predict
 
     run_all(tiny_config(f"idx:{idx_dir}", "train.max_epochs=1"), tmp_path)
     tflite = tmp_path / "models" / "v0001" / "model.tflite"
@@ -204,7 +196,7 @@ def test_production_pointer_cannot_escape_the_artifacts(tmp_path: Path, idx_dir:
 CONCURRENT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from stages.config import load_config
+    from tapeline.config import load_config
     from stages.pipeline import new_run_id, record_run, registry_row, run_all
     config = load_config(None, sys.argv[2:])
     results = run_all(config, Path(sys.argv[1]))
@@ -241,16 +233,16 @@ def test_promotion_lock_times_out_with_a_clear_message(tmp_path: Path, idx_dir: 
 
 def test_disk_full_leaves_nothing_that_looks_complete(tmp_path: Path, idx_dir: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.data
+    import stages.data.stage
 
-    original = stages.data.write_shards
+    original = stages.data.stage.write_shards
 
     def full_disk(directory: Path, split: str, *args, **kwargs):
         if split == "validation":
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(directory, split, *args, **kwargs)
 
-    monkeypatch.setattr(stages.data, "write_shards", full_disk)
+    monkeypatch.setattr(stages.data.stage, "write_shards", full_disk)
     with pytest.raises(CacheError, match=r"disk full while writing .*free space under"):
         run_data(tiny_config(f"idx:{idx_dir}"), tmp_path)
     assert [p.name for p in (tmp_path / "data").iterdir() if not p.name.endswith(".lock")] == []

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.config import load_config
 from stages.pipeline import run_all
-from stages.serving import files_in_order, model_config_text, publish_remote, serving_number
-from stages.store import open_store
-from tests.helpers import tiny_overrides
+from tapeline.config import load_config
+from tapeline.serving import files_in_order, model_config_text, publish_remote, serving_number
+from tapeline.store import open_store
+from tapeline.testing import tiny_overrides
 
 
 def test_version_numbers_and_file_order() -> None:

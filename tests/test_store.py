@@ -16,13 +16,14 @@ import fsspec
 import numpy as np
 import pytest
 
-from stages.config import load_config
-from stages.data import load_split
+from stages.data.readers import load_split
 from stages.graph import STAGE_NAMES
 from stages.pipeline import run_all, run_data, run_model, run_train
-from stages.registry import read_production, runs_of
-from stages.store import PARTIAL, open_store
-from tests.helpers import Interrupted, interrupt_after, tiny_overrides
+from tapeline.config import load_config
+from tapeline.registry import read_production, runs_of
+from tapeline.store import PARTIAL, open_store
+from tapeline.testing import tiny_overrides
+from tests.helpers import Interrupted, interrupt_after
 
 ROOT = Path(__file__).resolve().parents[1]
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
@@ -89,11 +90,11 @@ def test_two_machines_share_one_bucket(s3_server, s3_url: str, tmp_path: Path, i
 
 CHILD = textwrap.dedent("""
     import sys, time
-    import stages.store
-    from stages.config import load_config
+    import tapeline.store
+    from tapeline.config import load_config
     from stages.pipeline import run_all
     url, where = sys.argv[1], sys.argv[2]
-    original = stages.store.RemoteStore.upload_dir
+    original = tapeline.store.RemoteStore.upload_dir
 
     def stalled(self, local, key, uploaded=None):
         if f"/{where}/" in key and "/attempt-" in key:
@@ -102,7 +103,7 @@ CHILD = textwrap.dedent("""
             time.sleep(120)
         return original(self, local, key, uploaded)
 
-    stages.store.RemoteStore.upload_dir = stalled
+    tapeline.store.RemoteStore.upload_dir = stalled
     run_all(load_config(None, sys.argv[3:]), url)
 """)
 
@@ -176,7 +177,7 @@ PROMOTER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import stages.promotion
-    from stages.config import load_config
+    from tapeline.config import load_config
     from stages.pipeline import new_run_id, record_run, registry_row, run_all
     url, name, barrier = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     original, calls = stages.promotion.read_production, []

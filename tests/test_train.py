@@ -16,14 +16,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages.config import PipelineConfig, load_config
-from stages.data import load_split
-from stages.errors import TrainingError
+from stages.data.readers import load_split
 from stages.model import WEIGHTS_FILE
 from stages.pipeline import run_data, run_model, run_train
-from stages.results import DataResult, ModelResult
-from stages.train import HISTORY_COLUMNS, build_trainer, fit, make_early_stopping
-from tests.helpers import Interrupted, interrupt_after, tiny_config, tiny_overrides
+from stages.train.loop import build_trainer, fit, make_early_stopping
+from stages.train.outputs import HISTORY_COLUMNS
+from tapeline.config import PipelineConfig, load_config
+from tapeline.errors import TrainingError
+from tapeline.results import DataResult, ModelResult
+from tapeline.testing import tiny_config, tiny_overrides
+from tests.helpers import Interrupted, interrupt_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,21 +123,21 @@ def test_interrupted_run_resumes_to_the_same_end(tmp_path: Path, idx_dir: Path) 
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import stages.train
-    from stages.config import load_config
+    import stages.train.loop
+    from tapeline.config import load_config
     from stages.pipeline import run_data
     from stages.pipeline import run_model
     from stages.pipeline import run_train
     artifacts, where = Path(sys.argv[1]), sys.argv[2]
     config = load_config(None, sys.argv[3:])
     if where == "mid-epoch":  # stall inside epoch 3, after its first steps, and say so
-        original = stages.train.Trainer.check_finite
+        original = stages.train.loop.Trainer.check_finite
         def stalling(self, epoch):
             original(self, epoch)
             if epoch == 2:
                 (artifacts / "inside-epoch-3").touch()
                 time.sleep(60)
-        stages.train.Trainer.check_finite = stalling
+        stages.train.loop.Trainer.check_finite = stalling
     data = run_data(config, artifacts)
     model = run_model(config, data, artifacts)
     run_train(config, data, model, artifacts, on_epoch_end=lambda row, _: time.sleep(1.5))
@@ -216,7 +218,7 @@ MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from pathlib import Path
     import pyarrow.parquet as pq
-    from stages.config import load_config
+    from tapeline.config import load_config
     from stages.pipeline import run_data
     from stages.pipeline import run_model
     from stages.pipeline import run_train
@@ -253,7 +255,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path: Path, idx_dir: Path) ->
 def test_memory_pipeline_matches_the_stream_reader(tmp_path: Path, idx_dir: Path) -> None:
     import tensorflow as tf
 
-    from stages.data import make_dataset, make_memory_dataset
+    from stages.data.readers import make_dataset, make_memory_dataset
 
     config = tiny_config(f"idx:{idx_dir}")
     data = run_data(config, tmp_path)
@@ -302,7 +304,7 @@ def test_training_and_validation_iterators_have_no_autotune_thread(tmp_path: Pat
     # the same batches as with the thread: only how the pipeline is tuned changes
     first = next(training)[1].numpy()
     images, labels = trainer.train_in_memory
-    from stages.data import make_memory_dataset
+    from stages.data.readers import make_memory_dataset
 
     with_thread = make_memory_dataset(images, labels, config.data.batch_size, seed=config.seed)
     assert with_thread.options().autotune.enabled is not False  # TensorFlow's default: the trainer chose

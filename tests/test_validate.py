@@ -11,8 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.config import load_config
-from stages.errors import ValidationError
 from stages.graph import STAGE_NAMES, run_stage
 from stages.pipeline import run_all, run_data
 from stages.validate import (
@@ -26,14 +24,16 @@ from stages.validate import (
     pixel_histogram,
     schema_anomalies,
 )
-from tests.helpers import synthetic_images, tiny_config, write_idx_dir
+from tapeline.config import load_config
+from tapeline.errors import ValidationError
+from tapeline.testing import synthetic_images, tiny_config, write_idx_dir
 
 CONFIG = load_config().validate
 NAMES = tuple(str(i) for i in range(10))
 
 
 def keys_of(*arrays: np.ndarray) -> list[np.ndarray]:
-    from stages.data import image_keys
+    from stages.data.layout import image_keys
 
     return [image_keys(a) for a in arrays]
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from stages.config import load_config
 from stages.graph import fingerprints
 from stages.pipeline import run_all, run_data, run_model, run_train
-from stages.registry import production
-from tests.helpers import tiny_overrides, write_idx_dir
+from tapeline.config import load_config
+from tapeline.registry import production
+from tapeline.testing import tiny_overrides, write_idx_dir
 
 
 def weights(path: Path) -> list[np.ndarray]:

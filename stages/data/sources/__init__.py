@@ -1,0 +1,1 @@
+"""Data sources: IDX files, tf.keras.datasets, TFDS, Parquet and image folders; `resolve` maps `data.source`."""

@@ -1,0 +1,107 @@
+"""Warm start (`train.init_from`): which exported model the train stage starts from, and whether it fits.
+
+`production` is the current production model (none yet: train from scratch, and say so); any other value
+is the path or URL of an exported model directory (`<artifacts>/export/<fp>` or `<artifacts>/models/vNNNN`).
+What training starts from is part of the train fingerprint (its train fingerprint), so a promotion makes the
+next scheduled run start from the new champion. Reading it costs one manifest read: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tapeline.config import PipelineConfig
+from tapeline.errors import ConfigError
+from tapeline.registry import local_version, read_production
+from tapeline.results import InputSpec
+from tapeline.store import Store, is_remote, normalize_root, open_store
+
+KEY = "train.init_from"
+FIX = "use --set train.init_from=none to train from scratch"
+
+
+def split_location(text: str) -> tuple[str | Path, str, str]:
+    """(store root, stage, fingerprint) of an exported model's directory path or URL."""
+    if is_remote(text):
+        root, stage, fp = text.rstrip("/").rsplit("/", 2)
+        return root, stage, fp
+    path = Path(normalize_root(text))
+    return path.parent.parent, path.parent.name, path.name
+
+
+def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, str]) -> dict[str, Any] | None:
+    """What the train stage starts from, as its fingerprint sees it: {"from", "version"?, "train_fingerprint",
+    "location"}; None when it trains from scratch (`none`, or `production` with no production model yet)."""
+    wanted = config.train.init_from
+    if wanted == "none":
+        return None
+    if wanted == "production":
+        pointer, _ = read_production(store)
+        if pointer is None:
+            return None
+        return {"from": "production", "version": pointer["version"], "train_fingerprint": pointer["train_fingerprint"]}
+    root, stage, fp = split_location(wanted)
+    manifest = open_store(root).manifest(stage, fp)
+    train_fp = ((manifest or {}).get("upstream") or {}).get("train")
+    if manifest is None or not isinstance(train_fp, str):
+        raise ConfigError(f"{KEY}={wanted}: not a complete exported model (no valid manifest with a train "
+                          f"fingerprint); give an export or models/vNNNN directory, production, or {FIX}")
+    return {"from": wanted, "train_fingerprint": train_fp}
+
+
+def init_model_dir(identity: Mapping[str, Any], store: Store) -> Path:
+    """A local directory with the starting model's model.keras and model_card.json (fetched when remote)."""
+    if identity["from"] == "production":
+        return local_version(store, identity["version"])
+    root, stage, fp = split_location(identity["from"])
+    return open_store(root).fetch(stage, fp)[1]
+
+
+def describe(identity: Mapping[str, Any] | None, wanted: str) -> str:
+    """One phrase for the log: what training starts from."""
+    if identity is None:
+        return "from scratch" + (" (train.init_from=production, but there is no production model yet)"
+                                 if wanted == "production" else "")
+    where = f"production {identity['version']}" if identity["from"] == "production" else identity["from"]
+    return f"warm-started from {where} (train fingerprint {identity['train_fingerprint']})"
+
+
+def incompatibility(card_spec: Mapping[str, Any], spec: InputSpec, theirs: list[tuple[str, tuple[int, ...]]],
+                    ours: list[tuple[str, tuple[int, ...]]]) -> str | None:
+    """What differs between the starting model and this run's (input shape, class names, architecture), or None."""
+    if tuple(card_spec.get("shape", ())) != spec.shape:
+        return f"its input shape is {tuple(card_spec.get('shape', ()))}, this run's is {spec.shape}"
+    if tuple(card_spec.get("class_names", ())) != spec.class_names:
+        return (f"its class names are {', '.join(card_spec.get('class_names', ()))}, this run's are "
+                f"{', '.join(spec.class_names)}")
+    if len(theirs) != len(ours):
+        return f"other architecture: the starting model has {len(theirs)} weight tensors, this run's {len(ours)}"
+    for (their_name, their_shape), (our_name, our_shape) in zip(theirs, ours, strict=True):
+        if their_shape != our_shape:
+            theirs_named = "" if their_name == our_name else f" ({their_name})"
+            return (f"other architecture: weight {our_name} is {our_shape} here, {their_shape} in the starting "
+                    f"model{theirs_named}")
+    return None
+
+
+def warm_start(model: Any, identity: Mapping[str, Any], store: Store, spec: InputSpec) -> None:
+    """Set `model`'s weights to the starting model's; ConfigError naming what differs when it does not fit."""
+    import json
+
+    import keras
+
+    directory = init_model_dir(identity, store)
+    where = f"{KEY}={identity['from']}" + (f" ({identity['version']})" if "version" in identity else "")
+    try:
+        card_spec = json.loads((directory / "model_card.json").read_text())["input_spec"]
+        source = keras.models.load_model(directory / "model.keras", compile=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same answer
+        raise ConfigError(f"{where}: cannot load its model ({type(exc).__name__}: {exc}); {FIX}") from None
+    theirs = [(w.path, tuple(w.shape)) for w in source.weights]
+    ours = [(w.path, tuple(w.shape)) for w in model.weights]
+    problem = incompatibility(card_spec, spec, theirs, ours)
+    if problem is not None:
+        raise ConfigError(f"{where} does not fit this run: {problem}; {FIX}")
+    model.set_weights(source.get_weights())

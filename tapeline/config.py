@@ -1,0 +1,486 @@
+"""Typed pipeline configuration: one frozen pydantic section per stage, defaults in code.
+
+A config comes from the defaults, an optional YAML file and `section.key=value` overrides, in that
+order. Unknown keys and invalid values fail before any work starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tapeline.errors import ConfigError
+
+SOURCE_SCHEMES = ("idx:", "tfds:", "parquet:", "images:")
+NAMED_SOURCES = ("fashion_mnist", "mnist")
+EXPORT_FORMATS = ("saved_model", "keras", "tflite")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_FILTERS, MAX_CONV_LAYERS = 4096, 32
+
+
+# The v1 defaults (until the speed work), the v2 model (the defaults until the AVX2 work: wider convs) and the
+# tutorial's own settings, kept reproducible by name; `fast` trades the last half point of accuracy for a shorter
+# schedule.
+_V0_TRAINING: dict[str, Any] = {
+    "data": {"batch_size": 32},
+    "model": {"batch_norm": False, "dropout": 0.0, "dense_units": 64, "conv_filters": [32, 64, 64]},
+    "train": {"learning_rate": 1e-3, "precision": "float32", "random_shift": 0, "random_flip": False},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tutorial": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "constant"}},
+    "v1": {**_V0_TRAINING, "train": {**_V0_TRAINING["train"], "lr_schedule": "plateau", "input_pipeline": "stream"}},
+    "v2": {"model": {"conv_filters": [32, 64]}, "train": {"decay_epochs": 14, "warmup_epochs": 1}},
+    "fast": {"train": {"decay_epochs": 8}},
+}
+
+
+def runtime(default: Any, **kwargs: Any) -> Any:
+    """A knob of how a stage runs (retries, timeouts, speed) that never changes its output: every
+    fingerprint leaves it out."""
+    return Field(default, json_schema_extra={"affects_output": False}, **kwargs)
+
+
+def used_by(stage: str, default: Any, **kwargs: Any) -> Any:
+    """A key kept in its section for users but read by another stage: that stage's fingerprint covers
+    it, its own section's does not (`data.batch_size` shapes training, not the TFRecords)."""
+    return Field(default, json_schema_extra={"used_by": stage}, **kwargs)
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are split, batched and sharded."""
+
+    source: str = Field(
+        "fashion_mnist",
+        description="fashion_mnist | mnist | idx:DIR | tfds:NAME[:VERSION] | parquet:PATH (file, dir, glob or "
+        "bucket URL) | images:DIR (class folders of images: a directory, file://, s3://BUCKET/PREFIX or gs://…)",
+    )
+    extra: str | None = Field(
+        None, description="directory, glob or bucket URL (s3://BUCKET/PREFIX) of extra labelled Parquet files "
+        "appended to the training data"
+    )
+    class_names: tuple[str, ...] | None = Field(
+        None, json_schema_extra={"omit_when_default": True}, min_length=2, max_length=1000,
+        description="images: the class order (every name a folder, every folder named); none = sorted folder names",
+    )
+    image_size: tuple[int, int] | None = Field(
+        None, json_schema_extra={"omit_when_default": True},
+        description="images: resize every image to [H, W] (none = every image must already share one size)",
+    )
+    color_mode: Literal["auto", "grayscale", "rgb"] = Field(
+        "auto", json_schema_extra={"omit_when_default": True},
+        description="images: grayscale | rgb | auto (rgb when any image has colour)",
+    )
+    interpolation: Literal["bilinear", "nearest", "area", "bicubic"] = Field(
+        "bilinear", json_schema_extra={"omit_when_default": True},
+        description="images: resampling when resizing (the same in tapeline predict)",
+    )
+    crop_to_aspect_ratio: bool = Field(
+        False, json_schema_extra={"omit_when_default": True},
+        description="images: centre-crop to image_size's aspect ratio before resizing, instead of squeezing",
+    )
+    limit: int | None = Field(None, gt=0, le=1_000_000_000, description="cap on training examples (none = all)")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of training data held out for early stopping"
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share held out as the test split when the source has no test split"
+    )
+    batch_size: int = used_by("train", 256, gt=0, le=65536, description="global batch size")
+    shuffle_buffer: int = used_by(
+        "train", 10000, gt=0, le=10_000_000, description="tf.data shuffle buffer for training"
+    )
+    shards: int = Field(4, gt=0, le=1024, description="TFRecord files per split")
+    drop_test_duplicates: bool = Field(
+        True, description="for sources with a fixed test split, drop training copies of test images (exact pixels)"
+    )
+    tfds_data_dir: str | None = runtime(None, description="TFDS data_dir for tfds: sources")
+    retries: int = runtime(2, ge=0, le=10, description="retries of the data stage (downloads) in the flow")
+    timeout_seconds: float | None = runtime(None, gt=0, description="data stage time limit in the flow")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(0 < side <= 4096 for side in value):
+            raise ValueError("both sides must be in 1..4096 pixels")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in NAMED_SOURCES or (value.startswith(SOURCE_SCHEMES) and value.split(":", 1)[1]):
+            return value
+        raise ValueError(
+            f"unknown source {value!r}: use one of {', '.join(NAMED_SOURCES)}, "
+            "idx:DIR, tfds:NAME[:VERSION], parquet:PATH or images:DIR"
+        )
+
+
+class ModelConfig(Section):
+    """The CNN: two 3x3 conv layers of 24 and 48 filters and a 128-unit dense layer by default (the tutorial's
+    three conv layers and 64 units are the `tutorial` and `v1` presets' model, 32 and 64 filters `v2`'s); or a
+    Keras model of the user's own (`builder`)."""
+
+    builder: str | None = Field(
+        None, json_schema_extra={"omit_when_default": True}, max_length=4096,
+        description="the user's model: path/to/file.py:function or package.module:function, called as "
+        "function(input_shape=(H, W, C), num_classes=N, **model.params) -> keras.Model with logits (none = the CNN)",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"omit_when_default": True},
+        description="keyword arguments of model.builder (--set model.params.width=64)",
+    )
+    conv_filters: tuple[int, ...] = Field((24, 48), min_length=1, description="filters of each 3x3 conv layer")
+    dense_units: int = Field(128, gt=0, le=65536, description="units of the hidden dense layer")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the logits layer")
+    batch_norm: bool = Field(False, description="batch normalization after each conv layer")
+
+    @field_validator("builder")
+    @classmethod
+    def _builder_reference(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        target, sep, function = value.rpartition(":")
+        if not sep or not target.strip() or not function.isidentifier():
+            raise ValueError(f"{value!r} is not a reference to a function; use path/to/file.py:function or "
+                             "package.module:function")
+        return value
+
+    @field_validator("conv_filters")
+    @classmethod
+    def _positive_filters(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(f <= 0 or f > MAX_FILTERS for f in value):
+            raise ValueError(f"every filter count must be in 1..{MAX_FILTERS}")
+        if len(value) > MAX_CONV_LAYERS:
+            raise ValueError(f"at most {MAX_CONV_LAYERS} conv layers")
+        return value
+
+
+class TrainConfig(Section):
+    """The GradientTape loop, early stopping (Keras semantics), checkpoints and performance switches."""
+
+    learning_rate: float = Field(3e-3, gt=0, description="Adam learning rate (the peak of the cosine schedule)")
+    max_epochs: int = Field(100, gt=0, le=100_000, description="upper bound on epochs")
+    monitor: str = Field("val_loss", description="loss | accuracy | val_loss | val_accuracy")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="direction of improvement")
+    min_delta: float = Field(0.0, description="minimum change that counts as an improvement (absolute value)")
+    patience: int = Field(5, gt=0, le=100_000, description="epochs without improvement before stopping")
+    baseline: float | None = Field(None, description="value the monitor must beat")
+    restore_best_weights: bool = Field(True, description="end with the best epoch's weights")
+    start_from_epoch: int = Field(0, ge=0, description="epochs to wait before early stopping starts")
+    lr_schedule: Literal["cosine", "plateau", "constant"] = Field(
+        "cosine", description="cosine: linear warm-up for warmup_epochs, then cosine decay to min_learning_rate at "
+        "decay_epochs, where training ends; plateau: drop by reduce_lr_factor when the monitor stalls (v1); "
+        "constant: learning_rate throughout (the tutorial)"
+    )
+    warmup_epochs: int = Field(0, ge=0, le=100_000, description="cosine: epochs of linear warm-up from a tenth of "
+                               "learning_rate")
+    decay_epochs: int = Field(12, gt=0, le=100_000, description="cosine: the epoch at which the rate reaches "
+                              "min_learning_rate and training ends (max_epochs still caps it)")
+    reduce_lr_patience: int = Field(
+        1, ge=0, description="plateau: epochs without improvement of the monitor before the learning rate drops "
+        "(0 = never)"
+    )
+    reduce_lr_factor: float = Field(0.2, gt=0, lt=1, description="plateau: learning rate multiplier on a plateau")
+    min_learning_rate: float = Field(1e-5, ge=0, description="the learning rate never drops below this")
+    checkpoints_to_keep: int = Field(3, gt=0, le=1000, description="last N epoch checkpoints kept")
+    steps_per_execution: int = runtime(32, gt=0, le=100_000, description="training steps per tf.function call")
+    random_shift: int = Field(1, ge=0, le=64, description="training-only augmentation: shift each image by up to "
+                              "this many pixels each way (0 = off)")
+    random_flip: bool = Field(False, description="training-only augmentation: flip half the images left-right "
+                              "(not for digits, text, or Fashion-MNIST's shoes, which all face one way)")
+    input_pipeline: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="stream: read TFRecords through the shuffle buffer (the tutorial's order); memory: "
+        "hold the uint8 training split in RAM, full seeded shuffle each epoch; auto: memory when it fits in 2 GiB "
+        "on one replica"
+    )
+    deterministic: bool = Field(False, description="TF op determinism (slower)")
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field(
+        "auto", description="tf.distribute strategy; auto: multi_worker under TF_CONFIG or with workers > 1, mirrored "
+        "over several GPUs, else default"
+    )
+    workers: int = Field(1, ge=1, le=1024, description="training processes (MultiWorkerMirroredStrategy); locally "
+                         "tapeline starts them, on a cluster TF_CONFIG must name this many workers; data.batch_size "
+                         "is the global batch")
+    worker_timeout_seconds: float = runtime(120, gt=0, le=86_400, description="a worker that stops answering stops "
+                                            "the others within this long, with an error naming it")
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "auto", description="compute precision; auto: mixed_float16 on GPUs that have tensor cores, mixed_bfloat16 on "
+        "CPUs with AMX or AVX-512 BF16, float32 elsewhere (logits and loss are float32 in every case)"
+    )
+    jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
+    init_from: str = Field(
+        "none", json_schema_extra={"omit_when_default": True}, min_length=1, max_length=4096,
+        description="warm start: none | production (the production model's weights, when there is one) | the path "
+        "or URL of an exported model; optimizer state starts fresh",
+    )
+    retries: int = runtime(0, ge=0, le=10, description="retries of the train stage in the flow")
+    timeout_seconds: float | None = runtime(None, gt=0, description="train stage time limit in the flow")
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, value: str) -> str:
+        allowed = ("loss", "accuracy", "val_loss", "val_accuracy")
+        if value not in allowed:
+            raise ValueError(f"unknown monitor {value!r}: use one of {', '.join(allowed)}")
+        return value
+
+
+class EvalConfig(Section):
+    """Test-split evaluation and its pictures."""
+
+    worst_examples: int = Field(25, ge=0, le=400, description="misclassified test images in the grid")
+    timeout_seconds: float | None = runtime(None, gt=0, description="evaluate stage time limit in the flow")
+
+
+class ValidateConfig(Section):
+    """Data validation before training: what counts as an anomaly, and how bad each kind is."""
+
+    allow_schema_change: bool = Field(False, description="a schema change against the baseline is a warning, "
+                                      "not an error")
+    min_per_class: int = Field(
+        10, ge=0, le=1_000_000_000, description="fewer examples of a class in a split is a warning"
+    )
+    max_label_drift: float = Field(0.1, ge=0, le=1, description="largest change of a class share vs the baseline")
+    max_pixel_drift: float = Field(0.05, ge=0, le=1, description="largest Jensen-Shannon divergence (bits) of the "
+                                   "grey-level histogram vs the baseline")
+    drift: Literal["warn", "error", "off"] = Field("warn", description="severity of label and pixel drift")
+    max_constant_share: float = Field(0.01, ge=0, le=1, description="largest share of constant images in a split")
+    max_unreadable_share: float = Field(
+        0.01, ge=0, le=1, json_schema_extra={"omit_when_default": True},
+        description="images: largest share of unreadable image files (skipped by the data stage) that passes",
+    )
+    near_duplicates: bool = Field(True, description="report test images that look like training images (warning)")
+    near_duplicate_distance: float = Field(3.0, gt=0, description="mean absolute grey-level difference under "
+                                           "which two images with the same average hash are near-duplicates")
+    timeout_seconds: float | None = runtime(None, gt=0, description="validate stage time limit in the flow")
+
+
+class ExportConfig(Section):
+    """Export formats, the verification tolerance and the promotion gate."""
+
+    formats: tuple[Literal["saved_model", "keras", "tflite"], ...] = Field(
+        EXPORT_FORMATS, min_length=1, description="saved_model, keras, tflite"
+    )
+    tolerance: float = Field(1e-4, gt=0, description="max |difference| in probabilities of a reloaded export")
+    min_accuracy: float = used_by(
+        "promotion", 0.0, ge=0, le=1, description="test accuracy a model needs to be promoted"
+    )
+    promote_min_delta: float = used_by(
+        "promotion", 0.0, ge=0, description="margin over the production model needed to promote"
+    )
+    lock_timeout_seconds: float = runtime(600, gt=0, description="wait for another run's promotion at most this long")
+    timeout_seconds: float | None = runtime(None, gt=0, description="export stage time limit in the flow")
+
+
+with warnings.catch_warnings():
+    # The section is named after its stage (`validate.*` keys are a contract); it shadows pydantic's
+    # deprecated `BaseModel.validate` classmethod, which nothing here calls.
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class PipelineConfig(Section):
+        """The whole pipeline's configuration; also the Prefect flow's one parameter."""
+
+        preset: str | None = runtime(None, description=f"named bundle of keys applied before the file's own keys and "
+                                     f"--set: {', '.join(PRESETS)}")
+        seed: int = Field(0, ge=0, description="seed for splits, shuffling and initialization")
+        data: DataConfig = DataConfig()
+        validate: ValidateConfig = ValidateConfig()
+        model: ModelConfig = ModelConfig()
+        train: TrainConfig = TrainConfig()
+        evaluate: EvalConfig = EvalConfig()
+        export: ExportConfig = ExportConfig()
+
+        @model_validator(mode="before")
+        @classmethod
+        def _expand_preset(cls, data: Any) -> Any:
+            # Here rather than in load_config, so a preset given as a Prefect flow parameter expands too.
+            return expand_preset(data) if isinstance(data, dict) else data
+
+        @model_validator(mode="after")
+        def _consistent(self) -> PipelineConfig:
+            check_consistency(self)
+            return self
+
+
+def expand_preset(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config tree with its `preset` (if any) filled in underneath: every key the tree sets itself wins."""
+    name = tree.get("preset")
+    if name is None:
+        return tree
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("builder") is not None:
+        # A preset's CNN keys describe the built-in CNN; the user's own model takes the rest of the preset.
+        preset = {section: keys for section, keys in preset.items() if section != "model"}
+    return merge(preset, tree)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A nested dict of `base` with `top`'s keys set over it (sections merged key by key)."""
+    merged = _deep_copy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def field_marks(field: Any) -> dict[str, Any]:
+    """The `runtime` / `used_by` marks of a config field (empty for ordinary keys)."""
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def output_config(config: PipelineConfig, stage: str, covers: tuple[str, ...]) -> dict[str, Any]:
+    """The config values that shape `stage`'s output: the top-level keys and sections it `covers`,
+    minus runtime knobs and keys another stage uses, plus keys elsewhere marked `used_by` it."""
+    selected: dict[str, Any] = {}
+    for name, field in PipelineConfig.model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, Section):
+            for key, sub in type(value).model_fields.items():
+                marks = field_marks(sub)
+                owner = marks.get("used_by", name if name in covers else None)
+                if marks.get("omit_when_default") and getattr(value, key) == sub.get_default(call_default_factory=True):
+                    continue  # a key added later leaves the fingerprints of configs without it as they were
+                if owner == stage and marks.get("affects_output", True):
+                    selected[f"{name}.{key}"] = getattr(value, key)
+        elif name in covers and field_marks(field).get("affects_output", True):
+            selected[name] = value
+    return selected
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (example: --set train.max_epochs=3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of a nested dict with each `a.b=value` override set."""
+    result = _deep_copy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with an error naming the file when it is unusable. At most
+    MAX_CONFIG_BYTES are read: a config is small, and `--config /dev/zero` must not fill the memory."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a device or a pipe?); give a YAML file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
+    try:
+        loaded = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def validate_config(tree: dict[str, Any]) -> PipelineConfig:
+    """Validate a nested dict into a PipelineConfig, raising ConfigError naming each bad key."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+CNN_KEYS = ("conv_filters", "dense_units", "dropout", "batch_norm")
+
+
+def check_consistency(config: PipelineConfig) -> None:
+    """Rules that span keys: the global batch must split evenly over the training workers; the CNN's keys and
+    model.params belong to one kind of model each."""
+    model = config.model
+    # Compared with the defaults, not `model_fields_set`: a config that went through JSON (a Prefect parameter,
+    # a worker's config file) has every key set.
+    cnn_keys = [key for key in CNN_KEYS if getattr(model, key) != ModelConfig.model_fields[key].default]
+    if model.builder is not None and cnn_keys:
+        raise ConfigError(f"model.{cnn_keys[0]} shapes the built-in CNN, which model.builder={model.builder} "
+                          f"replaces; drop model.{', model.'.join(cnn_keys)}, or pass it to your builder through "
+                          f"model.params")
+    if model.builder is None and model.params:
+        raise ConfigError("model.params are arguments of model.builder, which is not set; set model.builder=FILE.py:"
+                          "FUNCTION, or drop model.params")
+    if config.data.batch_size % config.train.workers:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} does not split evenly over train.workers="
+                          f"{config.train.workers}; use a multiple of {config.train.workers}")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `key.path: message (got value)`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {message} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> PipelineConfig:
+    """Defaults, then the preset (`preset` here, else the file's `preset:` key), then the optional YAML file,
+    then `--set` overrides; validated."""
+    tree = read_config_file(path) if path is not None else {}
+    if preset is not None:
+        tree = {**tree, "preset": preset}
+    return validate_config(apply_overrides(tree, overrides or []))
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """Every config key as (dotted key, default, description), for `--help`."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in PipelineConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            for key, sub in annotation.model_fields.items():
+                rows.append((f"{name}.{key}", repr(sub.get_default(call_default_factory=True)), sub.description or ""))
+        else:
+            rows.append((name, repr(field.default), field.description or ""))
+    return rows

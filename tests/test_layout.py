@@ -1,0 +1,161 @@
+"""The layout's rules, read from the source with `ast` as code hashing reads it: no import cycles (function-level
+imports counted), each room imports only the rooms below it, no `sys.path` edits, every project package hashed."""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from stages.graph import GRAPH
+from tapeline.codehash import PROJECT_PACKAGES, imported_base, imported_names, module_closure, module_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = ("tapeline", "stages", "flows", "benchmarks", "tests")
+# Who may import whom: the engine nothing of ours, the stages the engine, Prefect's room both; tests and benchmarks
+# reach the product, never each other.
+MAY_IMPORT = {
+    "tapeline": {"tapeline"},
+    "stages": {"tapeline", "stages"},
+    "flows": {"tapeline", "stages", "flows"},
+    "benchmarks": {"tapeline", "stages", "flows", "benchmarks"},
+    "tests": {"tapeline", "stages", "flows", "tests"},
+}
+
+
+def module_name(path: Path) -> str:
+    """`stages/data/readers.py` -> `stages.data.readers`; a package's `__init__.py` -> the package."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    """Every module of the five rooms, by dotted name."""
+    return {module_name(p): p for room in ROOMS for p in sorted((ROOT / room).rglob("*.py"))}
+
+
+def local_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The repository's modules that `name` imports anywhere in its body."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return {n for n in imported_names(ast.parse(path.read_text(), str(path)), package) if n in modules} - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the repository's modules it imports."""
+    modules = all_modules()
+    return {name: local_imports(name, path, modules) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search, colouring the modules)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_there_is_no_import_cycle_function_level_imports_included() -> None:
+    graph = import_graph()
+    assert len(graph) > 80
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_each_room_imports_only_the_rooms_below_it() -> None:
+    wrong = [f"{name} imports {target}" for name, targets in import_graph().items() for target in targets
+             if target.split(".")[0] not in MAY_IMPORT[name.split(".")[0]]]
+    assert wrong == []
+
+
+def test_no_prefect_in_stages_and_no_tensorflow_in_the_engine_at_import() -> None:
+    modules = all_modules()
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        names = {n.split(".")[0] for n in imported_names(tree, name.rpartition(".")[0])}
+        if name.startswith(("stages", "tapeline")):
+            assert "prefect" not in names, name
+        top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
+                     for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+        if name.startswith(("stages", "tapeline", "flows")):
+            assert not top_level & {"tensorflow", "keras"}, f"{name} imports TensorFlow at import time"
+
+
+def test_sys_path_is_edited_only_by_the_user_builder_loader() -> None:
+    edits = [f"{name}" for name, path in all_modules().items()
+             if re.search(r"sys\.path\.(insert|append|extend|remove)|sys\.path\s*=", path.read_text())]
+    assert edits == ["tapeline.builder"]
+
+
+def test_no_benchmark_script_imports_another_script() -> None:
+    shared = {"benchmarks", "benchmarks.lib"}
+    scripts = {n: t for n, t in import_graph().items() if n.startswith("benchmarks.") and n not in shared}
+    assert {n: sorted(t & set(scripts)) for n, t in scripts.items() if t & set(scripts)} == {}
+
+
+def test_importing_a_package_changes_no_environment() -> None:
+    for path in [ROOT / room / "__init__.py" for room in ("tapeline", "stages", "stages/data", "stages/train")]:
+        tree = ast.parse(path.read_text())
+        assert [type(n).__name__ for n in tree.body] == ["Expr"], f"{path} does more than document its package"
+
+
+def test_every_project_package_is_hashed() -> None:
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {p.rstrip("*") for p in installed["include"]} == set(PROJECT_PACKAGES)
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "benchmarks"}
+    assert on_disk == set(PROJECT_PACKAGES)
+    for name in all_modules():
+        if name.split(".")[0] in PROJECT_PACKAGES:
+            assert module_file(name) == all_modules()[name], name
+
+
+def test_every_module_a_stage_imports_is_in_its_code_fingerprint() -> None:
+    modules = all_modules()
+    for stage in GRAPH:
+        closure = set(module_closure(stage.module))
+        for name in closure:
+            assert local_imports(name, modules[name], modules) <= closure, name
+
+
+def test_relative_imports_resolve_against_the_right_package() -> None:
+    tree = ast.parse("from . import readers\nfrom .sources import resolve\nfrom .. import graph\n"
+                     "import tapeline.cache\n")
+    assert imported_names(tree, "stages.data") == {
+        "stages.data", "stages.data.readers", "stages.data.sources", "stages.data.sources.resolve", "stages",
+        "stages.graph", "tapeline.cache"}
+    node = ast.parse("from ...x import y").body[0]
+    assert isinstance(node, ast.ImportFrom) and imported_base(node, "a.b.c") == "a.x"
+
+
+def test_a_relative_import_is_followed_into_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tapeline.codehash as codehash
+
+    original = codehash.module_source
+    texts = {"stages.data.layout": original("stages.data.layout") + "\nfrom . import readers\n"}
+    monkeypatch.setattr(codehash, "module_source", lambda name: texts.get(name) or original(name))
+    codehash.normalized_module.cache_clear()
+    try:
+        assert "stages.data.readers" in codehash.module_closure("stages.data.layout")
+    finally:
+        codehash.normalized_module.cache_clear()
