@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tapeline.hardware import onednn_origin
 from tapeline.store import normalize_root, open_store
 
 PROMOTION = "promotion"
+BUGS = "the tapeline repository's issues"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
@@ -234,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     except TapelineError as exc:
         print(f"tapeline: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - anything else is tapeline's own mistake: say so, with the whole traceback
+        traceback.print_exc()
+        print(f"tapeline: this is a bug in tapeline, not a problem with your input or config: please report it with "
+              f"the traceback above ({BUGS})", file=sys.stderr)
+        return 1
 
 
 NATIVE_STARTUP_NOISE = (b"All log messages before absl::InitializeLog() is called",

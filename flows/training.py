@@ -11,15 +11,17 @@ manifest (SHA-256 with `verify`) and, when it is missing or damaged, runs the ta
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import Task, flow, get_run_logger, task
+from prefect import State, Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
 from flows import events
@@ -51,10 +53,48 @@ def stage_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str
     return f"tapeline-{parameters['name']}-{fp}-{hashlib.sha256(parent.encode()).hexdigest()[:12]}"
 
 
+TRANSIENT = (DownloadError, StoreConnectionError)  # raised, so that Prefect retries them
+
+
+class NoEmptyTraceback(logging.Filter):
+    """Prefect logs a task that ended Failed with `exc_info` even when no exception is being handled, which
+    prints a bare `NoneType: None` under the message; this drops that empty part and keeps the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+def quiet_expected_failures() -> None:
+    """Install `NoEmptyTraceback` on Prefect's run loggers, once."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoEmptyTraceback) for f in logger.filters):
+            logger.addFilter(NoEmptyTraceback())
+
+
+def expected_failure(exc: TapelineError) -> State:
+    """The Failed state of a task or flow that met an expected tapeline error (bad input, bad config, a failed
+    gate, user code): Prefect records its one-line message and logs no traceback for it."""
+    return Failed(message=str(exc), data=exc)
+
+
+def stage_or_failure(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
+                     verify: bool) -> StageResult | State:
+    """The stage's result, or the Failed state of an expected, non-transient tapeline error."""
+    try:
+        return run_stage(name, config, artifacts, upstream, verify=verify, on_epoch_end=progress_reporter())
+    except TRANSIENT:
+        raise
+    except TapelineError as exc:
+        return expected_failure(exc)
+
+
 def stage_body(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
-               verify: bool = False) -> StageResult:
+               verify: bool = False) -> StageResult | State:
     """Run one stage of the graph (the body of every stage task)."""
-    return run_stage(name, config, artifacts, upstream, verify=verify, on_epoch_end=progress_reporter())
+    return stage_or_failure(name, config, artifacts, upstream, verify)
 
 
 def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -106,6 +146,8 @@ def run_stage_task(name: str, config: PipelineConfig, artifacts: Artifacts, upst
     except ValidationError as exc:
         report_validation(exc.result)
         raise
+    except TapelineError:
+        raise  # its message is the task's state message already
     except Exception as exc:
         get_run_logger().error("stage %s failed: %s", name, exc)
         raise
@@ -143,9 +185,21 @@ def run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promo
 @flow(name="training-pipeline", description="data -> validate -> model -> train -> evaluate -> export -> "
       "promotion, cached by fingerprint")
 def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = False  # noqa: B008 - frozen model
-                      ) -> dict[str, Any]:
+                      ) -> dict[str, Any] | State:
     """Run every stage of the graph as a Prefect task, then the promotion step; return the run summary.
-    With `verify`, every cached output is checked by SHA-256 before it is reused."""
+    With `verify`, every cached output is checked by SHA-256 before it is reused. An expected tapeline error
+    fails the run with its one-line message (a Failed state: no traceback in the logs)."""
+    quiet_expected_failures()
+    try:
+        return pipeline_run(config, verify)
+    except TRANSIENT:
+        raise
+    except TapelineError as exc:
+        return expected_failure(exc)
+
+
+def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
+    """The flow's work: every stage's task in graph order, the promotion, the registry row, the artifacts."""
     logger = get_run_logger()
     check_builder(config.model)  # on the worker: its copy of the user's code must import, before any work
     artifacts = artifacts_dir()

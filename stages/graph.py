@@ -148,11 +148,12 @@ def graph_keys(config: PipelineConfig, artifacts: Artifacts) -> Keys:
     waits_on: dict[str, str] = {}
     for stage in GRAPH:
         missing = next((u for u in stage.upstream if u not in keys), None)
+        located_fps = {u: fps[u] for u in stage.upstream}
+        external = external_inputs(stage, config, store, located_fps)  # also when waiting: a bad reference is said now
         if missing is not None:
             fps[stage.name], waits_on[stage.name] = None, waits_on.get(missing, missing)
             continue
-        located_fps = {u: fps[u] for u in stage.upstream}
-        fp = stage_fingerprint(stage, config, keys, external_inputs(stage, config, store, located_fps))
+        fp = stage_fingerprint(stage, config, keys, external)
         fps[stage.name] = fp
         if not stage.early_cutoff:
             keys[stage.name] = fp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.model, data.input_spec)
     model.save(staging / MODEL_FILE)
+    if config.model.builder is not None:  # the CNN's layers are Keras's own
+        check_reloads(staging / MODEL_FILE, config.model.builder)
     model.save_weights(staging / WEIGHTS_FILE)
     summary = model_summary(model)
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -101,6 +104,22 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "input_spec": data.input_spec.model_dump(mode="json"),
         "upstream": {"data": data.fingerprint}, "parameters": summary["parameters"], "versions": package_versions(),
     }
+
+
+def check_reloads(path: Path, builder: str) -> None:
+    """The saved user model must load back, as evaluate, export and predict load it: a custom layer Keras cannot
+    find by name (not registered for serialization) is one line here, before any training."""
+    import keras
+
+    try:
+        keras.models.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises TypeError, ValueError, … for a model it cannot rebuild
+        found = re.search(r"Could not locate (?:class|function) '([^']+)'", str(exc))
+        what = f"Keras cannot find the class {found.group(1)!r}" if found else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(
+            f"model.builder: {builder} builds a model that saves but does not load back ({what.splitlines()[0]}); "
+            "register each custom layer or model class with @keras.saving.register_keras_serializable() (and give "
+            "it get_config() when its __init__ takes arguments)") from None
 
 
 def builder_record(reference: str | None, identity: dict[str, Any] | None) -> dict[str, Any] | None:

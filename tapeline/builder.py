@@ -28,7 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tapeline.codehash import without_docstrings
+from tapeline.codehash import parse_source, without_docstrings
 from tapeline.config import ModelConfig
 from tapeline.errors import ConfigError
 from tapeline.hardware import onednn_origin
@@ -138,7 +138,7 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
 def normalized_code(path: Path) -> tuple[str, ast.Module]:
     """(the code of a source file without comments, docstrings or formatting, its syntax tree without docstrings)."""
     try:
-        tree = without_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        tree = without_docstrings(parse_source(path.read_text(encoding="utf-8"), str(path)))
     except (OSError, UnicodeDecodeError, SyntaxError) as exc:
         raise ConfigError(f"{KEY}: cannot read {path} ({type(exc).__name__}: {exc}); fix the file") from None
     return ast.dump(tree), tree
@@ -190,7 +190,34 @@ def builder_identity(text: str | None) -> dict[str, Any] | None:
     """What the model stage's fingerprint takes from the builder: its code, module by module (None: the CNN)."""
     if text is None:
         return None
+    check_defines(parse_reference(text))
     return {"files": [{"module": f.module, "path": f.path, "sha256": f.sha256} for f in builder_code(text)]}
+
+
+def top_level_names(tree: ast.Module) -> set[str]:
+    """The names a module's own code binds at its top level: functions, classes, assignments, imports."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
+
+
+def check_defines(reference: Reference) -> None:
+    """ConfigError when the builder's module, read with `ast` and never imported (so `plan` imports neither the
+    user's code nor TensorFlow), binds no such name. A module that binds names dynamically (`globals()`,
+    `from x import *`) is given the benefit of the doubt: importing it decides."""
+    path = builder_source(reference)[0]
+    tree = parse_source(path.read_text(encoding="utf-8"), str(path))
+    star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in tree.body)
+    if not star and "globals" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} \
+            and reference.function not in top_level_names(tree):
+        raise ConfigError(f"{KEY}: {path} has no {reference.function!r}; name a function it defines")
 
 
 # ---------------------------------------------------------------- importing and checking it
@@ -269,7 +296,23 @@ def call_builder(function: Callable[..., Any], config: ModelConfig, shape: tuple
         return function(input_shape=tuple(shape), num_classes=num_classes, **config.params)
     except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
         raise ConfigError(f"{KEY}: {config.builder} raised {type(exc).__name__}: {one_line(exc)}; fix the builder "
-                          "or model.params") from None
+                          "or model.params" + "".join(f"\n{frame}" for frame in user_frames(exc))) from None
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def user_frames(exc: BaseException) -> list[str]:
+    """The frames of `exc`'s traceback in the user's own files, formatted as Python prints them: the one part of
+    a traceback a user wants (never Python's, an installed package's, tapeline's or Prefect's)."""
+    import traceback
+
+    ours = [PROJECT_ROOT / package for package in ("tapeline", "stages", "flows")]
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if is_user_file(Path(frame.filename)) and not any(Path(frame.filename).resolve().is_relative_to(root)
+                                                               for root in ours)]
+    return [f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+            + (f"\n    {frame.line}" if frame.line else "") for frame in frames]
 
 
 def output_activation(model: Any) -> str | None:

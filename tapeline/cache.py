@@ -150,15 +150,17 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def manifest_problem(root: Path, verify: bool = False) -> str | None:
-    """Why `root` is not a valid stage output (None when it is): manifest, sizes, checksums if asked."""
+def manifest_problem(root: Path, verify: bool = False, check_name: bool = True) -> str | None:
+    """Why `root` is not a valid stage output (None when it is): manifest, sizes, checksums if asked. Without
+    `check_name`, a directory that keeps another output's manifest (a promoted version keeps its export's) is
+    checked by its files alone."""
     if not root.is_dir():
         return f"{root} does not exist"
     try:
         manifest = read_manifest(root)
     except CacheError as exc:
         return str(exc)
-    if manifest.get("fingerprint") != root.name:
+    if check_name and manifest.get("fingerprint") != root.name:
         return f"{root / MANIFEST} belongs to fingerprint {manifest.get('fingerprint')!r}, not {root.name!r}"
     return check_files(root, manifest["files"], verify)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -42,6 +43,25 @@ def module_source(name: str) -> str:
     if path is None:
         raise ModuleNotFoundError(f"project module {name} has no source file")
     return path.read_text(encoding="utf-8")
+
+
+_PARSING = threading.Lock()
+
+
+def parse_source(text: str, filename: str) -> ast.Module:
+    """`ast.parse`, one call at a time in this process, retried once on CPython's spurious "AST constructor
+    recursion depth mismatch" SystemError. CPython 3.11 keeps the AST constructor's recursion depth in
+    interpreter-wide state (gh-95185) and checks it after each conversion: a conversion in another thread at the
+    same moment (Prefect parses flow sources in its own threads while a run starts) or one that failed earlier
+    without restoring it (gh-106905) makes a valid file fail this check. Our parses cannot race each other under
+    the lock; a race with another library's parse is rare and passes on the retry."""
+    with _PARSING:
+        try:
+            return ast.parse(text, filename=filename)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+            return ast.parse(text, filename=filename)
 
 
 def without_docstrings(tree: ast.Module) -> ast.Module:
@@ -103,7 +123,7 @@ def package_of(name: str) -> str:
 @cache
 def normalized_module(name: str) -> tuple[str, frozenset[str]]:
     """(a dump of the module's code without docstrings, the project modules it imports)."""
-    tree = ast.parse(module_source(name), filename=name)
+    tree = parse_source(module_source(name), name)
     imports = project_imports(tree, package_of(name))
     return ast.dump(without_docstrings(tree)), frozenset(imports - {name})
 

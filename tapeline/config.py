@@ -363,16 +363,59 @@ def output_config(config: PipelineConfig, stage: str, covers: tuple[str, ...]) -
     return selected
 
 
+MAX_CONFIG_DEPTH = 32  # sections, lists and mappings inside one another; a config needs a handful
+
+
+def too_deep(value: Any, path: str, limit: int = MAX_CONFIG_DEPTH) -> str | None:
+    """The dotted key of the first value nested deeper than `limit` levels under `path`, or None. Walked with a
+    stack, not recursion, so no depth of input can exhaust Python's."""
+    pending: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while pending:
+        node, where, depth = pending.pop()
+        if depth > limit:
+            return where
+        if isinstance(node, dict):
+            pending.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            pending.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+    return None
+
+
+def check_depth(value: Any, path: str, what: str) -> None:
+    """ConfigError naming the key when `value` nests deeper than MAX_CONFIG_DEPTH levels."""
+    where = too_deep(value, path)
+    if where is not None:
+        name = where.split("[")[0][:120] or "config"
+        raise ConfigError(f"{what}: {name} nests values more than {MAX_CONFIG_DEPTH} levels deep; a config value is "
+                          "a scalar, a list or a mapping a few levels deep: flatten it")
+
+
+def safe_yaml(text: str) -> Any:
+    """`yaml.safe_load`, with nesting too deep for the YAML parser itself (about 1,000 levels) a ConfigError."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"values nest more than {MAX_CONFIG_DEPTH} levels deep (too deep to parse); a config "
+                          "value is a scalar, a list or a mapping a few levels deep: flatten it") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `section.key=value` into a key path and a YAML-parsed value."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not KEY=VALUE (example: --set train.max_epochs=3)")
+    path = key.strip().split(".")
+    if len(path) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"override {'.'.join(path[:3])}…: a key of {len(path)} parts; config keys are "
+                          "section.key (model.params.NAME)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw) if raw.strip() else None
+    except ConfigError as exc:
+        raise ConfigError(f"override {key.strip()}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
-    return key.strip().split("."), value
+    check_depth(value, key.strip(), "override")
+    return path, value
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -411,7 +454,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
     try:
-        loaded = yaml.safe_load(raw.decode("utf-8"))
+        loaded = safe_yaml(raw.decode("utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
@@ -420,11 +465,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    check_depth(loaded, "", f"config file {path}")
     return loaded
 
 
 def validate_config(tree: dict[str, Any]) -> PipelineConfig:
     """Validate a nested dict into a PipelineConfig, raising ConfigError naming each bad key."""
+    check_depth(tree, "", "config")  # a Prefect parameter or a worker's config file comes here directly
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:

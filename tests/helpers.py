@@ -81,6 +81,18 @@ def softmax_layer(input_shape, num_classes):
     inputs = keras.Input(shape=input_shape)
     logits = keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs))
     return keras.Model(inputs, keras.layers.Softmax()(logits))
+
+
+class Doubled(keras.layers.Layer):
+    """A custom layer nobody registered for serialization."""
+
+    def call(self, x):
+        return x * 2.0
+
+
+def unregistered_layer(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(Doubled()(keras.layers.Flatten()(inputs))))
 '''
 
 USER_HELPERS = '''

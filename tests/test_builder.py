@@ -42,17 +42,37 @@ def args(idx_dir: Path, artifacts: Path, builder: str = "usermodels.py:build", *
             *TINY, *[part for item in more for part in ("--set", item)]]
 
 
-def one_line_error(capsys: pytest.CaptureFixture[str], code: int) -> str:
-    """The single `tapeline: error:` line of a failed command (exit 2, no traceback, nothing after it)."""
+def error_and_frames(capsys: pytest.CaptureFixture[str], code: int) -> tuple[str, list[str]]:
+    """The single `tapeline: error:` line of a failed command (exit 2, no traceback) and what follows it: only the
+    user's own frames, as Python prints them."""
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("tapeline: error:")]
-    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err[-2000:]
-    return errors[0]
+    assert len(errors) == 1, err[-2000:]
+    lines = err.rstrip().splitlines()
+    frames = lines[lines.index(errors[0]) + 1:]
+    assert all(line.startswith(('  File "', "    ")) for line in frames), err[-2000:]
+    return errors[0], frames
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], code: int) -> str:
+    """The single `tapeline: error:` line of a failed command (exit 2, no traceback, nothing after it)."""
+    line, frames = error_and_frames(capsys, code)
+    assert frames == []
+    return line
 
 
 # ---------------------------------------------------------------- checked once, before any work
+
+@pytest.mark.parametrize(("builder", "end"), [("usermodels.py:missing", "has no 'missing'; name a function it defines"),
+                                             ("nofile.py:build", "nofile.py does not exist"),
+                                             ("no_such_module_xyz:build", "PYTHONPATH")])
+def test_plan_names_a_reference_that_does_not_resolve_without_importing_it(
+        project, idx_dir: Path, tmp_path: Path, builder: str, end: str, capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(capsys, main(["plan", *args(idx_dir, tmp_path / "a", builder)]))
+    assert line.startswith("tapeline: error: model.builder: ") and end in line
+
 
 BEFORE_DATA = [
     ("nofile.py:build", [], "model.builder: ", "nofile.py does not exist"),
@@ -87,6 +107,8 @@ CALLED = [
     ("usermodels.py:softmax_output", "returns probabilities (a final softmax activation), not logits; end with "
      "Dense(num_classes) and no activation; tapeline's loss takes logits"),
     ("usermodels.py:softmax_layer", "returns probabilities (a final softmax activation), not logits"),
+    ("usermodels.py:unregistered_layer", "builds a model that saves but does not load back (Keras cannot find the "
+     "class 'Doubled'); register each custom layer or model class with @keras.saving.register_keras_serializable()"),
 ]
 
 
@@ -101,8 +123,13 @@ def data_artifacts(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> P
 @pytest.mark.parametrize(("builder", "message"), CALLED)
 def test_builder_that_builds_the_wrong_thing_is_one_line(project, idx_dir: Path, data_artifacts: Path, builder: str,
                                                          message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    line = one_line_error(capsys, main(["stage", "model", *args(idx_dir, data_artifacts, builder)]))
+    line, frames = error_and_frames(capsys, main(["stage", "model", *args(idx_dir, data_artifacts, builder)]))
     assert message in line
+    if builder.endswith(":raises"):  # the user's own frame, and no other
+        assert len(frames) == 2 and frames[0].startswith('  File "') and 'usermodels.py", line' in frames[0]
+        assert frames[0].endswith(", in raises") and frames[1].strip() == 'raise ValueError("width must be even")'
+    else:
+        assert frames == []
     committed = [p for p in (data_artifacts / "model").glob("*") if not p.name.startswith(".")]
     assert committed == []
 

@@ -133,3 +133,17 @@ def test_help_lists_config_keys_only_where_they_are_taken(capsys: pytest.Capture
         text = capsys.readouterr().out
         assert ("train.max_epochs" in text) is lists_keys, command
         assert "PydanticUndefined" not in text
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_says_it_is_a_bug(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import flows.cli
+
+    def broken(_args):
+        raise KeyError("a tapeline bug")
+
+    monkeypatch.setitem(flows.cli.COMMANDS, "runs", broken)
+    assert main(["runs"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'a tapeline bug'" in err
+    assert err.rstrip().splitlines()[-1].startswith("tapeline: this is a bug in tapeline, not a problem with your")

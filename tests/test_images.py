@@ -343,7 +343,7 @@ def test_decoding_processes_give_what_one_process_gives(tmp_path: Path, monkeypa
 
     root = write_folder(tmp_path / "pics", per_class=10, rgb=True)
     bad_files(root / "coat")
-    layout = images.layout_of(str(root), images.list_files(str(root)), None)
+    layout = images.layout_of(str(root), images.list_files(str(root)).files, None)
     options = images.ImageOptions(image_size=(12, 12), interpolation="area")
     alone, alone_skipped = images.decode_all(str(root), layout.files, options, workers=1)
     monkeypatch.setattr(images, "IN_PROCESS_BELOW", 0)
@@ -457,3 +457,54 @@ def test_the_data_stage_lists_the_folder_once_unless_the_listing_is_not_its_own(
     assert len(listings) == 1 and len(raw.train_labels) == 13
     raw.release()
     assert sum(s["records"] for s in manifest_of(first)["splits"].values()) == 12
+
+
+def test_links_and_unreadable_places_are_skipped_and_listed_with_their_real_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.data.sources.images as images
+
+    root = write_folder(tmp_path / "pics", per_class=4)
+    unreadable = sorted((root / "shirt").rglob("*.png"))[0]
+    outside = write_folder(tmp_path / "elsewhere", per_class=2)
+    (root / "coat" / "loop").symlink_to(root / "coat")  # a loop
+    (root / "coat" / "dangling.png").symlink_to(tmp_path / "gone.png")  # a dangling link
+    (root / "shirt" / "first").symlink_to(outside / "shirt")  # a link outside, walked once (sorted first)
+    (root / "shirt" / "second").symlink_to(outside / "shirt")  # ... and not twice
+    locked = root / "coat" / "locked"
+    locked.mkdir()
+    (locked / "x.png").write_bytes(encode(pattern(0, (20, 20), False, 5), "PNG"))
+    real_scandir, real_hash = os.scandir, images.file_sha256
+
+    def scandir(path):  # root reads everything: the test makes the denial itself
+        if isinstance(path, str | os.PathLike) and Path(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    def file_sha256(path: str) -> str:
+        if Path(path) == unreadable:
+            raise PermissionError(13, "Permission denied")
+        return real_hash(path)
+
+    monkeypatch.setattr(images.os, "scandir", scandir)
+    monkeypatch.setattr(images, "file_sha256", file_sha256)
+    monkeypatch.setattr(images, "IN_PROCESS_BELOW", 10**6)  # hashed here, where the patches are
+    images.forget_hashes()
+    listing = images.list_files(str(root))
+    reasons = {p["path"]: p["reason"] for p in listing.problems}
+    assert reasons == {
+        str(root / "coat" / "dangling.png"): f"dangling link to {tmp_path / 'gone.png'}",
+        str(root / "coat" / "loop"): f"link to {root / 'coat'}, a folder walked already (a loop, or a second way "
+                                     "to it): not followed",
+        str(locked): "unreadable directory (Permission denied)",
+        str(root / "shirt" / "second"): f"link to {outside / 'shirt'}, a folder walked already (a loop, or a second "
+                                       "way to it): not followed",
+        str(unreadable): "unreadable file (Permission denied)",
+    }
+    names = [f.relative for f in listing.files]
+    assert sum(n.startswith("shirt/first/") for n in names) == len(list((outside / "shirt").rglob("*.png")))
+    assert not any(n.startswith(("shirt/second/", "coat/loop/")) for n in names)
+
+    data = run_data(config_for(root), tmp_path / "out")
+    manifest = manifest_of(data)
+    assert {s["path"]: s["reason"] for s in manifest["skipped"]} == reasons
+    assert manifest["image_files"] == len(names) + len(reasons)

@@ -159,3 +159,21 @@ def test_a_relative_import_is_followed_into_the_fingerprint(monkeypatch: pytest.
         assert "stages.data.readers" in codehash.module_closure("stages.data.layout")
     finally:
         codehash.normalized_module.cache_clear()
+
+
+def test_parsing_retries_cpythons_spurious_recursion_depth_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tapeline.codehash as codehash
+
+    real, calls = ast.parse, []
+
+    def flaky(text: str, filename: str = "<unknown>") -> ast.Module:
+        calls.append(filename)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=102, after=37)")
+        return real(text, filename=filename)
+
+    monkeypatch.setattr(codehash.ast, "parse", flaky)
+    assert isinstance(codehash.parse_source("x = 1\n", "m.py"), ast.Module) and calls == ["m.py", "m.py"]
+    monkeypatch.setattr(codehash.ast, "parse", lambda *_a, **_k: (_ for _ in ()).throw(SystemError("other")))
+    with pytest.raises(SystemError, match="other"):
+        codehash.parse_source("x = 1\n", "m.py")

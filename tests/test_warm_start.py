@@ -96,6 +96,22 @@ def test_init_from_an_export_directory(champion, idx_dir: Path) -> None:
     assert largest_difference(weights(warm.path / "model.keras"), weights(export_dir / "model.keras")) < 1e-6
 
 
+@pytest.mark.parametrize("place", ["models/v0001", "serving/1"])
+def test_init_from_a_promoted_version_or_its_serving_copy(champion, idx_dir: Path, place: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    artifacts, cold = champion
+    overrides = tiny_overrides(f"idx:{idx_dir}", f"train.init_from={artifacts / place}", "train.max_epochs=1",
+                               "train.learning_rate=1e-12", "train.min_learning_rate=0")
+    assert main(["stage", "train", "--artifacts", str(artifacts), "--json",
+                 *(a for o in overrides for a in ("--set", o))]) == 0
+    warm = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((Path(warm["path"]) / "manifest.json").read_text())
+    assert manifest["init_from"]["resolved"] == {"from": str(artifacts / place), "version": "v0001",
+                                                 "train_fingerprint": cold["train"].fingerprint}
+    promoted = weights(artifacts / "models" / "v0001" / "model.keras")
+    assert largest_difference(weights(Path(warm["path"]) / "model.keras"), promoted) < 1e-6
+
+
 def one_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err

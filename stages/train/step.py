@@ -5,9 +5,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-# ---------------------------------------------------------------- metrics and step functions
+
+def replica_train_step(model: Any, optimizer: Any, loss_fn: Any, images: Any, labels: Any) -> tuple[Any, Any, Any]:
+    """One training step on one replica: forward under the tape, loss, gradients, apply (the tutorial's step).
+
+    Returns the batch's (summed loss, correct predictions, examples) for the epoch metrics."""
+    import keras
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        logits = tf.cast(model(images, training=True), tf.float32)  # float32 logits under mixed precision too
+        per_example = loss_fn(labels, logits)
+        loss = tf.nn.compute_average_loss(per_example)  # the mean over the global batch, across replicas
+        scaled = optimizer.scale_loss(loss) if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else loss
+    gradients = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+    return batch_statistics(per_example, logits, labels)
+
+
+def replica_eval_step(model: Any, loss_fn: Any, images: Any, labels: Any) -> tuple[Any, Any, Any]:
+    """One validation step on one replica: (summed loss, correct predictions, examples) of the batch."""
+    import tensorflow as tf
+
+    logits = tf.cast(model(images, training=False), tf.float32)
+    return batch_statistics(loss_fn(labels, logits), logits, labels)
+
 
 class EpochMetrics:
     """Loss (mean per-example cross-entropy from logits) and accuracy over an epoch.
@@ -79,26 +104,12 @@ def make_step_functions(
     `loss_fn` must return per-example losses (reduction=None); the step averages them over the
     global batch. Batch shapes are left unknown, so the last partial batch does not retrace.
     """
-    import keras
     import tensorflow as tf
 
     nonfinite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="nonfinite_step")
-    scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-
-    @tf.function(jit_compile=jit_compile, autograph=False)
-    def replica_train_step(images: Any, labels: Any) -> tuple[Any, Any, Any]:
-        with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True), tf.float32)
-            per_example = loss_fn(labels, logits)
-            loss = tf.nn.compute_average_loss(per_example)
-            scaled = optimizer.scale_loss(loss) if scales_loss else loss
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
-        return batch_statistics(per_example, logits, labels)
-
-    def replica_eval_step(images: Any, labels: Any) -> tuple[Any, Any, Any]:
-        logits = tf.cast(model(images, training=False), tf.float32)
-        return batch_statistics(loss_fn(labels, logits), logits, labels)
+    train_on_replica = tf.function(partial(replica_train_step, model, optimizer, loss_fn), jit_compile=jit_compile,
+                                   autograph=False)
+    eval_on_replica = partial(replica_eval_step, model, loss_fn)
 
     def reduced(per_replica: tuple[Any, Any, Any]) -> list[Any]:
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
@@ -109,12 +120,12 @@ def make_step_functions(
         return tf.cond(first, lambda: nonfinite_step.assign(optimizer.iterations - 1), lambda: nonfinite_step)
 
     def train_step(batch: tuple[Any, Any]) -> None:
-        loss_sum, correct, count = reduced(strategy.run(replica_train_step, batch))
+        loss_sum, correct, count = reduced(strategy.run(train_on_replica, batch))
         train_metrics.update_state(loss_sum, correct, count)
         note_nonfinite(loss_sum)
 
     def eval_step(batch: tuple[Any, Any]) -> None:
-        val_metrics.update_state(*reduced(strategy.run(replica_eval_step, batch)))
+        val_metrics.update_state(*reduced(strategy.run(eval_on_replica, batch)))
 
     train, evaluate = steps_in_one_call(train_step), steps_in_one_call(eval_step)
     return StepFunctions(train=train, evaluate=evaluate, nonfinite_step=nonfinite_step)

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tapeline.cache import manifest_problem, read_manifest
 from tapeline.config import PipelineConfig
-from tapeline.errors import ConfigError
-from tapeline.registry import local_version, read_production
+from tapeline.errors import ConfigError, TapelineError
+from tapeline.registry import MODELS, VERSION_PATTERN, local_version, read_production
 from tapeline.results import InputSpec
 from tapeline.store import Store, is_remote, normalize_root, open_store
 
@@ -43,12 +44,35 @@ def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, 
             return None
         return {"from": "production", "version": pointer["version"], "train_fingerprint": pointer["train_fingerprint"]}
     root, stage, fp = split_location(wanted)
-    manifest = open_store(root).manifest(stage, fp)
+    version = registry_version(stage, fp)
+    manifest = version_manifest(open_store(root), version) if version else open_store(root).manifest(stage, fp)
     train_fp = ((manifest or {}).get("upstream") or {}).get("train")
     if manifest is None or not isinstance(train_fp, str):
         raise ConfigError(f"{KEY}={wanted}: not a complete exported model (no valid manifest with a train "
-                          f"fingerprint); give an export or models/vNNNN directory, production, or {FIX}")
-    return {"from": wanted, "train_fingerprint": train_fp}
+                          f"fingerprint); give an export, models/vNNNN or serving/N directory, production, or {FIX}")
+    return {"from": wanted, "train_fingerprint": train_fp, **({"version": version} if version else {})}
+
+
+def registry_version(stage: str, name: str) -> str | None:
+    """The registry version a location names: `models/vNNNN` itself, or `serving/N` (TF Serving's copy of
+    version N); None for any other place (an export)."""
+    if stage == MODELS and VERSION_PATTERN.match(name):
+        return name
+    if stage == "serving" and name.isdigit():
+        return f"v{int(name):04d}"
+    return None
+
+
+def version_manifest(store: Store, version: str) -> dict[str, Any] | None:
+    """A promoted version's manifest (the export's, copied with it) when the version is complete, else None. A
+    version directory keeps its export's manifest, whose fingerprint is the export's, not `vNNNN`."""
+    try:
+        directory = local_version(store, version)
+    except TapelineError:
+        return None
+    if not directory.is_dir() or manifest_problem(directory, check_name=False) is not None:
+        return None
+    return read_manifest(directory)
 
 
 def init_model_dir(identity: Mapping[str, Any], store: Store) -> Path:
@@ -56,6 +80,8 @@ def init_model_dir(identity: Mapping[str, Any], store: Store) -> Path:
     if identity["from"] == "production":
         return local_version(store, identity["version"])
     root, stage, fp = split_location(identity["from"])
+    if "version" in identity:
+        return local_version(open_store(root), identity["version"])
     return open_store(root).fetch(stage, fp)[1]
 
 

@@ -41,8 +41,9 @@ FORK = "fork"
 IN_PROCESS_BELOW = 1024  # fewer files than this are decoded (hashed) in this process
 HASH_CHUNK = 2048  # files per hashing task: hashing a small file costs less than sending its path
 MAX_REMEMBERED_HASHES = 1 << 21
+UNREADABLE = -2  # a listed file's size when it cannot be read: its reason takes the hash's place
 _hashes: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> SHA-256, in this process
-_listings: dict[str, tuple[str, list[ImageFile]]] = {}  # root -> (digest, listing) of its last identity() here
+_listings: dict[str, tuple[str, Listing]] = {}  # root -> (digest, listing) of its last identity() here
 log = logging.getLogger("tapeline.images")
 
 
@@ -118,6 +119,8 @@ def stat_and_hash(paths: list[str]) -> list[tuple[int, int, int, str]]:
             out.append((*key[1:], _hashes.get(key) or file_sha256(path)))
         except FileNotFoundError:  # removed since the walk: not part of this listing
             out.append((-1, 0, 0, ""))
+        except OSError as exc:  # listed and reported, like a file that does not decode
+            out.append((UNREADABLE, 0, 0, f"unreadable file ({exc.strerror})"))
     return out
 
 
@@ -153,28 +156,62 @@ def fork_context() -> Any:
     return get_context(FORK if FORK in get_all_start_methods() else None)
 
 
-def walk(directory: str, relative: str = "") -> Iterator[tuple[str, str]]:
+def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
+         seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[str, str]]:
     """(relative path, full path) of every visible file below `directory`, in sorted order (no stat: the
-    directory entries say what is a file)."""
-    with os.scandir(directory) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name.startswith("."):
+    directory entries say what is a file). What cannot be walked is appended to `problems` as {path, reason},
+    never raised: a dangling link, a link back into a folder already walked (a loop, or a second way to one
+    folder: each real folder is walked once), an unreadable directory."""
+    seen = seen if seen is not None else {directory_key(directory)}
+    try:
+        with os.scandir(directory) as scanned:
+            entries = sorted(scanned, key=lambda e: e.name)
+    except OSError as exc:
+        if not relative:
+            raise
+        problems.append({"path": os.path.realpath(directory), "reason": f"unreadable directory ({exc.strerror})"})
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        name = f"{relative}{entry.name}"
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            problems.append({"path": entry.path, "reason": f"dangling link to {os.readlink(entry.path)}"})
+        elif entry.is_dir(follow_symlinks=True):
+            key = directory_key(entry.path)
+            if key in seen:
+                problems.append({"path": entry.path, "reason": f"link to {os.path.realpath(entry.path)}, a folder "
+                                 "walked already (a loop, or a second way to it): not followed"})
                 continue
-            name = f"{relative}{entry.name}"
-            if entry.is_dir(follow_symlinks=True):
-                yield from walk(entry.path, f"{name}/")
-            elif entry.is_file(follow_symlinks=True):
-                yield name, entry.path
+            seen.add(key)
+            yield from walk(entry.path, problems, f"{name}/", seen)
+        elif entry.is_file(follow_symlinks=True):
+            yield name, entry.path
 
 
-def list_local(root: Path) -> list[ImageFile]:
-    """Every visible image file under `root`, sorted, with its size and content SHA-256."""
+def directory_key(path: str) -> tuple[int, int]:
+    """(device, inode) of a directory, links followed: what makes two paths one folder."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def list_local(root: Path) -> Listing:
+    """Every visible image file under `root`, sorted, with its size and content SHA-256; and what could not be
+    listed (links, unreadable directories and files), each {path (the real one), reason}."""
     if not root.is_dir():
         raise DataSourceError(f"data.source images:{root}: directory does not exist")
-    found = [(relative, path) for relative, path in walk(str(root)) if has_image_extension(relative)]
+    problems: list[dict[str, str]] = []
+    try:
+        found = [(relative, path) for relative, path in walk(str(root), problems) if has_image_extension(relative)]
+    except OSError as exc:
+        raise DataSourceError(f"data.source images:{root}: cannot read the folder ({exc.strerror}); give a readable "
+                              "directory") from None
     described = stats_and_hashes([path for _, path in found])
-    return [ImageFile(relative, size, sha)
-            for (relative, _), (size, _, _, sha) in zip(found, described, strict=True) if size >= 0]
+    problems += [{"path": os.path.realpath(path), "reason": sha}
+                 for (_, path), (size, _, _, sha) in zip(found, described, strict=True) if size == UNREADABLE]
+    files = [ImageFile(relative, size, sha)
+             for (relative, _), (size, _, _, sha) in zip(found, described, strict=True) if size >= 0]
+    return Listing(files, tuple(problems))
 
 
 def list_remote(url: str) -> list[ImageFile]:
@@ -193,11 +230,18 @@ def list_remote(url: str) -> list[ImageFile]:
     return sorted(found, key=lambda f: f.relative)
 
 
-def list_files(root: str) -> list[ImageFile]:
+class Listing(NamedTuple):
+    """A folder's image files, and what could not be listed ({path, reason}: skipped, reported, never raised)."""
+
+    files: list[ImageFile]
+    problems: tuple[dict[str, str], ...] = ()
+
+
+def list_files(root: str) -> Listing:
     """The listing of a directory or a bucket prefix."""
     from tapeline.store import is_remote
 
-    return list_remote(root) if is_remote(root) else list_local(Path(local_root(root)))
+    return Listing(list_remote(root)) if is_remote(root) else list_local(Path(local_root(root)))
 
 
 def local_root(root: str) -> str:
@@ -205,11 +249,14 @@ def local_root(root: str) -> str:
     return root[len("file://"):] if root.startswith("file://") else os.path.expanduser(root)
 
 
-def identity_digest(files: list[ImageFile]) -> str:
-    """A hash of the listing: changes when a file is added, removed or changed, not otherwise."""
+def identity_digest(listing: Listing) -> str:
+    """A hash of the listing: changes when a file is added, removed or changed, or when what could not be read
+    changes (a link mended, a permission fixed), not otherwise."""
     digest = hashlib.sha256()
-    for f in files:
+    for f in listing.files:
         digest.update(f"{f.relative}\0{f.size}\0{f.version}\n".encode())
+    for problem in listing.problems:
+        digest.update(f"!{problem['path']}\0{problem['reason']}\n".encode())
     return digest.hexdigest()
 
 
@@ -540,10 +587,10 @@ class ImageFolderSource:
 
     def identity(self) -> dict[str, Any]:
         """The listing's digest: (path, size, SHA-256) per file on disk, (key, size, ETag) in a bucket."""
-        files = list_files(self.root)
-        digest = identity_digest(files)
-        _listings[self.root] = (digest, files)
-        return {"kind": "images", "files": len(files), "digest": digest}
+        listing = list_files(self.root)
+        digest = identity_digest(listing)
+        _listings[self.root] = (digest, listing)
+        return {"kind": "images", "files": len(listing.files), "digest": digest}
 
     def load(self) -> Any:
         """`load_listed` with a listing of its own."""
@@ -558,9 +605,10 @@ class ImageFolderSource:
 
         where = f"images:{self.root}"
         known = _listings.get(self.root)
-        listed = known[1] if identity and known and known[0] == identity.get("digest") else list_files(self.root)
-        layout = layout_of(self.root, listed, self.class_names)
-        spool, skipped = decode_all(self.root, layout.files, self.options)
+        listing = known[1] if identity and known and known[0] == identity.get("digest") else list_files(self.root)
+        layout = layout_of(self.root, listing.files, self.class_names)
+        spool, decoded_skipped = decode_all(self.root, layout.files, self.options)
+        skipped = [*listing.problems, *decoded_skipped]
         if not len(spool):
             spool.close()
             example = skipped[0] if skipped else {"path": "-", "reason": "no files"}
@@ -582,7 +630,8 @@ class ImageFolderSource:
         for bad in skipped[:5]:
             log.warning("skipped %s: %s", bad["path"], bad["reason"])
         if skipped:
-            log.warning("skipped %d of %d image files (listed in the data manifest)", len(skipped), len(layout.files))
+            log.warning("skipped %d of %d image files (listed in the data manifest)", len(skipped),
+                        len(layout.files) + len(listing.problems))
         train_x, train_y = part("train")
         if train_x is None:
             spool.close()
@@ -590,4 +639,5 @@ class ImageFolderSource:
         test_x, test_y = part("test")
         val_x, val_y = part("validation")
         return RawData(train_x, train_y, test_x, test_y, layout.class_names, validation_images=val_x,
-                       validation_labels=val_y, skipped=tuple(skipped), files=len(layout.files))
+                       validation_labels=val_y, skipped=tuple(skipped),
+                       files=len(layout.files) + len(listing.problems))

@@ -21,7 +21,7 @@ import pytest
 from tapeline.registry import local_version, read_production, runs_of
 from tapeline.store import open_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

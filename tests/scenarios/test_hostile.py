@@ -26,7 +26,7 @@ from tapeline.predict import predict
 from tapeline.registry import production
 from tapeline.testing import idx_bytes, png_bytes, tiny_config, write_idx_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PEAK_RSS = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
@@ -379,3 +379,51 @@ def test_damaged_state_gives_a_result_or_one_line(built_tree, tmp_path: Path, ta
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tapeline: error:")]
         assert code in (0, 2), (command, code)
         assert (code == 0) == (not err), (command, err)
+
+
+TAPELINE = str(Path(sys.executable).with_name("tapeline"))
+
+
+def tapeline_fails_in_one_line(tmp_path: Path, *args: str) -> str:
+    """Run the `tapeline` command as a user does; it must exit 2 with one error line and no traceback."""
+    done = subprocess.run([TAPELINE, *args, "--artifacts", str(tmp_path / "a")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.startswith("tapeline: error:")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("levels", [40, 400, 4000])
+def test_deeply_nested_config_is_one_line_for_files_and_set(tmp_path: Path, levels: int) -> None:
+    deep = "[" * levels + "1" + "]" * levels
+    line = tapeline_fails_in_one_line(tmp_path, "run", "--set", f"model.params.width={deep}")
+    assert line.startswith("tapeline: error: override") and "model.params.width" in line
+    assert "nest" in line and "flatten it" in line
+    config = tmp_path / "deep.yaml"
+    config.write_text("model:\n  params:\n    width: " + deep + "\n")
+    line = tapeline_fails_in_one_line(tmp_path, "plan", "--config", str(config))
+    assert line.startswith(f"tapeline: error: config file {config}") and "flatten it" in line
+    if levels < 1000:  # parsed, so the message names the key
+        assert "model.params.width" in line
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("model:\n  params:\n    width: " + "{a: " * levels + "1" + "}" * levels + "\n")
+    assert "flatten it" in tapeline_fails_in_one_line(tmp_path, "run", "--config", str(mapping))
+
+
+def test_a_key_of_hundreds_of_parts_is_one_line(tmp_path: Path) -> None:
+    line = tapeline_fails_in_one_line(tmp_path, "plan", "--set", ".".join(["model"] * 300) + "=1")
+    assert "a key of 300 parts" in line
+
+
+@pytest.mark.slow
+def test_an_expected_error_inside_the_flow_is_one_line_without_tracebacks(tmp_path: Path, idx_dir: Path) -> None:
+    (tmp_path / "models.py").write_text(
+        "import keras\n\n\ndef build(input_shape, num_classes):\n    inputs = keras.Input(shape=input_shape)\n"
+        "    x = keras.layers.Flatten()(inputs)\n"
+        "    return keras.Model(inputs, keras.layers.Dense(num_classes, activation='softmax')(x))\n")
+    line = tapeline_fails_in_one_line(tmp_path, "run", "--set", f"data.source=idx:{idx_dir}", "--set",
+                                      "model.builder=models.py:build", "--set", "data.shards=2")
+    assert line.startswith("tapeline: error: model.builder: models.py:build returns probabilities")
+    assert line.endswith("tapeline's loss takes logits")

@@ -28,7 +28,7 @@ from tapeline.registry import POINTER, production, read_runs
 from tapeline.testing import idx_bytes, png_bytes, synthetic_images, tiny_config, tiny_overrides, write_idx_dir
 from tests.helpers import Interrupted, interrupt_after, reference_test_accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 

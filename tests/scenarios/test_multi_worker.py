@@ -29,7 +29,7 @@ from tapeline.config import load_config
 from tapeline.errors import ConfigError, TrainingError
 from tapeline.testing import write_idx_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TAPELINE = str(Path(sys.executable).with_name("tapeline"))
 
 
