@@ -110,15 +110,8 @@ def content_digest(stage: Stage, manifest: Mapping[str, Any]) -> str:
     return fingerprint({"files": files_digest(manifest), "reads": {key: manifest.get(key) for key in stage.reads}})
 
 
-def upstream_key(stage: Stage, fp: str, manifest: Mapping[str, Any]) -> str:
-    """What a dependent's fingerprint keys on for this upstream output: its content digest when the stage writes
-    byte-reproducible output (`early_cutoff`: the data stage's hand-framed records), else its fingerprint (Keras
-    zips, HDF5 files and TensorBoard events carry save times, so their bytes never repeat)."""
-    return content_digest(stage, manifest) if stage.early_cutoff else fp
-
-
 def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[str, str], external: Any) -> str:
-    """The fingerprint of `stage` given its upstream outputs' keys (`upstream_key`) and its external inputs (early
+    """The fingerprint of `stage` given its upstream outputs' keys (`key_of`) and its external inputs (early
     cutoff: an upstream data stage that ran again and wrote the same bytes leaves this fingerprint as it was)."""
     return fingerprint({
         "stage": stage.name,
@@ -217,10 +210,12 @@ def usable_locally(result: StageResult, store: Store, verify: bool) -> StageResu
 
 
 def key_of(result: StageResult) -> str:
-    """What dependents key on for a stage's output (`upstream_key`), from its local manifest."""
+    """What a dependent's fingerprint keys on for this upstream output: its content digest (from its local
+    manifest) when the stage writes byte-reproducible output (`early_cutoff`: the data stage's hand-framed
+    records), else its fingerprint (Keras zips, HDF5 files and TensorBoard events carry save times, so their
+    bytes never repeat)."""
     stage = STAGES[result.stage]
-    return upstream_key(stage, result.fingerprint, read_manifest(result.path)) if stage.early_cutoff \
-        else result.fingerprint
+    return content_digest(stage, read_manifest(result.path)) if stage.early_cutoff else result.fingerprint
 
 
 def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
