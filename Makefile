@@ -41,7 +41,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tapeline stages flows tests benchmarks examples
+	$(VENV)/bin/ruff check tapeline stages sweeps flows tests benchmarks examples
 
 bench: $(STAMP) dataset
 	$(PY) -m benchmarks.train_throughput

@@ -49,8 +49,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def png_markdown(title: str, path: Path) -> str:
-    """A PNG embedded as a data URI, so the Prefect UI shows it without a file server."""
-    encoded = base64.b64encode(path.read_bytes()).decode()
+    """A PNG file embedded as a data URI, so the Prefect UI shows it without a file server."""
+    return png_data_markdown(title, path.read_bytes())
+
+
+def png_data_markdown(title: str, data: bytes) -> str:
+    """PNG bytes embedded as a data URI under a heading."""
+    encoded = base64.b64encode(data).decode()
     return f"## {title}\n\n![{title}](data:image/png;base64,{encoded})\n"
 
 

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_global(run, under_command=True)
     add_config(run)
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    sweep = commands.add_parser("sweep", help="hyperparameter search over `sweep.space` (the `sweep` flow): cached, "
+                                "resumable, pruned trials; the best one evaluated and promoted", epilog=keys,
+                                formatter_class=formatter)
+    add_global(sweep, under_command=True)
+    add_config(sweep)
+    sweep.add_argument("--json", action="store_true", help="print the sweep as one JSON object on the last line")
     stage = commands.add_parser("stage", help="run one stage locally, without a Prefect server",
                                 epilog=keys, formatter_class=formatter)
     stage.add_argument("name", choices=(*STAGE_NAMES, PROMOTION),
@@ -135,6 +141,31 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"test accuracy {summary['test_accuracy']:.4f}; {summary['decision']}")
         print(f"model: {summary['model_path']}")
         print(summary["message"])
+    return 0
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    """Run the `sweep` flow (one log line per trial as it ends) and print its table and the winner's gate."""
+    from tapeline.builder import check_builder
+
+    config = config_from(args)
+    check_builder(config.model)
+    open_store(args.artifacts)
+    os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
+    without_server_telemetry()
+    from flows.sweep import sweep
+
+    summary = sweep(config=config)
+    print(summary["table"])
+    best = summary["best"]
+    if best is not None:
+        print(f"best: trial {best['number']} ({config.sweep.metric} {best['value']:.4f}); its config: "
+              f"tapeline run --config {best['config']}")
+        print(f"test accuracy {summary['test_accuracy']:.4f}; {summary['decision']}")
+    else:
+        print(summary["decision"])
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "table"}, default=str))
     return 0
 
 
@@ -221,7 +252,8 @@ def command_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "stage": command_stage, "plan": command_plan, "predict": command_predict,
+COMMANDS = {"run": command_run, "sweep": command_sweep, "stage": command_stage, "plan": command_plan,
+            "predict": command_predict,
             "runs": command_runs}
 
 

@@ -200,10 +200,16 @@ def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = 
 
 def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
     """The flow's work: every stage's task in graph order, the promotion, the registry row, the artifacts."""
-    logger = get_run_logger()
     check_builder(config.model)  # on the worker: its copy of the user's code must import, before any work
-    artifacts = artifacts_dir()
     run_id = str(flow_run.id) if flow_run.id else new_run_id()
+    return graph_and_gate(config, artifacts_dir(), run_id, verify)
+
+
+def graph_and_gate(config: PipelineConfig, artifacts: Artifacts, run_id: str, verify: bool,
+                   sweep: str | None = None, trial: int | None = None) -> dict[str, Any]:
+    """Every stage's task in graph order, the promotion, the registry row (naming the sweep and trial of a
+    sweep's winner), the artifacts; returns the run summary."""
+    logger = get_run_logger()
     results: dict[str, StageResult] = {}
     stages: dict[str, dict[str, Any]] = {}
     for stage in GRAPH:
@@ -214,7 +220,7 @@ def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
     events.promotion_decided(promotion, flow_run.id)
     summary = run_summary(run_id, stages, promotion)
     try:  # bookkeeping never fails a run that trained and exported a model
-        record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}),
+        record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}, sweep, trial),
                    timeout=config.export.lock_timeout_seconds)
     except (TapelineError, OSError) as exc:
         logger.warning("the run was not added to the registry: %s", exc)

@@ -45,7 +45,7 @@ from tapeline.codehash import code_fingerprint, module_closure
 from tapeline.config import PipelineConfig, output_config
 from tapeline.errors import MissingUpstreamError
 from tapeline.hardware import onednn_origin, planned_choices
-from tapeline.results import EpochCallback, StageInputs, StageResult
+from tapeline.results import EpochCallback, StageInputs, StageResult, StopCheck
 from tapeline.store import SavePartial, Store, open_store
 
 log = logging.getLogger("tapeline.graph")
@@ -220,9 +220,10 @@ def key_of(result: StageResult) -> str:
 
 def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
               upstream: Mapping[str, StageResult] | None = None, *, verify: bool = False,
-              on_epoch_end: EpochCallback | None = None) -> StageResult:
+              on_epoch_end: EpochCallback | None = None, should_stop: StopCheck | None = None) -> StageResult:
     """Run one stage: reuse its valid cached output, or build it. Upstream results not given are looked
-    up by fingerprint; a missing one is a MissingUpstreamError naming the stage to run first."""
+    up by fingerprint; a missing one is a MissingUpstreamError naming the stage to run first. `should_stop`
+    (train, one process) may pause training after an epoch: TrainingPaused, nothing committed."""
     onednn_origin()
     stage = STAGES[name]
     store = open_store(artifacts)
@@ -234,8 +235,8 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
     external = external_inputs(stage, config, store, upstream_fps)
     fp = stage_fingerprint(stage, config, {u: key_of(r) for u, r in inputs.items()}, external)
 
-    def stage_inputs(hooks: EpochCallback | None) -> StageInputs:
-        return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1], store)
+    def stage_inputs(hooks: EpochCallback | None, stop: StopCheck | None = None) -> StageInputs:
+        return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1], store, stop)
 
     if stage.distributed:
         cluster = current_cluster()
@@ -246,7 +247,7 @@ def run_stage(name: str, config: PipelineConfig, artifacts: Artifacts,
             return run_as_follower(stage, store, fp, stage_inputs(None), cluster, verify, started)
 
     def make(staging: Path, save_partial: SavePartial) -> dict[str, Any]:
-        return stage.build(staging, stage_inputs(with_partial_saves(on_epoch_end, save_partial)))
+        return stage.build(staging, stage_inputs(with_partial_saves(on_epoch_end, save_partial), should_stop))
 
     manifest, cached, local = store.build(name, fp, make, verify=verify, resumable=stage.resumable)
     seconds = time.perf_counter() - started

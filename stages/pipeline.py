@@ -76,8 +76,10 @@ def run_all(config: PipelineConfig, artifacts: Artifacts, verify: bool = False, 
     return {**results, "promotion": promote_run(config, results, artifacts, run_id or new_run_id())}
 
 
-def registry_row(run_id: str, config: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
-    """One registry row from a completed run's stage results and promotion."""
+def registry_row(run_id: str, config: PipelineConfig, results: dict[str, Any], sweep: str | None = None,
+                 trial: int | None = None) -> dict[str, Any]:
+    """One registry row from a completed run's stage results and promotion (and, for a sweep's winner, the sweep's
+    name and the trial's number)."""
     train, evaluation, promotion = results["train"], results["evaluate"], results["promotion"]
     return {
         "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -87,6 +89,7 @@ def registry_row(run_id: str, config: PipelineConfig, results: dict[str, Any]) -
         "learning_rate": config.train.learning_rate, "epochs_run": train.epochs_run,
         "test_accuracy": evaluation.test_accuracy, "champion_accuracy": promotion.champion_accuracy,
         "promoted": promotion.promoted, "decision": promotion.decision, "model_path": str(promotion.model_path),
+        "sweep": sweep, "trial": trial,
     }
 
 

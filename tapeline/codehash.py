@@ -15,7 +15,7 @@ import threading
 from functools import cache
 from pathlib import Path
 
-PROJECT_PACKAGES = ("tapeline", "stages", "flows")
+PROJECT_PACKAGES = ("tapeline", "stages", "sweeps", "flows")
 
 
 @cache

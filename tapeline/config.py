@@ -282,6 +282,103 @@ class ExportConfig(Section):
     timeout_seconds: float | None = runtime(None, gt=0, description="export stage time limit in the flow")
 
 
+DISTRIBUTION_FORMS = "{float: [LO, HI], log: BOOL} | {int: [LO, HI], step: N} | {choice: [A, B, …]}"
+HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def distribution_problem(spec: Any) -> str | None:
+    """What is wrong with one `sweep.space` entry, or None: a float or int range (low < high, a positive
+    step, `log` only with positive bounds) or a non-empty list of choices."""
+    if not isinstance(spec, dict) or len({"float", "int", "choice"} & spec.keys()) != 1:
+        return f"not a distribution; write {DISTRIBUTION_FORMS}"
+    kind = next(k for k in ("float", "int", "choice") if k in spec)
+    allowed = {"float": {"float", "log"}, "int": {"int", "step", "log"}, "choice": {"choice"}}[kind]
+    if extra := sorted(set(spec) - allowed):
+        return f"{kind} takes {', '.join(sorted(allowed))}, not {', '.join(extra)}"
+    if kind == "choice":
+        choices = spec["choice"]
+        return None if isinstance(choices, list) and choices else "choice needs a non-empty list of values"
+    bounds, number = spec[kind], (int,) if kind == "int" else (int, float)
+    if not (isinstance(bounds, list) and len(bounds) == 2
+            and all(isinstance(b, number) and not isinstance(b, bool) for b in bounds)):
+        return f"{kind} needs [LO, HI] of {kind}s"
+    if not bounds[0] < bounds[1]:
+        return f"{kind} range [{bounds[0]}, {bounds[1]}] is empty: LO must be below HI"
+    if not isinstance(spec.get("log", False), bool):
+        return "log is true or false"
+    if spec.get("log") and bounds[0] <= 0:
+        return "log needs LO > 0"
+    step = spec.get("step", 1)
+    if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
+        return "step is a positive integer"
+    return None
+
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{train: {learning_rate: {float: …}}}` (nested, as `--set sweep.space.train.learning_rate=…` writes it) as
+    `{"train.learning_rate": {float: …}}`: a mapping without a distribution's key is a level of keys."""
+    flat: dict[str, Any] = {}
+    for key, spec in space.items():
+        name = f"{prefix}{key}"
+        if isinstance(spec, dict) and spec and not {"float", "int", "choice"} & spec.keys() and name.count(".") < 8:
+            flat.update(flatten_space(spec, f"{name}."))
+        else:
+            flat[name] = spec
+    return flat
+
+
+class SweepConfig(Section):
+    """`tapeline sweep`: the search space and budget of a hyperparameter search (no stage reads it)."""
+
+    space: dict[str, dict[str, Any]] = runtime(
+        {}, description=f"config key -> distribution: {DISTRIBUTION_FORMS} (any key, model.params.* included)")
+    trials: int = runtime(20, gt=0, le=100_000, description="trials of the sweep (a rerun with more continues it)")
+    parallel: int = runtime(1, ge=1, le=256, description="trials at once, each its own process (cores divided)")
+    metric: str = runtime("val_accuracy", description="the per-epoch validation metric searched on: "
+                          f"{' | '.join(HISTORY_METRICS)}")
+    direction: Literal["auto", "maximize", "minimize"] = runtime(
+        "auto", description="auto: maximize accuracies, minimize losses")
+    sampler: Literal["tpe", "random", "grid"] = runtime(
+        "tpe", description="Optuna sampler; grid needs every space entry to be a choice or an int range")
+    seed: int = runtime(0, ge=0, description="the sampler's seed: a proposal depends on it, the trial number and "
+                        "the finished trials only")
+    pruner: Literal["asha", "median", "none"] = runtime(
+        "asha", description="stop poor trials early: asha (successive halving at rungs), median, none")
+    min_epochs: int = runtime(1, ge=1, le=100_000, description="pruning: the first rung (epochs a trial always "
+                              "gets)")
+    reduction_factor: int = runtime(3, ge=2, le=100, description="asha: rungs at min_epochs × factor^k; the top "
+                                    "1/factor of a rung goes on")
+    name: str | None = runtime(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="the sweep's "
+                               "directory under sweeps/; default: a hash of the space and the base config")
+    trial_retries: int = runtime(1, ge=0, le=10, description="times a trial whose process died is resumed before it "
+                                 "counts as failed")
+    lease_seconds: float = runtime(60, gt=0, le=86_400, description="a driver silent this long is dead: another may "
+                                   "take the sweep over")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flatten(cls, value: Any) -> Any:
+        return flatten_space(value) if isinstance(value, dict) else value
+
+    @field_validator("space")
+    @classmethod
+    def _distributions(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for key, spec in value.items():
+            if (problem := distribution_problem(spec)) is not None:
+                raise ValueError(f"{key}: {problem}")
+            if key.startswith("sweep.") or key == "preset":
+                raise ValueError(f"{key}: a sweep cannot search its own settings")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in HISTORY_METRICS:
+            raise ValueError(f"unknown metric {value!r}: use one of {', '.join(HISTORY_METRICS)} (the train history's "
+                             "columns)")
+        return value
+
+
 with warnings.catch_warnings():
     # The section is named after its stage (`validate.*` keys are a contract); it shadows pydantic's
     # deprecated `BaseModel.validate` classmethod, which nothing here calls.
@@ -299,6 +396,7 @@ with warnings.catch_warnings():
         train: TrainConfig = TrainConfig()
         evaluate: EvalConfig = EvalConfig()
         export: ExportConfig = ExportConfig()
+        sweep: SweepConfig = SweepConfig()
 
         @model_validator(mode="before")
         @classmethod

@@ -65,3 +65,15 @@ class ValidationError(TapelineError):
 
 class ImageError(TapelineError):
     """An image cannot be used: undecodable, oversize, a decompression bomb, or an unsupported mode."""
+
+
+class TrainingPaused(Exception):  # noqa: N818 - not an error: a caller asked the loop to stop here
+    """Training stopped after `epoch` because the caller's stop check said so (a sweep's pruner). The epoch's
+    checkpoint is saved: training the same config again resumes from it."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"training paused after epoch {epoch}")
+        self.epoch = epoch
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return type(self), (self.epoch,)

@@ -32,8 +32,10 @@ VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 REGISTRY_COLUMNS = (
     "run_id", "time", "data_fingerprint", "model_fingerprint", "train_fingerprint", "source", "max_epochs",
     "batch_size", "learning_rate", "epochs_run", "test_accuracy", "champion_accuracy", "promoted", "decision",
-    "model_path",
+    "model_path", "sweep", "trial",
 )
+# A row written before a column existed reads as None there; only these must be present.
+REQUIRED_COLUMNS = REGISTRY_COLUMNS[:15]
 
 
 def models_dir(artifacts: Path) -> Path:
@@ -115,7 +117,7 @@ def append_run(artifacts: Path, row: dict[str, Any]) -> None:
     except CacheError as exc:
         log.warning("%s; moved aside to %s, starting a new registry", exc, quarantine(artifacts / REGISTRY))
         existing = []
-    rows = existing + [{c: row.get(c) for c in REGISTRY_COLUMNS}]
+    rows = [{c: r.get(c) for c in REGISTRY_COLUMNS} for r in [*existing, row]]
     path = artifacts / REGISTRY
     tmp = path.with_name(f".{REGISTRY}.{time.time_ns()}.tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)
@@ -139,8 +141,8 @@ def read_runs(artifacts: Path, newest_first: bool = True) -> list[dict[str, Any]
             f"{path} is corrupt ({exc}); move it aside (rows are lost only from the table, every run's "
             "outputs stay under artifacts/) and the next run starts a new registry"
         ) from exc
-    if rows and not set(REGISTRY_COLUMNS) <= set(rows[0]):
-        raise CacheError(f"{path} has another schema (missing {sorted(set(REGISTRY_COLUMNS) - set(rows[0]))}); "
+    if rows and not set(REQUIRED_COLUMNS) <= set(rows[0]):
+        raise CacheError(f"{path} has another schema (missing {sorted(set(REQUIRED_COLUMNS) - set(rows[0]))}); "
                          "move it aside and the next run starts a new registry")
     # Times have one-second resolution: the append order breaks ties.
     ordered = sorted(enumerate(rows), key=lambda pair: (pair[1]["time"], pair[0]), reverse=newest_first)

@@ -108,6 +108,7 @@ R = TypeVar("R", bound=StageResult)
 
 
 EpochCallback = Callable[[dict[str, float], int], None]
+StopCheck = Callable[[list[dict[str, float]]], bool]  # the history so far -> stop training here
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class StageInputs:
     external: Any = None
     fetch: Callable[[str, str], Path] | None = None
     store: Any = None  # the artifacts Store (promoted models are read from it)
+    should_stop: StopCheck | None = None  # asked after each epoch's checkpoint (a sweep's pruner)
 
     def result(self, name: str, kind: type[R]) -> R:
         """The upstream result of stage `name`, typed."""

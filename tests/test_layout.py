@@ -14,15 +14,16 @@ from stages.graph import GRAPH
 from tapeline.codehash import PROJECT_PACKAGES, imported_base, imported_names, module_closure, module_file
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = ("tapeline", "stages", "flows", "benchmarks", "tests")
-# Who may import whom: the engine nothing of ours, the stages the engine, Prefect's room both; tests and benchmarks
-# reach the product, never each other.
+ROOMS = ("tapeline", "stages", "sweeps", "flows", "benchmarks", "tests")
+# Who may import whom: the engine nothing of ours, the stages the engine, the search both, Prefect's room all three;
+# tests and benchmarks reach the product, never each other.
 MAY_IMPORT = {
     "tapeline": {"tapeline"},
     "stages": {"tapeline", "stages"},
-    "flows": {"tapeline", "stages", "flows"},
-    "benchmarks": {"tapeline", "stages", "flows", "benchmarks"},
-    "tests": {"tapeline", "stages", "flows", "tests"},
+    "sweeps": {"tapeline", "stages", "sweeps"},
+    "flows": {"tapeline", "stages", "sweeps", "flows"},
+    "benchmarks": {"tapeline", "stages", "sweeps", "flows", "benchmarks"},
+    "tests": {"tapeline", "stages", "sweeps", "flows", "tests"},
 }
 
 
@@ -94,11 +95,11 @@ def test_no_prefect_in_stages_and_no_tensorflow_in_the_engine_at_import() -> Non
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
         names = {n.split(".")[0] for n in imported_names(tree, name.rpartition(".")[0])}
-        if name.startswith(("stages", "tapeline")):
+        if name.startswith(("stages", "tapeline", "sweeps")):
             assert "prefect" not in names, name
         top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
                      for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-        if name.startswith(("stages", "tapeline", "flows")):
+        if name.startswith(("stages", "tapeline", "sweeps", "flows")):
             assert not top_level & {"tensorflow", "keras"}, f"{name} imports TensorFlow at import time"
 
 
@@ -115,7 +116,8 @@ def test_no_benchmark_script_imports_another_script() -> None:
 
 
 def test_importing_a_package_changes_no_environment() -> None:
-    for path in [ROOT / room / "__init__.py" for room in ("tapeline", "stages", "stages/data", "stages/train")]:
+    for path in [ROOT / room / "__init__.py" for room in ("tapeline", "stages", "stages/data", "stages/train",
+                                                         "sweeps")]:
         tree = ast.parse(path.read_text())
         assert [type(n).__name__ for n in tree.body] == ["Expr"], f"{path} does more than document its package"
 

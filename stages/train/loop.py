@@ -35,8 +35,8 @@ from stages.train.step import EpochMetrics, StepFunctions, make_step_functions
 from stages.train.warm_start import warm_start
 from tapeline.cluster import Cluster, worker_failure
 from tapeline.config import PipelineConfig, TrainConfig
-from tapeline.errors import ConfigError, TrainingError
-from tapeline.results import DataResult, EpochCallback, ModelResult
+from tapeline.errors import ConfigError, TrainingError, TrainingPaused
+from tapeline.results import DataResult, EpochCallback, ModelResult, StopCheck
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3
 log = logging.getLogger("tapeline.train")
@@ -346,8 +346,10 @@ def report_epoch(writer: Any, row: dict[str, float], on_epoch_end: EpochCallback
 
 
 def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
-        on_epoch_end: EpochCallback | None = None) -> TrainingState:
-    """Train from the last checkpoint (or the start) until early stopping or the epoch limit."""
+        on_epoch_end: EpochCallback | None = None, should_stop: StopCheck | None = None) -> TrainingState:
+    """Train from the last checkpoint (or the start) until early stopping or the epoch limit. After each epoch's
+    checkpoint (and its callback, which saves it to the store), `should_stop(history)` may end training with
+    TrainingPaused; the same config trained again resumes from that checkpoint, as after a kill."""
     import tensorflow as tf
 
     config = trainer.config.train
@@ -377,6 +379,10 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
                 trainer.checkpointer.save(state, early_stopping)
             log.info(epoch_log_line(row))
             side_work.submit(partial(report_epoch, writer, row, on_epoch_end, config.max_epochs))
+            if should_stop is not None and not stopped and epoch < last:
+                side_work.wait()
+                if should_stop(state.history):
+                    raise TrainingPaused(epoch)
         side_work.wait()
     finally:
         side_work.close()

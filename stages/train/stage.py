@@ -41,7 +41,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         trainer = build_trainer(config, data, model_result, staging / "checkpoints", precision, strategy, cluster,
                                 None if init is None else (init, inputs.store))
         early_stopping = make_early_stopping(config.train)
-        state = fit(trainer, early_stopping, staging, on_epoch_end)
+        state = fit(trainer, early_stopping, staging, on_epoch_end, inputs.should_stop)
         trainer.release_iterators()
     float32_copy(trainer.model, config, data).save(staging / "model.keras")
     write_history(staging / "history.parquet", state.history)

@@ -1,0 +1,226 @@
+"""The sweep's driver: shared inputs built once, trials proposed (and recorded before they start), run each in
+its own process `sweep.parallel` at a time, cache hits told to the sampler without a process, and a killed sweep
+taken up where it stopped: finished and pruned trials stay as they are, interrupted ones resume from their last
+epoch checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stages.graph import run_stage
+from sweeps.space import check_space, planned_trials, trial_config
+from sweeps.state import DriverLease, SweepFiles, TrialRecord, sweep_name
+from sweeps.study import best_trial, propose
+from sweeps.trial import cached_outcome
+from tapeline.config import PipelineConfig
+from tapeline.errors import ConfigError
+from tapeline.processes import thread_environment, tied_to_parent
+from tapeline.store import Store, open_store
+
+log = logging.getLogger("tapeline.sweep")
+TrialEnd = Callable[[TrialRecord], None]
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep came to: every trial's record, the best one, where its config was written."""
+
+    name: str
+    location: str
+    invocation: str
+    records: list[TrialRecord]
+    best: TrialRecord | None
+    best_config: str | None
+    planned: int
+
+
+@dataclass
+class TrialProcess:
+    """A running trial process and its log file."""
+
+    number: int
+    process: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class LocalLauncher:
+    """Trials as local processes (`python -m sweeps.trial`), each with its share of the cores."""
+
+    artifacts: str
+    name: str
+    invocation: str
+    parallel: int
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tapeline-sweep-")))
+
+    def start(self, number: int) -> TrialProcess:
+        """Start trial `number`'s process."""
+        log_path = self.log_dir / f"trial-{number:05d}.log"
+        env = {**os.environ, **thread_environment(self.parallel), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with log_path.open("ab") as out:
+            process = subprocess.Popen(  # noqa: S603 - our own module, our own arguments
+                [sys.executable, "-m", "sweeps.trial", self.artifacts, self.name, str(number), self.invocation],
+                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=tied_to_parent())  # noqa: PLW1509
+        return TrialProcess(number, process, log_path)
+
+    def wait_any(self, running: dict[int, TrialProcess]) -> tuple[int, int]:
+        """(trial number, exit status) of the first of `running` to end."""
+        while True:
+            for number, trial in running.items():
+                code = trial.process.poll()
+                if code is not None:
+                    return number, code
+            time.sleep(0.2)
+
+    def stop_all(self, running: dict[int, TrialProcess]) -> None:
+        """Stop every running trial (the driver is failing): each resumes from its checkpoint next time."""
+        for trial in running.values():
+            trial.process.kill()
+            trial.process.wait()
+
+
+def new_invocation() -> str:
+    """An id for one start of the driver (epochs trained are counted per invocation)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def build_shared_inputs(config: PipelineConfig, store: Store) -> None:
+    """The data and validate outputs every trial reads, built once before any trial starts (the validation gate
+    stops the sweep here when the data is bad)."""
+    data = run_stage("data", config, store.root)
+    run_stage("validate", config, store.root, {"data": data})
+
+
+def proposed_record(config: PipelineConfig, records: dict[int, TrialRecord], number: int) -> TrialRecord:
+    """Trial `number`, proposed and validated: running, or failed at once when its config is invalid."""
+    params = propose(config.sweep, list(records.values()), number)
+    try:
+        trial = trial_config(config, params)
+    except ConfigError as exc:
+        return TrialRecord(number=number, params=params, config={}, state="failed", reason=str(exc))
+    return TrialRecord(number=number, params=params, config=trial.model_dump(mode="json"))
+
+
+def died(record: TrialRecord, code: int, log_path: Path, retry: bool) -> TrialRecord:
+    """The record of a trial whose process ended without an outcome: left running (to resume) when it may be
+    retried, else failed with the exit status and the log's last line."""
+    if retry:
+        return record
+    how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()] \
+        if log_path.exists() else []
+    last = f": {lines[-1][:300]}" if lines else ""
+    return record.model_copy(update={"state": "failed", "reason": f"the trial's process {how} ({log_path}){last}"})
+
+
+def drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: str, on_trial_end: TrialEnd,
+          launcher: LocalLauncher) -> list[TrialRecord]:
+    """Run the sweep's trials to the planned number; returns every record."""
+    sweep = config.sweep
+    planned = planned_trials(config)
+    records = {r.number: r for r in files.trials()}
+    queue = sorted(n for n, r in records.items() if r.state == "running")  # interrupted: resumed first
+    next_number = max(records, default=-1) + 1
+    running: dict[int, TrialProcess] = {}
+    starts: dict[int, int] = {}
+    try:
+        while True:
+            while len(running) < sweep.parallel and (queue or next_number < planned):
+                if queue:
+                    number = queue.pop(0)
+                else:
+                    number, next_number = next_number, next_number + 1
+                    records[number] = proposed_record(config, records, number)
+                    files.save(records[number])
+                record = records[number]
+                if record.state == "running":
+                    found = cached_outcome(store, record, sweep.metric, invocation)
+                    if found is None and not any(records[n].config == record.config for n in running):
+                        running[number] = launcher.start(number)
+                        starts[number] = starts.get(number, 0) + 1
+                        continue
+                    if found is None:  # the same config is training right now: its result will be this one's
+                        queue.append(number)
+                        break
+                    record = found
+                records[number] = record
+                files.save(record)
+                on_trial_end(record)
+            if not running:
+                if queue:
+                    continue
+                break
+            number, code = launcher.wait_any(running)
+            ended = running.pop(number)
+            record = files.trial(number) or records[number]
+            if record.state == "running":
+                record = died(record, code, ended.log_path, starts[number] <= sweep.trial_retries)
+                if record.state == "running":
+                    log.warning("trial %d's process %s; resuming it", number,
+                                f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
+                    queue.insert(0, number)
+                    records[number] = record
+                    continue
+                files.save(record)
+            records[number] = record
+            on_trial_end(record)
+    except BaseException:
+        launcher.stop_all(running)
+        raise
+    return [records[n] for n in sorted(records)]
+
+
+def best_yaml(record: TrialRecord) -> str:
+    """The best trial's config as a file `tapeline run --config` takes: only the keys that differ from the
+    defaults, no sweep section (that run is all cache hits: it is the trial)."""
+    config = PipelineConfig.model_validate(record.config).model_copy(update={"preset": None})
+    tree = config.model_dump(mode="json", exclude_defaults=True, exclude={"sweep"})
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def write_best(files: SweepFiles, best: TrialRecord | None) -> str | None:
+    """best.yaml in the sweep's directory (and, for a bucket, a local copy a `--config` can name)."""
+    if best is None:
+        return None
+    text = best_yaml(best)
+    header = f"# the best trial ({best.number}) of sweep {files.name}: tapeline run --config THIS_FILE\n"
+    files.write((header + text).encode(), "best.yaml")
+    location = files.location("best.yaml")
+    if "://" not in location:
+        return location
+    from tapeline.store import cache_dir
+
+    local = cache_dir() / "sweeps" / files.name / "best.yaml"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(header + text)
+    return str(local)
+
+
+def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: TrialEnd | None = None,
+              invocation: str | None = None) -> SweepOutcome:
+    """Check the space, take the sweep's lease, build the shared inputs, run the trials, write best.yaml.
+    `invocation` names this start of the driver (epochs trained are counted per invocation)."""
+    check_space(config)
+    store = open_store(artifacts)
+    name = sweep_name(config)
+    files = SweepFiles(store, name)
+    invocation = invocation or new_invocation()
+    with DriverLease(files, config.sweep.lease_seconds):
+        files.check_definition(config)
+        build_shared_inputs(config, store)
+        launcher = LocalLauncher(str(store.root), name, invocation, config.sweep.parallel)
+        records = drive(config, store, files, invocation, on_trial_end or (lambda _r: None), launcher)
+        best = best_trial(config.sweep, records)
+        best_config = write_best(files, best)
+    return SweepOutcome(name, files.location(), invocation, records, best, best_config, planned_trials(config))
