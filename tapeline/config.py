@@ -316,11 +316,13 @@ def distribution_problem(spec: Any) -> str | None:
 
 def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{train: {learning_rate: {float: …}}}` (nested, as `--set sweep.space.train.learning_rate=…` writes it) as
-    `{"train.learning_rate": {float: …}}`: a mapping without a distribution's key is a level of keys."""
+    `{"train.learning_rate": {float: …}}`: a mapping of mappings without a distribution's key is a level of keys
+    (anything else is an entry, judged by `distribution_problem`)."""
     flat: dict[str, Any] = {}
     for key, spec in space.items():
         name = f"{prefix}{key}"
-        if isinstance(spec, dict) and spec and not {"float", "int", "choice"} & spec.keys() and name.count(".") < 8:
+        if isinstance(spec, dict) and spec and not {"float", "int", "choice"} & spec.keys() and \
+                all(isinstance(v, dict) for v in spec.values()) and name.count(".") < 8:
             flat.update(flatten_space(spec, f"{name}."))
         else:
             flat[name] = spec
@@ -330,7 +332,7 @@ def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class SweepConfig(Section):
     """`tapeline sweep`: the search space and budget of a hyperparameter search (no stage reads it)."""
 
-    space: dict[str, dict[str, Any]] = runtime(
+    space: dict[str, Any] = runtime(
         {}, description=f"config key -> distribution: {DISTRIBUTION_FORMS} (any key, model.params.* included)")
     trials: int = runtime(20, gt=0, le=100_000, description="trials of the sweep (a rerun with more continues it)")
     parallel: int = runtime(1, ge=1, le=256, description="trials at once, each its own process (cores divided)")
@@ -362,12 +364,12 @@ class SweepConfig(Section):
 
     @field_validator("space")
     @classmethod
-    def _distributions(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _distributions(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key, spec in value.items():
             if (problem := distribution_problem(spec)) is not None:
-                raise ValueError(f"{key}: {problem}")
+                raise ValueError(f".{key}: {problem} (got {spec!r})")
             if key.startswith("sweep.") or key == "preset":
-                raise ValueError(f"{key}: a sweep cannot search its own settings")
+                raise ValueError(f".{key}: a sweep cannot search its own settings")
         return value
 
     @field_validator("metric")
@@ -598,13 +600,21 @@ def check_consistency(config: PipelineConfig) -> None:
                           f"{config.train.workers}; use a multiple of {config.train.workers}")
 
 
+def problem_line(err: Any) -> str:
+    """One validation problem as `key.path: message (got value)`. A validator of a mapping names the entry at
+    fault by starting its message with `.ENTRY: ` (and shows the entry's value itself)."""
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    if message.startswith("."):
+        return f"{key}{message}"
+    return f"{key}: {message} (got {err.get('input')!r})"
+
+
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `key.path: message (got value)`."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key}: {message} (got {err.get('input')!r})")
+    """`invalid configuration: PROBLEM` on one line, or one line per problem under it when there are several."""
+    lines = [problem_line(err) for err in exc.errors()]
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -1,0 +1,220 @@
+"""Sweeps: the space and its errors, proposals that depend only on the seed, the number and the finished trials,
+duplicate configs trained once, trials cached from a plain run, pruning in the tape loop that a later run
+continues exactly, a second driver refused, a diverging trial recorded as failed, and the winner through the gate
+in the Prefect flow (the `tapeline sweep --json` contract)."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from stages.graph import run_stage
+from sweeps.driver import run_sweep
+from sweeps.space import all_grid_points, check_space, trial_config
+from sweeps.state import DriverLease, SweepBusyError, SweepFiles, TrialRecord, sweep_name
+from sweeps.study import best_trial, propose
+from sweeps.trial import read_history
+from tapeline.config import PipelineConfig
+from tapeline.errors import ConfigError, TrainingPaused
+from tapeline.store import open_store
+from tapeline.testing import tiny_config
+
+LR = "sweep.space.train.learning_rate={float: [0.001, 0.02], log: true}"
+UNITS = "sweep.space.model.dense_units={choice: [8, 16]}"
+
+
+def sweep_config(idx_dir: Path, *more: str) -> PipelineConfig:
+    """A tiny base config with a sweep section."""
+    return tiny_config(f"idx:{idx_dir}", "train.max_epochs=2", "data.limit=200", *more)
+
+
+# --- the space ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("{float: [0.1]}", "sweep.space.train.learning_rate: "),
+    ("{float: [0.1, 0.01]}", "sweep.space.train.learning_rate: "),
+    ("{float: [0.0, 0.1], log: true}", "sweep.space.train.learning_rate: "),
+    ("{uniform: [0.1, 0.2]}", "sweep.space.train.learning_rate: "),
+    ("{choice: []}", "sweep.space.train.learning_rate: "),
+])
+def test_a_malformed_distribution_is_one_line_naming_the_key(idx_dir: Path, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        sweep_config(idx_dir, f"sweep.space.train.learning_rate={entry}")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("sweep.space.train.learning_rate={float: [-1.0, 0.1]}",
+     "sweep.space.train.learning_rate: the value -1.0 is not valid"),
+    ("sweep.space.model.dense_units={choice: [16, 'many']}", "sweep.space.model.dense_units: the value 'many' is not"),
+    ("sweep.space.train.no_such_key={int: [1, 3]}", "sweep.space.train.no_such_key: the value 1 is not valid"),
+])
+def test_an_impossible_space_is_refused_before_any_work(idx_dir: Path, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_space(sweep_config(idx_dir, entry))
+
+
+def test_an_empty_space_and_a_float_grid_are_refused(idx_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="sweep.space is empty"):
+        check_space(sweep_config(idx_dir))
+    with pytest.raises(ConfigError, match="sweep.sampler=grid needs choices or an int range"):
+        check_space(sweep_config(idx_dir, LR, "sweep.sampler=grid"))
+
+
+def test_a_trial_config_is_the_base_with_its_parameters_set(idx_dir: Path) -> None:
+    base = sweep_config(idx_dir, UNITS, "sweep.space.model.conv_filters={choice: [[4, 8], [8, 16]]}")
+    trial = trial_config(base, {"model.dense_units": 8, "model.conv_filters": [4, 8]})
+    assert (trial.model.dense_units, list(trial.model.conv_filters)) == (8, [4, 8])
+    assert trial.train == base.train and trial.data == base.data
+    with pytest.raises(ConfigError, match=r"sweep.space: the trial model.dense_units=-3 is not a valid config"):
+        trial_config(base, {"model.dense_units": -3})
+
+
+def test_the_grid_lists_every_point_once(idx_dir: Path) -> None:
+    base = sweep_config(idx_dir, UNITS, "sweep.space.data.batch_size={int: [16, 48], step: 16}", "sweep.sampler=grid",
+                        "sweep.trials=50")
+    points = [propose(base.sweep, [], n) for n in range(6)]
+    assert sorted(json.dumps(p, sort_keys=True) for p in points) == \
+        sorted(json.dumps(p, sort_keys=True) for p in all_grid_points(base.sweep.space))
+    assert len(all_grid_points(base.sweep.space)) == 6
+
+
+def test_a_proposal_depends_on_the_seed_the_number_and_the_finished_trials_only(idx_dir: Path) -> None:
+    sweep = sweep_config(idx_dir, LR, UNITS, "sweep.trials=8").sweep
+    finished = [TrialRecord(number=n, params=propose(sweep, [], n), config={}, state="complete", value=0.5 + n / 10,
+                            intermediate={1: 0.4, 2: 0.5 + n / 10}) for n in range(3)]
+    running = TrialRecord(number=3, params=propose(sweep, finished, 3), config={})
+    assert propose(sweep, finished, 4) == propose(sweep, [*finished, running], 4)  # a running trial changes nothing
+    assert propose(sweep, finished, 4) == propose(sweep, list(reversed(finished)), 4)
+    other_seed = sweep.model_copy(update={"seed": 1})
+    assert propose(sweep, finished, 4) != propose(other_seed, finished, 4)
+    assert best_trial(sweep, finished).number == 2
+
+
+def test_the_sweeps_name_depends_on_the_search_not_its_budget(idx_dir: Path) -> None:
+    name = sweep_name(sweep_config(idx_dir, LR))
+    assert name == sweep_name(sweep_config(idx_dir, LR, "sweep.trials=99", "sweep.parallel=2"))
+    assert name != sweep_name(sweep_config(idx_dir, LR, "sweep.seed=3"))
+    assert name != sweep_name(sweep_config(idx_dir, LR, "train.patience=7"))
+    assert sweep_name(sweep_config(idx_dir, LR, "sweep.name=nightly-lr")) == "nightly-lr"
+
+
+# --- trials ------------------------------------------------------------------------------------------------------
+
+
+def history_values(rows: list[dict]) -> list[dict]:
+    """History rows without wall-clock columns."""
+    return [{k: v for k, v in row.items() if "second" not in k and "time" not in k} for row in rows]
+
+
+def test_a_pruned_trial_continued_later_has_the_uninterrupted_history(idx_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(f"idx:{idx_dir}", "train.max_epochs=3", "train.patience=5")
+    uninterrupted = run_train(config, tmp_path / "a")
+    paused_at: list[int] = []
+
+    def prune_after_first(history: list[dict]) -> bool:
+        paused_at.append(len(history))
+        return len(history) == 1
+
+    with pytest.raises(TrainingPaused):
+        run_train(config, tmp_path / "b", should_stop=prune_after_first)
+    assert paused_at == [1]
+    continued = run_train(config, tmp_path / "b")
+    assert history_values(read_history(continued.path)) == history_values(read_history(uninterrupted.path))
+    assert len(read_history(continued.path)) == 3
+
+
+def run_train(config: PipelineConfig, artifacts: Path, should_stop=None):
+    results: dict = {}
+    for name in ("data", "validate", "model"):
+        results[name] = run_stage(name, config, artifacts, results)
+    return run_stage("train", config, artifacts, results, should_stop=should_stop)
+
+
+def test_duplicate_configs_train_once_and_a_plain_run_is_a_cache_hit(idx_dir: Path, tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8, 12]}", "sweep.trials=4",
+                        "sweep.parallel=2", "sweep.pruner=none", "sweep.sampler=random", "sweep.seed=1")
+    plain = trial_config(base, {"model.dense_units": 12})
+    run_train(plain, artifacts)  # as `tapeline run` would have trained it before the sweep
+    outcome = run_sweep(base, artifacts)
+    by_units: dict[int, list[TrialRecord]] = {}
+    for record in outcome.records:
+        by_units.setdefault(record.params["model.dense_units"], []).append(record)
+    assert [r.state for r in outcome.records] == ["complete"] * 4
+    assert [r.params["model.dense_units"] for r in outcome.records] == [8, 8, 8, 12]  # 0 and 1 at once (parallel)
+    trained = {units: sum(r.epochs_trained_in(outcome.invocation) for r in records)
+               for units, records in by_units.items()}
+    assert trained == {8: 2, 12: 0}  # one training of 2 epochs, however often proposed; 12 was trained before
+    assert by_units[12][0].cached and [r.cached for r in by_units[8]].count(False) == 1
+    assert len({r.train_fingerprint for r in outcome.records}) == len(by_units)
+    again = run_sweep(base, artifacts)
+    assert [r.epochs_trained_in(again.invocation) for r in again.records] == [0, 0, 0, 0]
+    assert again.best.number == outcome.best.number
+
+
+def test_a_second_driver_is_refused_and_a_dead_ones_sweep_is_taken_over(idx_dir: Path, tmp_path: Path) -> None:
+    base = sweep_config(idx_dir, UNITS)
+    files = SweepFiles(open_store(tmp_path / "artifacts"), sweep_name(base))
+    with DriverLease(files, 60), pytest.raises(SweepBusyError) as info:
+        run_sweep(base, tmp_path / "artifacts")
+    assert f"sweep {files.name} is being run by another driver" in str(info.value)
+    assert "\n" not in str(info.value)
+    dead = {"token": "x", "host": __import__("socket").gethostname(), "pid": 2**22 + 7, "heartbeat": 0.0}
+    files.write(json.dumps(dead).encode(), "driver.json")
+    with DriverLease(files, 60):  # the same host and a pid that is gone: taken over at once
+        assert json.loads(files.read("driver.json"))["pid"] != dead["pid"]
+
+
+def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(idx_dir: Path, tmp_path: Path) -> None:
+    base = sweep_config(idx_dir, "sweep.space.train.learning_rate={choice: [1.0e+9, 0.003]}", "sweep.sampler=grid",
+                        "sweep.pruner=none", "train.lr_schedule=constant")
+    outcome = run_sweep(base, tmp_path / "artifacts")
+    states = {r.params["train.learning_rate"]: r for r in outcome.records}
+    assert states[1.0e9].state == "failed" and "non-finite loss at epoch 1" in states[1.0e9].reason
+    assert states[0.003].state == "complete" and outcome.best is states[0.003]
+
+
+# --- the flow and the command ------------------------------------------------------------------------------------
+
+
+def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir: Path, tmp_path: Path) -> None:
+    from flows.cli import main
+    from tapeline.registry import runs_of
+
+    artifacts = tmp_path / "artifacts"
+    args = ["sweep", "--artifacts", str(artifacts), "--json"]
+    for override in ("preset=v1", f"data.source=idx:{idx_dir}", "data.limit=200", "data.batch_size=32",
+                     "model.conv_filters=[8, 16]", "train.max_epochs=2", "sweep.trials=3", "sweep.seed=4", LR):
+        args += ["--set", override]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(args) == 0
+    summary = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert set(summary) >= {"sweep", "trials", "best", "promoted", "decision"}
+    assert [t["number"] for t in summary["trials"]] == [0, 1, 2]
+    for trial in summary["trials"]:
+        assert set(trial) == {"number", "params", "value", "state", "cached", "epochs_trained", "reason"}
+        assert list(trial["params"]) == ["train.learning_rate"]
+        assert trial["state"] in ("complete", "pruned") and trial["cached"] is False
+        assert 1 <= trial["epochs_trained"] <= 2
+    best = summary["best"]
+    complete = [t for t in summary["trials"] if t["state"] == "complete"]
+    assert best["value"] == max(t["value"] for t in complete) and summary["promoted"] is True
+    rows = runs_of(artifacts)
+    assert [(r["sweep"], r["trial"]) for r in rows] == [(summary["sweep"], best["number"])]
+    # The exported model is the trial's model: the best config, run alone, is all cache hits.
+    from tapeline.config import load_config
+
+    rerun = load_config(Path(best["config"]))
+    from stages.graph import plan
+
+    assert plan(rerun, artifacts)["would_run"] == []
+    sweep_dir = artifacts / "sweeps" / summary["sweep"]
+    assert (sweep_dir / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep_dir / "slices.png").stat().st_size > 1000
