@@ -148,7 +148,10 @@ def command_sweep(args: argparse.Namespace) -> int:
     """Run the `sweep` flow (one log line per trial as it ends) and print its table and the winner's gate."""
     from tapeline.builder import check_builder
 
+    from sweeps.space import check_space
+
     config = config_from(args)
+    check_space(config)  # before any work, and before a temporary Prefect server starts
     check_builder(config.model)
     open_store(args.artifacts)
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
@@ -230,7 +233,13 @@ def command_plan(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     result = plan(config, normalize_root(args.artifacts), verify=args.verify)
-    print(json.dumps(result) if args.json else format_plan(result))
+    text = format_plan(result)
+    if config.sweep.space:
+        from sweeps.report import format_sweep_plan, sweep_plan
+
+        result["sweep"] = sweep_plan(config, normalize_root(args.artifacts))
+        text += "\n" + format_sweep_plan(result["sweep"])
+    print(json.dumps(result) if args.json else text)
     return 0
 
 

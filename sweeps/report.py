@@ -7,9 +7,12 @@ import json
 import math
 from typing import Any
 
-from sweeps.state import SweepFiles, TrialRecord
+from stages.graph import Artifacts, fingerprints
+from sweeps.space import planned_trials
+from sweeps.state import SweepFiles, TrialRecord, sweep_name
 from sweeps.study import direction, study_of
-from tapeline.config import PipelineConfig
+from tapeline.config import PipelineConfig, validate_config
+from tapeline.store import Store, open_store
 
 PICTURES = (("Optimization history", "optimization_history.png"), ("Parameters against the metric", "slices.png"))
 
@@ -102,3 +105,42 @@ def write_pictures(files: SweepFiles, config: PipelineConfig, records: list[Tria
     for name, data in images.items():
         files.write(data, name)
     return images
+
+
+def train_cached(store: Store, record: TrialRecord) -> bool:
+    """Whether a valid train output for the trial's config is in the store (a rerun takes it, training nothing)."""
+    if not record.config:
+        return False
+    fp = fingerprints(validate_config(record.config), store.root)["train"]
+    return fp is not None and store.problem("train", fp) is None
+
+
+def plan_row(store: Store, record: TrialRecord) -> dict[str, Any]:
+    """One recorded trial in `tapeline plan`: its state, whether its training is cached, what a rerun does."""
+    cached = train_cached(store, record)
+    if record.state == "running" and not cached:
+        next_step = f"resumes from epoch {record.epochs}" if record.epochs else "trains"
+    else:
+        next_step = "nothing (finished)" if record.state != "running" else "nothing (cached)"
+    return {"number": record.number, "params": record.params, "state": record.state, "cached": cached,
+            "epochs": record.epochs, "rerun": next_step}
+
+
+def sweep_plan(config: PipelineConfig, artifacts: Artifacts) -> dict[str, Any]:
+    """The `sweep` section of `tapeline plan`: the sweep's name and place, its recorded trials (which are cached)
+    and how many are still to be proposed. Runs nothing, imports no TensorFlow."""
+    store = open_store(artifacts)
+    files = SweepFiles(store, sweep_name(config))
+    records = files.trials()
+    planned = planned_trials(config)
+    return {"name": files.name, "location": files.location(), "planned": planned, "recorded": len(records),
+            "to_propose": max(0, planned - len(records)), "trials": [plan_row(store, r) for r in records]}
+
+
+def format_sweep_plan(section: dict[str, Any]) -> str:
+    """The sweep section as text: one line per recorded trial."""
+    lines = [f"sweep {section['name']}: {section['recorded']} of {section['planned']} trials recorded, "
+             f"{section['to_propose']} to propose ({section['location']})"]
+    lines += [f"  trial {t['number']:>3} {t['state']:<8} {'cached' if t['cached'] else 'not cached':<10} "
+              f"rerun: {t['rerun']:<22} {param_text(t['params'])}" for t in section["trials"]]
+    return "\n".join(lines)

@@ -188,13 +188,13 @@ def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir
     from tapeline.registry import runs_of
 
     artifacts = tmp_path / "artifacts"
-    args = ["sweep", "--artifacts", str(artifacts), "--json"]
+    common = ["--artifacts", str(artifacts), "--json"]
     for override in ("preset=v1", f"data.source=idx:{idx_dir}", "data.limit=200", "data.batch_size=32",
                      "model.conv_filters=[8, 16]", "train.max_epochs=2", "sweep.trials=3", "sweep.seed=4", LR):
-        args += ["--set", override]
+        common += ["--set", override]
     out = io.StringIO()
     with redirect_stdout(out):
-        assert main(args) == 0
+        assert main(["sweep", *common]) == 0
     summary = json.loads(out.getvalue().strip().splitlines()[-1])
     assert set(summary) >= {"sweep", "trials", "best", "promoted", "decision"}
     assert [t["number"] for t in summary["trials"]] == [0, 1, 2]
@@ -215,6 +215,13 @@ def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir
     from stages.graph import plan
 
     assert plan(rerun, artifacts)["would_run"] == []
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["plan", *common]) == 0
+    section = json.loads(out.getvalue())["sweep"]
+    assert (section["name"], section["recorded"], section["to_propose"]) == (summary["sweep"], 3, 0)
+    assert [t["cached"] for t in section["trials"]] == [t["state"] == "complete" for t in summary["trials"]]
+    assert {t["rerun"] for t in section["trials"]} == {"nothing (finished)"}
     sweep_dir = artifacts / "sweeps" / summary["sweep"]
     assert (sweep_dir / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
     assert (sweep_dir / "slices.png").stat().st_size > 1000

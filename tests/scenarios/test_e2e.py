@@ -90,9 +90,9 @@ def drop_file(seed: int) -> bytes:
     return buffer.getvalue().to_pybytes()
 
 
-def run_deployment(env: dict[str, str], params: dict) -> str:
-    """Create a run of training-pipeline/manual, let a worker execute it; its flow run id (COMPLETED)."""
-    out = prefect(env, "deployment", "run", "training-pipeline/manual", "--params", json.dumps(params))
+def run_deployment(env: dict[str, str], params: dict, deployment: str = "training-pipeline/manual") -> str:
+    """Create a run of the deployment, let a worker execute it; its flow run id (COMPLETED)."""
+    out = prefect(env, "deployment", "run", deployment, "--params", json.dumps(params))
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
     worker = subprocess.run([PREFECT, "worker", "start", "--pool", "local", "--run-once"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
@@ -143,4 +143,19 @@ def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_p
     records = {fp: sum(s["records"] for s in store.manifest("data", fp)["splits"].values())
                for fp in (first_data, second["data_fingerprint"])}
     assert records[second["data_fingerprint"]] == records[first_data] + DROP_ROWS
+
+    # The sweep deployment on the same worker and bucket: its trials, its winner through the gate.
+    space = {"train.learning_rate": {"float": [0.001, 0.02], "log": True}}
+    sweep_params = {"config": {**params["config"], "data": {"source": f"idx:{idx_dir}", "shards": 2},
+                               "sweep": {"trials": 2, "space": space}}}
+    sweep_run = run_deployment(env, sweep_params, "sweep/cnn")
+    row = next(r for r in runs_of(artifacts) if r["run_id"] == sweep_run)
+    assert row["sweep"] and row["trial"] in (0, 1)
+    trials = fs.ls(f"{bucket_prefix}/sweeps/{row['sweep']}/trials")
+    assert len(trials) == 2
+    result = httpx.get(f"{api}/flow_runs/{sweep_run}").json()
+    assert result["state"]["type"] == "COMPLETED"
+    keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
+    assert {"sweep-trials", "sweep-pictures"} <= keys
+    assert fs.exists(f"{bucket_prefix}/sweeps/{row['sweep']}/best.yaml")
     print(f"e2e wall time {time.monotonic() - started:.1f} s")
