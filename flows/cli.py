@@ -146,9 +146,8 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_sweep(args: argparse.Namespace) -> int:
     """Run the `sweep` flow (one log line per trial as it ends) and print its table and the winner's gate."""
-    from tapeline.builder import check_builder
-
     from sweeps.space import check_space
+    from tapeline.builder import check_builder
 
     config = config_from(args)
     check_space(config)  # before any work, and before a temporary Prefect server starts
