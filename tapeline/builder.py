@@ -281,6 +281,12 @@ def check_params(function: Callable[..., Any], config: ModelConfig) -> None:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
         return  # a builtin or C callable: the call itself will tell
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    missing = [name for name in ("input_shape", "num_classes") if name not in signature.parameters and not takes_any]
+    if missing:
+        raise ConfigError(f"{KEY}: {config.builder} does not take {' and '.join(missing)}; tapeline calls it as "
+                          f"{config.builder.rpartition(':')[2]}(input_shape=(H, W, C), num_classes=N, **model.params): "
+                          f"add {', '.join(missing)} to its arguments")
     try:
         signature.bind(input_shape=(1, 1, 1), num_classes=2, **config.params)
     except TypeError as exc:

@@ -83,6 +83,9 @@ BEFORE_DATA = [
      "arguments", "it accepts width, dropout"),
     ("usermodels.py:build", ["model.dropout=0.3"], "model.dropout shapes the built-in CNN, which model.builder="
      "usermodels.py:build replaces", "through model.params"),
+    ("usermodels.py:no_classes", [], "model.builder: usermodels.py:no_classes does not take num_classes; tapeline "
+     "calls it as no_classes(input_shape=(H, W, C), num_classes=N, **model.params)", "add num_classes to its "
+     "arguments"),
     ("lonely.py:build", [], "model.builder: importing ", "failed with ModuleNotFoundError: No module named "
      "'tapeline_missing_helpers'"),
 ]

@@ -23,7 +23,7 @@ def tiny_args(idx_dir: Path, artifacts: Path) -> list[str]:
 
 
 def test_help_lists_every_config_key(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in (["--help"], ["run", "--help"], ["stage", "--help"], ["plan", "--help"]):
+    for command in (["--help"], ["run", "--help"], ["stage", "--help"], ["plan", "--help"], ["sweep", "--help"]):
         with pytest.raises(SystemExit):
             main(command)
         out = capsys.readouterr().out
@@ -147,3 +147,48 @@ def test_an_unexpected_error_keeps_its_traceback_and_says_it_is_a_bug(monkeypatc
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "KeyError: 'a tapeline bug'" in err
     assert err.rstrip().splitlines()[-1].startswith("tapeline: this is a bug in tapeline, not a problem with your")
+
+
+def children_serving_prefect(parent: int) -> list[int]:
+    """Processes whose parent is `parent` and that serve Prefect's API app."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == parent and b"prefect.server.api.server:create_app" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_run_takes_its_temporary_prefect_api_with_it(tmp_path: Path, idx_dir: Path) -> None:
+    import signal
+    import time
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen([str(Path(sys.executable).with_name("tapeline")), "run",  # noqa: S603
+                            *tiny_args(idx_dir, tmp_path / "a")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (servers := children_serving_prefect(run.pid)) and time.monotonic() < deadline:
+        assert run.poll() is None
+        time.sleep(0.1)
+    assert len(servers) == 1
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 10
+    while alive(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(servers[0])

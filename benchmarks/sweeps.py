@@ -1,0 +1,202 @@
+"""Sweeps side by side: tapeline's sweep (TPE + ASHA inside the tape loop, one process per trial) against Keras
+Tuner's `Hyperband` (`model.fit` with `EarlyStopping`) on the same search space, the same Fashion-MNIST data, the
+same maximum epochs per trial and the same budget in epochs (tapeline stops proposing once it has trained as many
+epochs as Hyperband did); then the rerun of the finished sweep (zero epochs, its wall time through `tapeline
+sweep`). Each contender runs in a process of its own; the data is built once before either starts.
+
+    python -m benchmarks.sweeps --limit 20000 --max-epochs 6 --json benchmarks/results/sweeps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.lib import ROOT, machine
+
+SPACE = {
+    "train.learning_rate": {"float": [0.0003, 0.01], "log": True},
+    "model.dense_units": {"choice": [32, 64, 128]},
+    "model.dropout": {"float": [0.0, 0.5]},
+}
+
+
+def base_overrides(source: str, limit: int, max_epochs: int, patience: int) -> list[str]:
+    """The shared training recipe: what Keras Tuner's `model.fit` does too (constant Adam, no augmentation)."""
+    return [f"data.source={source}", f"data.limit={limit}", "data.batch_size=128", "train.lr_schedule=constant",
+            "train.random_shift=0", "train.random_flip=false", "train.precision=float32", "train.warmup_epochs=0",
+            f"train.max_epochs={max_epochs}", f"train.patience={patience}", "train.restore_best_weights=true"]
+
+
+class BudgetSpent(Exception):  # noqa: N818 - a stop signal, not an error
+    """Raised from the trial-end callback once tapeline has trained Keras Tuner's number of epochs."""
+
+
+def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int) -> dict[str, Any]:
+    """tapeline's sweep until it has trained `budget_epochs`, then the best trial's evaluate stage (the test split,
+    once). Returns timings, trials and accuracies."""
+    from stages.graph import run_stage
+    from sweeps.driver import run_sweep
+    from sweeps.state import SweepFiles, sweep_name
+    from sweeps.study import best_trial
+    from tapeline.config import load_config, validate_config
+    from tapeline.store import open_store
+
+    config = load_config(None, [*overrides, f"sweep.space={json.dumps(SPACE)}", "sweep.trials=1000",
+                                "sweep.min_epochs=2", "sweep.reduction_factor=3", "sweep.seed=0"])
+    spent = [0]
+
+    def count(record: Any) -> None:
+        spent[0] += sum(record.trained.values())
+        if spent[0] >= budget_epochs:
+            raise BudgetSpent
+
+    started = time.perf_counter()
+    try:
+        run_sweep(config, artifacts, count)
+    except BudgetSpent:
+        pass
+    search_seconds = time.perf_counter() - started
+    records = SweepFiles(open_store(artifacts), sweep_name(config)).trials()
+    best = best_trial(config.sweep, records)
+    best_config = validate_config(best.config)
+    results: dict[str, Any] = {}
+    for name in ("data", "validate", "model", "train", "evaluate"):
+        results[name] = run_stage(name, best_config, artifacts, results)
+    return {"seconds": round(time.perf_counter() - started, 1), "search_seconds": round(search_seconds, 1),
+            "trials": len(records), "states": [r.state for r in records],
+            "epochs_trained": sum(sum(r.trained.values()) for r in records), "best_val_accuracy": best.value,
+            "best_params": best.params, "test_accuracy": results["evaluate"].test_accuracy}
+
+
+def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patience: int) -> dict[str, Any]:
+    """Keras Tuner's Hyperband on the same space and recipe: the same CNN (tapeline's builder), Adam at a constant
+    rate, batch 128, `EarlyStopping` on val_accuracy; then the best model's test accuracy."""
+    import keras
+    import keras_tuner as kt
+    import numpy as np
+
+    from stages.data.readers import load_split
+    from stages.model import build_cnn
+    from tapeline.config import ModelConfig
+    from tapeline.results import InputSpec
+
+    train = load_split(data_path, "train", normalize=True)
+    validation = load_split(data_path, "validation", normalize=True)
+    test = load_split(data_path, "test", normalize=True)
+    spec = InputSpec(shape=train[0].shape[1:], class_names=tuple(str(i) for i in range(10)))
+    epochs = [0]
+
+    class CountEpochs(keras.callbacks.Callback):
+        def on_epoch_end(self, _epoch: int, _logs: Any = None) -> None:
+            epochs[0] += 1
+
+    def build(hp: Any) -> Any:
+        lr = hp.Float("train.learning_rate", *SPACE["train.learning_rate"]["float"], sampling="log")
+        units = hp.Choice("model.dense_units", SPACE["model.dense_units"]["choice"])
+        dropout = hp.Float("model.dropout", *SPACE["model.dropout"]["float"])
+        model = build_cnn(ModelConfig(dense_units=units, dropout=dropout), spec)
+        model.compile(optimizer=keras.optimizers.Adam(lr), metrics=["accuracy"],
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    started = time.perf_counter()
+    tuner = kt.Hyperband(build, objective="val_accuracy", max_epochs=max_epochs, factor=3, seed=0,
+                         directory=str(directory), project_name="fashion", overwrite=True)
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True)
+    tuner.search(*train, validation_data=validation, batch_size=128, callbacks=[stop, CountEpochs()], verbose=0)
+    search_seconds = time.perf_counter() - started
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    best_model = tuner.get_best_models(1)[0]
+    logits = best_model.predict(test[0], batch_size=1024, verbose=0)
+    return {"seconds": round(time.perf_counter() - started, 1), "search_seconds": round(search_seconds, 1),
+            "trials": len(tuner.oracle.trials), "epochs_trained": epochs[0],
+            "best_val_accuracy": float(best_trial.score), "best_params": best_trial.hyperparameters.values,
+            "test_accuracy": float((np.argmax(logits, axis=1) == test[1]).mean())}
+
+
+def run_worker(*argv: str) -> dict[str, Any]:
+    """Run this script as a worker process; its RESULT line."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.sweeps", *argv], env=env, cwd=ROOT,  # noqa: S603
+                          capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker {argv[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def rerun_seconds(artifacts: Path, overrides: list[str], rounds: int) -> list[float]:
+    """Wall seconds of `tapeline sweep` on a finished sweep (a temporary Prefect API each time), `rounds` times."""
+    config = Path(tempfile.mkdtemp()) / "sweep.yaml"
+    config.write_text(json.dumps({"sweep": {"space": SPACE, "trials": 3, "min_epochs": 2, "seed": 5}}))
+    command = [str(Path(sys.executable).with_name("tapeline")), "sweep", "--artifacts", str(artifacts),
+               "--config", str(config), "--json", *(f"--set={o}" for o in overrides)]
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)  # the sweep itself
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        times.append(round(time.perf_counter() - started, 2))
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert sum(t["epochs_trained"] for t in summary["trials"]) == 0, summary
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=20000, help="training images (data.limit)")
+    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--rerun-rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=("tapeline", "keras-tuner"))
+    parser.add_argument("--artifacts", type=Path)
+    parser.add_argument("--budget", type=int, default=0)
+    parser.add_argument("--source", default="fashion_mnist")
+    args = parser.parse_args()
+    overrides = base_overrides(args.source, args.limit, args.max_epochs, args.patience)
+    if args.worker == "tapeline":
+        print("RESULT " + json.dumps(tapeline_worker(args.artifacts, overrides, args.budget)), flush=True)
+        return
+    if args.worker == "keras-tuner":
+        print("RESULT " + json.dumps(keras_tuner_worker(args.artifacts, args.artifacts.parent / "kt",
+                                                        args.max_epochs, args.patience)), flush=True)
+        return
+
+    from stages.pipeline import run_data
+    from tapeline.config import load_config
+
+    artifacts = Path(tempfile.mkdtemp(prefix="tapeline-sweeps-")) / "artifacts"
+    data = run_data(load_config(None, overrides), artifacts)
+    common = [f"--limit={args.limit}", f"--max-epochs={args.max_epochs}", f"--patience={args.patience}",
+              f"--source={args.source}"]
+    keras_tuner = run_worker("--worker=keras-tuner", f"--artifacts={data.path}", *common)
+    print("keras tuner:", keras_tuner, flush=True)
+    tapeline = run_worker("--worker=tapeline", f"--artifacts={artifacts}", f"--budget={keras_tuner['epochs_trained']}",
+                          *common)
+    print("tapeline:", tapeline, flush=True)
+    rerun = rerun_seconds(artifacts, overrides, args.rerun_rounds)
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv),
+        "space": SPACE, "overrides": overrides, "records": data.records,
+        "keras_tuner_hyperband": keras_tuner, "tapeline": tapeline,
+        "wall_ratio_tapeline_over_keras_tuner": round(tapeline["seconds"] / keras_tuner["seconds"], 3),
+        "val_accuracy_difference": round(tapeline["best_val_accuracy"] - keras_tuner["best_val_accuracy"], 4),
+        "rerun_of_a_finished_sweep_seconds": rerun,
+        "rerun_median_seconds": sorted(rerun)[len(rerun) // 2],
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
