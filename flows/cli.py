@@ -123,7 +123,7 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
 
 def command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
-    from flows.server import temporary_api
+    from flows.server import start_temporary_api
     from tapeline.builder import check_builder
 
     config = config_from(args)
@@ -131,10 +131,10 @@ def command_run(args: argparse.Namespace) -> int:
     open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
-    with temporary_api():
-        from flows.training import training_pipeline
+    start_temporary_api()
+    from flows.training import training_pipeline
 
-        summary = training_pipeline(config=config, verify=args.verify)
+    summary = training_pipeline(config=config, verify=args.verify)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -148,7 +148,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_sweep(args: argparse.Namespace) -> int:
     """Run the `sweep` flow (one log line per trial as it ends) and print its table and the winner's gate."""
-    from flows.server import temporary_api
+    from flows.server import start_temporary_api
     from sweeps.space import check_space
     from tapeline.builder import check_builder
 
@@ -158,10 +158,10 @@ def command_sweep(args: argparse.Namespace) -> int:
     open_store(args.artifacts)
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
-    with temporary_api():
-        from flows.sweep import sweep
+    start_temporary_api()
+    from flows.sweep import sweep
 
-        summary = sweep(config=config)
+    summary = sweep(config=config)
     print(summary["table"])
     best = summary["best"]
     if best is not None:

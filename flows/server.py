@@ -4,6 +4,7 @@ of the command leaves no server behind (Prefect's own temporary server outlives 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import logging
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from tapeline.errors import TapelineError
@@ -58,8 +59,8 @@ def wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path, time
                         "server start` and set PREFECT_API_URL")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Terminate the server, then kill it if it lingers."""
+def stop(process: subprocess.Popen, log_path: Path) -> None:
+    """Terminate the server, then kill it if it lingers; remove its log."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -67,29 +68,25 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    log_path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def temporary_api(environ: MutableMapping[str, str] = os.environ, timeout: float = 120) -> Iterator[str | None]:
-    """A Prefect API for this command: the user's (PREFECT_API_URL set: nothing started, yields None), else a
-    temporary one tied to this process, its URL in PREFECT_API_URL while the block runs. Must be entered before
-    Prefect is imported (Prefect reads its settings then)."""
+def start_temporary_api(environ: MutableMapping[str, str] = os.environ, timeout: float = 120) -> str | None:
+    """A Prefect API for this command: the user's (PREFECT_API_URL set: nothing started, returns None), else a
+    temporary one tied to this process, its URL put in PREFECT_API_URL. It stops when this process exits, after
+    Prefect has sent its last logs and events (its exit handlers, registered later, run first). Call it before
+    Prefect is imported: Prefect reads its settings then."""
     if environ.get("PREFECT_API_URL"):
-        yield None
-        return
+        return None
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_path = Path(tempfile.mkstemp(prefix="tapeline-prefect-api-", suffix=".log")[1])
     with log_path.open("ab") as out:
         process = subprocess.Popen(server_command(port), env={**environ, **SERVER_ENV}, stdout=out,  # noqa: S603
                                    stderr=subprocess.STDOUT, preexec_fn=tied_to_parent())  # noqa: PLW1509
-    try:
-        wait_until_healthy(process, url, log_path, timeout)
-        log.info("temporary Prefect API on %s (it ends with this command; set PREFECT_API_URL to use a server of "
-                 "your own)", url)
-        environ["PREFECT_API_URL"] = url
-        yield url
-    finally:
-        environ.pop("PREFECT_API_URL", None)
-        stop(process)
-        log_path.unlink(missing_ok=True)
+    atexit.register(stop, process, log_path)
+    wait_until_healthy(process, url, log_path, timeout)
+    log.info("temporary Prefect API on %s (it ends with this command; set PREFECT_API_URL to use a server of "
+             "your own)", url)
+    environ["PREFECT_API_URL"] = url
+    return url
