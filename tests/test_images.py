@@ -203,6 +203,30 @@ def test_bad_files_are_skipped_reported_and_gate_the_run(tmp_path: Path) -> None
     assert passed.passed and passed.warnings["unreadable_images"] == 5
 
 
+def test_an_empty_class_folder_is_a_class_of_no_images_like_one_of_only_corrupt_files(tmp_path: Path) -> None:
+    reports = {}
+    for case in ("empty", "corrupt"):
+        root = write_folder(tmp_path / case / "pics", per_class=10)
+        (root / "hat").mkdir()
+        if case == "corrupt":
+            (root / "hat" / "a.png").write_bytes(b"not an image")
+        config = config_for(root)
+        data = run_data(config, tmp_path / case / "a")
+        assert data.input_spec.class_names == ("boot", "coat", "hat", "shirt")
+        assert sum(data.records.values()) == 30
+        with pytest.raises(ValidationError) as failed:
+            run_stage("validate", config, tmp_path / case / "a")
+        reports[case] = str(failed.value)
+        assert "missing_class" in reports[case]
+        named = run_data(config_for(root, "data.class_names=[shirt, boot, coat, hat]"), tmp_path / case / "b")
+        assert named.input_spec.class_names == ("shirt", "boot", "coat", "hat")  # may be named: the gate decides
+    assert "unreadable_images" in reports["corrupt"] and "unreadable_images" not in reports["empty"]
+    before = run_data(config_for(tmp_path / "empty" / "pics"), tmp_path / "empty" / "a")
+    (tmp_path / "empty" / "pics" / "hat").rmdir()
+    after = run_data(config_for(tmp_path / "empty" / "pics"), tmp_path / "empty" / "a")
+    assert after.fingerprint != before.fingerprint and after.input_spec.class_names == CLASSES
+
+
 def test_no_readable_image_at_all_is_one_error(tmp_path: Path) -> None:
     for name in CLASSES:
         (tmp_path / "pics" / name).mkdir(parents=True)

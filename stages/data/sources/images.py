@@ -157,11 +157,12 @@ def fork_context() -> Any:
 
 
 def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
-         seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[str, str]]:
+         seen: set[tuple[int, int]] | None = None, folders: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """(relative path, full path) of every visible file below `directory`, in sorted order (no stat: the
-    directory entries say what is a file). What cannot be walked is appended to `problems` as {path, reason},
-    never raised: a dangling link, a link back into a folder already walked (a loop, or a second way to one
-    folder: each real folder is walked once), an unreadable directory."""
+    directory entries say what is a file); every visible folder walked goes into `folders` (relative, with a
+    trailing slash). What cannot be walked is appended to `problems` as {path, reason}, never raised: a dangling
+    link, a link back into a folder already walked (a loop, or a second way to one folder: each real folder is
+    walked once), an unreadable directory."""
     seen = seen if seen is not None else {directory_key(directory)}
     try:
         with os.scandir(directory) as scanned:
@@ -184,7 +185,9 @@ def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
                                  "walked already (a loop, or a second way to it): not followed"})
                 continue
             seen.add(key)
-            yield from walk(entry.path, problems, f"{name}/", seen)
+            if folders is not None:
+                folders.append(f"{name}/")
+            yield from walk(entry.path, problems, f"{name}/", seen, folders)
         elif entry.is_file(follow_symlinks=True):
             yield name, entry.path
 
@@ -201,8 +204,10 @@ def list_local(root: Path) -> Listing:
     if not root.is_dir():
         raise DataSourceError(f"data.source images:{root}: directory does not exist")
     problems: list[dict[str, str]] = []
+    folders: list[str] = []
     try:
-        found = [(relative, path) for relative, path in walk(str(root), problems) if has_image_extension(relative)]
+        found = [(relative, path) for relative, path in walk(str(root), problems, folders=folders)
+                 if has_image_extension(relative)]
     except OSError as exc:
         raise DataSourceError(f"data.source images:{root}: cannot read the folder ({exc.strerror}); give a readable "
                               "directory") from None
@@ -211,7 +216,7 @@ def list_local(root: Path) -> Listing:
                  for (_, path), (size, _, _, sha) in zip(found, described, strict=True) if size == UNREADABLE]
     files = [ImageFile(relative, size, sha)
              for (relative, _), (size, _, _, sha) in zip(found, described, strict=True) if size >= 0]
-    return Listing(files, tuple(problems))
+    return Listing(files, tuple(problems), tuple(folders))
 
 
 def list_remote(url: str) -> list[ImageFile]:
@@ -231,10 +236,12 @@ def list_remote(url: str) -> list[ImageFile]:
 
 
 class Listing(NamedTuple):
-    """A folder's image files, and what could not be listed ({path, reason}: skipped, reported, never raised)."""
+    """A folder's image files, what could not be listed ({path, reason}: skipped, reported, never raised), and
+    its folders (relative, `a/b/`; on disk only: a bucket has no empty folders)."""
 
     files: list[ImageFile]
     problems: tuple[dict[str, str], ...] = ()
+    folders: tuple[str, ...] = ()
 
 
 def list_files(root: str) -> Listing:
@@ -257,14 +264,28 @@ def identity_digest(listing: Listing) -> str:
         digest.update(f"{f.relative}\0{f.size}\0{f.version}\n".encode())
     for problem in listing.problems:
         digest.update(f"!{problem['path']}\0{problem['reason']}\n".encode())
+    for folder in listing.folders:
+        digest.update(f"/{folder}\n".encode())
     return digest.hexdigest()
 
 
-def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | None) -> Layout:
-    """Classes and splits from the folder structure; DataSourceError naming what does not fit."""
+def empty_class_folders(folders: tuple[str, ...], files: list[ImageFile], by_split: bool) -> set[str]:
+    """Class folders without a single image file: classes too (of zero images, as a folder whose files are all
+    unreadable becomes), so that the validate gate reports them rather than the class silently disappearing."""
+    depth = 2 if by_split else 1
+    at_class_depth = {f for f in folders if f.count("/") == depth
+                      and (not by_split or f.split("/", 1)[0] in SPLIT_FOLDERS)}
+    holding = {"/".join(f.parts[:depth]) + "/" for f in files if len(f.parts) > depth}
+    return {f.rstrip("/").rsplit("/", 1)[-1] for f in at_class_depth - holding}
+
+
+def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | None,
+              folders: tuple[str, ...] = ()) -> Layout:
+    """Classes and splits from the folder structure (an empty class folder is a class of no images);
+    DataSourceError naming what does not fit."""
     where = f"data.source images:{root}"
     parts = [f.parts for f in files]  # split once: a listing can hold millions of paths
-    tops = {p[0] for p in parts if len(p) > 1}
+    tops = {p[0] for p in parts if len(p) > 1} | {f.split("/", 1)[0] for f in folders if f.count("/") > 1}
     by_split = "train" in tops and tops <= set(SPLIT_FOLDERS)
     depth = 2 if by_split else 1
     loose = [f.relative for f, p in zip(files, parts, strict=True) if len(p) <= depth]
@@ -276,7 +297,10 @@ def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | 
         raise DataSourceError(f"{where}: no image files in class folders; expected DIR/<class>/*.png or "
                               "DIR/train/<class>/*.png (extensions .png .jpg .jpeg .bmp .gif)")
     classes = [parts[i][depth - 1] for i in kept]
-    names = check_class_names(where, sorted(set(classes)), class_names)
+    empty = empty_class_folders(folders, files, by_split)
+    if empty:
+        log.warning("%s: class folder(s) %s hold no image files", where, ", ".join(sorted(empty)))
+    names = check_class_names(where, sorted(set(classes) | empty), class_names)
     index = {name: i for i, name in enumerate(names)}
     if by_split:
         train_classes = {c for i, c in zip(kept, classes, strict=True) if parts[i][0] == "train"}
@@ -606,7 +630,7 @@ class ImageFolderSource:
         where = f"images:{self.root}"
         known = _listings.get(self.root)
         listing = known[1] if identity and known and known[0] == identity.get("digest") else list_files(self.root)
-        layout = layout_of(self.root, listing.files, self.class_names)
+        layout = layout_of(self.root, listing.files, self.class_names, listing.folders)
         spool, decoded_skipped = decode_all(self.root, layout.files, self.options)
         skipped = [*listing.problems, *decoded_skipped]
         if not len(spool):
