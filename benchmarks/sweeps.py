@@ -30,9 +30,9 @@ SPACE = {
 
 def base_overrides(source: str, limit: int, max_epochs: int, patience: int) -> list[str]:
     """The shared training recipe: what Keras Tuner's `model.fit` does too (constant Adam, no augmentation)."""
-    return [f"data.source={source}", f"data.limit={limit}", "data.batch_size=128", "train.lr_schedule=constant",
-            "train.random_shift=0", "train.random_flip=false", "train.precision=float32", "train.warmup_epochs=0",
-            f"train.max_epochs={max_epochs}", f"train.patience={patience}", "train.restore_best_weights=true"]
+    return [f"data.source={source}", *([f"data.limit={limit}"] if limit else []), "data.batch_size=128",
+            "train.lr_schedule=constant", "train.random_shift=0", "train.random_flip=false", "train.precision=float32",
+            "train.warmup_epochs=0", f"train.max_epochs={max_epochs}", f"train.patience={patience}", "train.restore_best_weights=true"]
 
 
 class BudgetSpent(Exception):  # noqa: N818 - a stop signal, not an error
@@ -76,7 +76,8 @@ def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int) -
             "best_params": best.params, "test_accuracy": results["evaluate"].test_accuracy}
 
 
-def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patience: int) -> dict[str, Any]:
+def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patience: int, epoch_log: Path | None = None,
+                       overwrite: bool = True) -> dict[str, Any]:
     """Keras Tuner's Hyperband on the same space and recipe: the same CNN (tapeline's builder), Adam at a constant
     rate, batch 128, `EarlyStopping` on val_accuracy; then the best model's test accuracy."""
     import keras
@@ -97,6 +98,9 @@ def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patien
     class CountEpochs(keras.callbacks.Callback):
         def on_epoch_end(self, _epoch: int, _logs: Any = None) -> None:
             epochs[0] += 1
+            if epoch_log is not None:
+                with epoch_log.open("a") as out:
+                    out.write("epoch\n")
 
     def build(hp: Any) -> Any:
         lr = hp.Float("train.learning_rate", *SPACE["train.learning_rate"]["float"], sampling="log")
@@ -109,7 +113,7 @@ def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patien
 
     started = time.perf_counter()
     tuner = kt.Hyperband(build, objective="val_accuracy", max_epochs=max_epochs, factor=3, seed=0,
-                         directory=str(directory), project_name="fashion", overwrite=True)
+                         directory=str(directory), project_name="fashion", overwrite=overwrite)
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True)
     tuner.search(*train, validation_data=validation, batch_size=128, callbacks=[stop, CountEpochs()], verbose=0)
     search_seconds = time.perf_counter() - started
@@ -120,6 +124,78 @@ def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patien
             "trials": len(tuner.oracle.trials), "epochs_trained": epochs[0],
             "best_val_accuracy": float(best_trial.score), "best_params": best_trial.hyperparameters.values,
             "test_accuracy": float((np.argmax(logits, axis=1) == test[1]).mean())}
+
+
+KILL_DRIVER = "import sys; from sweeps.driver import run_sweep; from tapeline.config import load_config; " \
+              "run_sweep(load_config(None, sys.argv[2:]), sys.argv[1])"
+
+
+def epochs_recorded(artifacts: Path, config: Any) -> int:
+    """Epochs the sweep's trial records say were trained, all invocations together."""
+    from sweeps.state import SweepFiles, sweep_name
+    from tapeline.store import open_store
+
+    return sum(sum(r.trained.values()) for r in SweepFiles(open_store(artifacts), sweep_name(config)).trials())
+
+
+def kill_when(process: subprocess.Popen, spent: Any, target: int) -> None:
+    """SIGKILL `process` once `spent()` reaches `target` epochs."""
+    while spent() < target:
+        if process.poll() is not None:
+            raise RuntimeError(f"the run ended before it was killed ({process.returncode})")
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+
+
+def tapeline_kill(root: Path, overrides: list[str], trials: int) -> dict[str, Any]:
+    """An uninterrupted sweep, then the same sweep killed (SIGKILL of the driver) half way and started again:
+    epochs trained in all, trials and the best trial of each."""
+    from sweeps.driver import run_sweep
+    from tapeline.config import load_config
+
+    args = [*overrides, f"sweep.space={json.dumps(SPACE)}", f"sweep.trials={trials}", "sweep.min_epochs=2",
+            "sweep.seed=3"]
+    config = load_config(None, args)
+    reference = run_sweep(config, root / "uninterrupted")
+    total = epochs_recorded(root / "uninterrupted", config)
+    killed = root / "killed"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    driver = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, str(killed), *args], env=env,  # noqa: S603
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(driver, lambda: epochs_recorded(killed, config), total // 2)
+    before = epochs_recorded(killed, config)
+    resumed = run_sweep(config, killed)
+    return {"uninterrupted_epochs": total, "epochs_before_the_kill": before,
+            "epochs_in_all": epochs_recorded(killed, config),
+            "same_trials": [r.params for r in resumed.records] == [r.params for r in reference.records],
+            "best": [reference.best.number, resumed.best.number],
+            "best_values": [reference.best.value, resumed.best.value]}
+
+
+def keras_tuner_kill(data_path: Path, root: Path, max_epochs: int, patience: int) -> dict[str, Any]:
+    """Keras Tuner's Hyperband uninterrupted, then killed half way and rerun with `overwrite=False`: epochs
+    trained in all (counted by a callback into a file) and the best trial of each."""
+    command = [sys.executable, "-m", "benchmarks.sweeps", "--worker=keras-tuner", f"--artifacts={data_path}",
+               f"--max-epochs={max_epochs}", f"--patience={patience}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        log = root / f"{name}-epochs.txt"
+        run = [*command, f"--tuner-dir={root / name}", f"--epoch-log={log}", "--keep"]
+        if name == "killed":
+            process = subprocess.Popen(run, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,  # noqa: S603
+                                       stderr=subprocess.DEVNULL)
+            kill_when(process, lambda log=log: len(log.read_text().splitlines()) if log.exists() else 0,
+                      runs["uninterrupted"]["epochs_trained"] // 2)
+        done = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=True)  # noqa: S603
+        runs[name] = json.loads(next(line for line in done.stdout.splitlines()
+                                     if line.startswith("RESULT "))[len("RESULT "):])
+        runs[name]["epochs_in_all"] = len(log.read_text().splitlines())
+    return {"uninterrupted_epochs": runs["uninterrupted"]["epochs_in_all"],
+            "epochs_in_all": runs["killed"]["epochs_in_all"],
+            "best_values": [runs["uninterrupted"]["best_val_accuracy"], runs["killed"]["best_val_accuracy"]],
+            "best_params": [runs["uninterrupted"]["best_params"], runs["killed"]["best_params"]]}
 
 
 def run_worker(*argv: str) -> dict[str, Any]:
@@ -152,7 +228,7 @@ def rerun_seconds(artifacts: Path, overrides: list[str], rounds: int) -> list[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=20000, help="training images (data.limit)")
+    parser.add_argument("--limit", type=int, default=20000, help="training images (data.limit; 0: all)")
     parser.add_argument("--max-epochs", type=int, default=6)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--rerun-rounds", type=int, default=3)
@@ -161,14 +237,21 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path)
     parser.add_argument("--budget", type=int, default=0)
     parser.add_argument("--source", default="fashion_mnist")
+    parser.add_argument("--tuner-dir", type=Path)
+    parser.add_argument("--epoch-log", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keras tuner: overwrite=False (resume a killed search)")
+    parser.add_argument("--parts", default="compare,rerun", help="comma-separated: compare (tapeline against "
+                        "Keras Tuner), rerun (a finished sweep again), kill (each contender killed half way, rerun)")
+    parser.add_argument("--kill-trials", type=int, default=6)
     args = parser.parse_args()
     overrides = base_overrides(args.source, args.limit, args.max_epochs, args.patience)
     if args.worker == "tapeline":
         print("RESULT " + json.dumps(tapeline_worker(args.artifacts, overrides, args.budget)), flush=True)
         return
     if args.worker == "keras-tuner":
-        print("RESULT " + json.dumps(keras_tuner_worker(args.artifacts, args.artifacts.parent / "kt",
-                                                        args.max_epochs, args.patience)), flush=True)
+        print("RESULT " + json.dumps(keras_tuner_worker(args.artifacts, args.tuner_dir or args.artifacts.parent / "kt",
+                                                        args.max_epochs, args.patience, args.epoch_log,
+                                                        overwrite=not args.keep)), flush=True)
         return
 
     from stages.pipeline import run_data
@@ -178,20 +261,31 @@ def main() -> None:
     data = run_data(load_config(None, overrides), artifacts)
     common = [f"--limit={args.limit}", f"--max-epochs={args.max_epochs}", f"--patience={args.patience}",
               f"--source={args.source}"]
-    keras_tuner = run_worker("--worker=keras-tuner", f"--artifacts={data.path}", *common)
-    print("keras tuner:", keras_tuner, flush=True)
-    tapeline = run_worker("--worker=tapeline", f"--artifacts={artifacts}", f"--budget={keras_tuner['epochs_trained']}",
-                          *common)
-    print("tapeline:", tapeline, flush=True)
-    rerun = rerun_seconds(artifacts, overrides, args.rerun_rounds)
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = {}
+    if "compare" in parts:
+        keras_tuner = run_worker("--worker=keras-tuner", f"--artifacts={data.path}", *common)
+        print("keras tuner:", keras_tuner, flush=True)
+        tapeline = run_worker("--worker=tapeline", f"--artifacts={artifacts}",
+                              f"--budget={keras_tuner['epochs_trained']}", *common)
+        print("tapeline:", tapeline, flush=True)
+        results.update({
+            "keras_tuner_hyperband": keras_tuner, "tapeline": tapeline,
+            "wall_ratio_tapeline_over_keras_tuner": round(tapeline["seconds"] / keras_tuner["seconds"], 3),
+            "val_accuracy_difference": round(tapeline["best_val_accuracy"] - keras_tuner["best_val_accuracy"], 4)})
+    if "rerun" in parts:
+        rerun = rerun_seconds(artifacts, overrides, args.rerun_rounds)
+        results.update({"rerun_of_a_finished_sweep_seconds": rerun,
+                        "rerun_median_seconds": sorted(rerun)[len(rerun) // 2]})
+    if "kill" in parts:
+        root = Path(tempfile.mkdtemp(prefix="tapeline-sweep-kill-"))
+        results["kill_and_resume"] = {
+            "keras_tuner_overwrite_false": keras_tuner_kill(data.path, root / "kt", args.max_epochs, args.patience),
+            "tapeline": tapeline_kill(root / "tapeline", overrides, args.kill_trials)}
+        print("kill:", results["kill_and_resume"], flush=True)
     summary = {
         "date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv),
-        "space": SPACE, "overrides": overrides, "records": data.records,
-        "keras_tuner_hyperband": keras_tuner, "tapeline": tapeline,
-        "wall_ratio_tapeline_over_keras_tuner": round(tapeline["seconds"] / keras_tuner["seconds"], 3),
-        "val_accuracy_difference": round(tapeline["best_val_accuracy"] - keras_tuner["best_val_accuracy"], 4),
-        "rerun_of_a_finished_sweep_seconds": rerun,
-        "rerun_median_seconds": sorted(rerun)[len(rerun) // 2],
+        "space": SPACE, "overrides": overrides, "records": data.records, **results,
     }
     print(json.dumps(summary, indent=2))
     if args.json:

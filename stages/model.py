@@ -11,10 +11,15 @@ from typing import Any
 
 from tapeline.builder import build_user_model
 from tapeline.cache import package_versions
-from tapeline.config import ModelConfig
+from tapeline.config import ModelConfig, PipelineConfig
 from tapeline.errors import ConfigError
+from tapeline.hardware import available_memory
 from tapeline.results import InputSpec, ModelResult, StageInputs
 
+FLOAT_BYTES = 4
+# Training holds the weights, their gradients and Adam's two moments (4 copies of the parameters), and each
+# batch's activations, kept for the backward pass, and their gradients (2 copies).
+PARAMETER_COPIES, ACTIVATION_COPIES = 4, 2
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "initial.weights.h5"
 log = logging.getLogger("tapeline.model")
@@ -69,6 +74,79 @@ def check_fits(config: ModelConfig, spec: InputSpec) -> None:
             side //= 2
 
 
+def cnn_footprint(config: ModelConfig, shape: tuple[int, int, int], num_classes: int) -> tuple[int, int]:
+    """(parameters, activation values per image) of the built-in CNN for `shape` images, from the config alone:
+    nothing is built or allocated."""
+    height, width, channels = shape
+    parameters = values = 0
+    last = len(config.conv_filters) - 1
+    for i, filters in enumerate(config.conv_filters):
+        parameters += 9 * channels * filters + (4 * filters if config.batch_norm else filters)
+        height, width, channels = height - 2, width - 2, filters
+        values += height * width * filters * (3 if config.batch_norm else 1)
+        if i < last:
+            height, width = height // 2, width // 2
+            values += height * width * filters
+    flat = max(height, 0) * max(width, 0) * channels
+    parameters += flat * config.dense_units + config.dense_units + config.dense_units * num_classes + num_classes
+    values += flat + config.dense_units * (2 if config.dropout else 1) + num_classes
+    return parameters, values
+
+
+def training_bytes(parameters: int, values_per_image: int, batch_size: int) -> int:
+    """Memory to train a model in float32: the parameters' copies and one batch's activations' copies."""
+    return FLOAT_BYTES * (PARAMETER_COPIES * parameters + ACTIVATION_COPIES * values_per_image * batch_size)
+
+
+def gib(count: float) -> str:
+    """Bytes as GiB with one decimal."""
+    return f"{count / 2**30:.1f} GiB"
+
+
+def check_memory(what: str, parameters: int, values_per_image: int, batch_size: int, keys: str,
+                 available: int | None = None) -> None:
+    """ConfigError naming the keys to lower when training the model would need more memory than the machine has
+    available now."""
+    available = available if available is not None else available_memory()
+    need = training_bytes(parameters, values_per_image, batch_size)
+    if available is None or need <= available:
+        return
+    raise ConfigError(f"{what} has {parameters:,} parameters and {values_per_image:,} activation values per image: "
+                      f"training it on batches of {batch_size} needs about {gib(need)}, more than the "
+                      f"{gib(available)} this machine has available; lower {keys}")
+
+
+def check_cnn_memory(config: PipelineConfig, spec: InputSpec, available: int | None = None) -> None:
+    """The built-in CNN's memory check for this input spec (before anything is built)."""
+    parameters, values = cnn_footprint(config.model, spec.shape, spec.num_classes)
+    check_memory(f"model: the built-in CNN for {'x'.join(map(str, spec.shape))} images", parameters, values,
+                 config.data.batch_size, "data.image_size or data.batch_size (or model.conv_filters, "
+                 "model.dense_units)", available)
+
+
+def check_size_before_work(config: PipelineConfig, available: int | None = None) -> None:
+    """Before any stage runs: when the config alone decides the images' size (`data.image_size`) and the model is
+    the built-in CNN, check that training it fits this machine's memory (RGB assumed unless grayscale)."""
+    if config.model.builder is not None or config.data.image_size is None:
+        return
+    channels = 1 if config.data.color_mode == "grayscale" else 3
+    classes = tuple(config.data.class_names or ("a", "b"))
+    spec = InputSpec(shape=(*config.data.image_size, channels), class_names=classes)
+    check_fits(config.model, spec)
+    check_cnn_memory(config, spec, available)
+
+
+def check_user_model_memory(model: Any, config: PipelineConfig) -> None:
+    """A built user model's memory check: its parameter count and its layers' outputs per image."""
+    import math
+
+    values = sum(math.prod(int(d) for d in layer.output.shape[1:] if d is not None) for layer in model.layers
+                 if hasattr(layer, "output") and not isinstance(getattr(layer, "output", None), list | tuple))
+    check_memory(f"model: {config.model.builder}'s model", int(model.count_params()), values,
+                 config.data.batch_size, "data.image_size or data.batch_size (or the model's size through "
+                 "model.params)")
+
+
 def model_summary(model: Any) -> dict[str, Any]:
     """Parameter count and a layer table."""
     return {
@@ -87,7 +165,12 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
 
     config, data = inputs.config, inputs.data
     keras.utils.set_random_seed(config.seed)
+    if config.model.builder is None:
+        check_fits(config.model, data.input_spec)
+        check_cnn_memory(config, data.input_spec)
     model = build_model(config.model, data.input_spec)
+    if config.model.builder is not None:
+        check_user_model_memory(model, config)
     model.save(staging / MODEL_FILE)
     if config.model.builder is not None:  # the CNN's layers are Keras's own
         check_reloads(staging / MODEL_FILE, config.model.builder)

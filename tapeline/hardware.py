@@ -146,3 +146,14 @@ def onednn_decision() -> dict[str, Any]:
     """{enabled, reason}: oneDNN in this process, as the train manifest and the model card record it."""
     enabled = onednn_enabled()
     return {"enabled": enabled, "reason": onednn_reason(enabled)}
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of memory this machine can give a new process now (MemAvailable), None where it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -77,3 +77,43 @@ def test_missing_model_names_the_stage_to_run(tmp_path: Path, idx_dir: Path) -> 
     run_data(config, tmp_path / "a")
     with pytest.raises(MissingUpstreamError, match="run `tapeline stage model`"):
         find_output("model", config, tmp_path / "a")
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.batch_norm=true", "model.conv_filters=[8, 16, 32]"],
+                                       ["model.dropout=0", "model.dense_units=7"]])
+def test_the_cnns_footprint_is_what_keras_builds(overrides: list[str]) -> None:
+    from stages.model import cnn_footprint
+
+    config = load_config(None, overrides).model
+    spec = InputSpec(shape=(40, 36, 3), class_names=("a", "b", "c"))
+    model = build_model(config, spec)
+    values = sum(int(np.prod(layer.output.shape[1:])) for layer in model.layers[1:])
+    assert cnn_footprint(config, spec.shape, spec.num_classes) == (model.count_params(), values)
+
+
+def test_a_model_too_big_for_the_machine_is_one_line_naming_the_keys() -> None:
+    from stages.model import check_size_before_work
+
+    config = load_config(None, ["data.image_size=[64, 64]", "data.color_mode=grayscale"])
+    check_size_before_work(config, available=2**30)
+    with pytest.raises(ConfigError) as info:
+        check_size_before_work(config, available=2**20)
+    message = str(info.value)
+    assert message.startswith("model: the built-in CNN for 64x64x1 images has ") and "\n" not in message
+    assert message.endswith("more than the 0.0 GiB this machine has available; lower data.image_size or "
+                            "data.batch_size (or model.conv_filters, model.dense_units)")
+
+
+def test_run_refuses_an_image_size_the_machine_cannot_train_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    (tmp_path / "pics" / "a").mkdir(parents=True)
+    artifacts = tmp_path / "artifacts"
+    code = main(["run", "--artifacts", str(artifacts), "--set", f"data.source=images:{tmp_path / 'pics'}",
+                 "--set", "data.image_size=[4096, 4096]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "tapeline: error: model: the built-in CNN for 4096x4096x3 images has " in err
+    assert "lower data.image_size or data.batch_size" in err
+    assert not artifacts.exists()
