@@ -151,8 +151,8 @@ def command_run(args: argparse.Namespace) -> int:
 def command_sweep(args: argparse.Namespace) -> int:
     """Run the `sweep` flow (one log line per trial as it ends) and print its table and the winner's gate."""
     from flows.server import start_temporary_api
-    from sweeps.space import check_space
     from stages.model import check_size_before_work
+    from sweeps.space import check_space
     from tapeline.builder import check_builder
 
     config = config_from(args)
