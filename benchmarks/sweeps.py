@@ -32,7 +32,8 @@ def base_overrides(source: str, limit: int, max_epochs: int, patience: int) -> l
     """The shared training recipe: what Keras Tuner's `model.fit` does too (constant Adam, no augmentation)."""
     return [f"data.source={source}", *([f"data.limit={limit}"] if limit else []), "data.batch_size=128",
             "train.lr_schedule=constant", "train.random_shift=0", "train.random_flip=false", "train.precision=float32",
-            "train.warmup_epochs=0", f"train.max_epochs={max_epochs}", f"train.patience={patience}", "train.restore_best_weights=true"]
+            "train.warmup_epochs=0", f"train.max_epochs={max_epochs}", f"train.patience={patience}",
+            "train.restore_best_weights=true"]
 
 
 class BudgetSpent(Exception):  # noqa: N818 - a stop signal, not an error
