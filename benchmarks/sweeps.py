@@ -40,9 +40,10 @@ class BudgetSpent(Exception):  # noqa: N818 - a stop signal, not an error
     """Raised from the trial-end callback once tapeline has trained Keras Tuner's number of epochs."""
 
 
-def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int) -> dict[str, Any]:
-    """tapeline's sweep until it has trained `budget_epochs`, then the best trial's evaluate stage (the test split,
-    once). Returns timings, trials and accuracies."""
+def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, trials: int) -> dict[str, Any]:
+    """tapeline's sweep of at most `trials` until it has trained `budget_epochs`, then the best trial's evaluate
+    stage (the test split, once). Returns timings, trials and accuracies. (`trials` also sets TPE's random start:
+    a quarter of them, at least 2.)"""
     from stages.graph import run_stage
     from sweeps.driver import run_sweep
     from sweeps.state import SweepFiles, sweep_name
@@ -50,7 +51,7 @@ def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int) -
     from tapeline.config import load_config, validate_config
     from tapeline.store import open_store
 
-    config = load_config(None, [*overrides, f"sweep.space={json.dumps(SPACE)}", "sweep.trials=1000",
+    config = load_config(None, [*overrides, f"sweep.space={json.dumps(SPACE)}", f"sweep.trials={trials}",
                                 "sweep.min_epochs=2", "sweep.reduction_factor=3", "sweep.seed=0"])
     spent = [0]
 
@@ -237,6 +238,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=("tapeline", "keras-tuner"))
     parser.add_argument("--artifacts", type=Path)
     parser.add_argument("--budget", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=12, help="tapeline's sweep.trials (the epoch budget usually "
+                        "ends it first)")
     parser.add_argument("--source", default="fashion_mnist")
     parser.add_argument("--tuner-dir", type=Path)
     parser.add_argument("--epoch-log", type=Path)
@@ -247,7 +250,8 @@ def main() -> None:
     args = parser.parse_args()
     overrides = base_overrides(args.source, args.limit, args.max_epochs, args.patience)
     if args.worker == "tapeline":
-        print("RESULT " + json.dumps(tapeline_worker(args.artifacts, overrides, args.budget)), flush=True)
+        print("RESULT " + json.dumps(tapeline_worker(args.artifacts, overrides, args.budget, args.trials)),
+              flush=True)
         return
     if args.worker == "keras-tuner":
         print("RESULT " + json.dumps(keras_tuner_worker(args.artifacts, args.tuner_dir or args.artifacts.parent / "kt",
@@ -261,7 +265,7 @@ def main() -> None:
     artifacts = Path(tempfile.mkdtemp(prefix="tapeline-sweeps-")) / "artifacts"
     data = run_data(load_config(None, overrides), artifacts)
     common = [f"--limit={args.limit}", f"--max-epochs={args.max_epochs}", f"--patience={args.patience}",
-              f"--source={args.source}"]
+              f"--source={args.source}", f"--trials={args.trials}"]
     parts = set(args.parts.split(","))
     results: dict[str, Any] = {}
     if "compare" in parts:

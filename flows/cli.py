@@ -124,12 +124,10 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
 def command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
     from flows.server import start_temporary_api
-    from stages.model import check_size_before_work
-    from tapeline.builder import check_builder
+    from stages.model import check_before_work
 
     config = config_from(args)
-    check_builder(config.model)  # before any work: a bad model.builder is one line here, not a failed flow run
-    check_size_before_work(config)
+    check_before_work(config)  # a bad model.builder is one line here, not a failed flow run
     open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
@@ -151,14 +149,12 @@ def command_run(args: argparse.Namespace) -> int:
 def command_sweep(args: argparse.Namespace) -> int:
     """Run the `sweep` flow (one log line per trial as it ends) and print its table and the winner's gate."""
     from flows.server import start_temporary_api
-    from stages.model import check_size_before_work
+    from stages.model import check_before_work
     from sweeps.space import check_space
-    from tapeline.builder import check_builder
 
     config = config_from(args)
     check_space(config)  # before any work, and before a temporary Prefect server starts
-    check_builder(config.model)
-    check_size_before_work(config)
+    check_before_work(config)
     open_store(args.artifacts)
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
@@ -191,12 +187,10 @@ def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> 
 def command_stage(args: argparse.Namespace) -> int:
     """Run one stage (or the promotion step) in this process."""
     from stages.graph import find_output, run_stage
-    from stages.model import check_size_before_work
-    from tapeline.builder import check_builder
+    from stages.model import check_before_work
 
     config = config_from(args)
-    check_builder(config.model)
-    check_size_before_work(config)
+    check_before_work(config)
     artifacts = normalize_root(args.artifacts)
     if args.name == PROMOTION:
         from stages.pipeline import new_run_id, promote_run

@@ -13,12 +13,11 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import png_data_markdown
 from flows.training import TRANSIENT, artifacts_dir, expected_failure, graph_and_gate, quiet_expected_failures
-from stages.model import check_size_before_work
+from stages.model import check_before_work
 from stages.pipeline import new_run_id
 from sweeps.driver import SweepOutcome, new_invocation, run_sweep
 from sweeps.report import PICTURES, format_table, table_rows, trial_line, trial_summary, write_pictures
 from sweeps.state import SweepFiles, TrialRecord
-from tapeline.builder import check_builder
 from tapeline.config import PipelineConfig, validate_config
 from tapeline.errors import TapelineError
 from tapeline.store import open_store
@@ -41,8 +40,7 @@ def sweep(config: PipelineConfig = PipelineConfig()) -> dict[str, Any] | State: 
 def sweep_run(config: PipelineConfig) -> dict[str, Any]:
     """The flow's work: the trials, the winner's gate, the artifacts."""
     logger = get_run_logger()
-    check_builder(config.model)
-    check_size_before_work(config)
+    check_before_work(config)
     artifacts = artifacts_dir()
     invocation = new_invocation()
 

@@ -27,9 +27,8 @@ from prefect.tasks import exponential_backoff
 from flows import events
 from flows.artifacts import progress_reporter, publish_artifacts, publish_validation_report
 from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
-from stages.model import check_size_before_work
+from stages.model import check_before_work
 from stages.pipeline import new_run_id, promote_run, record_run, registry_row
-from tapeline.builder import check_builder
 from tapeline.config import PipelineConfig
 from tapeline.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
 from tapeline.results import Promotion, StageResult, ValidateResult
@@ -201,8 +200,7 @@ def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = 
 
 def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
     """The flow's work: every stage's task in graph order, the promotion, the registry row, the artifacts."""
-    check_builder(config.model)  # on the worker: its copy of the user's code must import, before any work
-    check_size_before_work(config)
+    check_before_work(config)  # on the worker: its copy of the user's code must import, before any work
     run_id = str(flow_run.id) if flow_run.id else new_run_id()
     return graph_and_gate(config, artifacts_dir(), run_id, verify)
 

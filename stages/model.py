@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tapeline.builder import build_user_model
+from tapeline.builder import build_user_model, call_builder, check_builder, load_builder
 from tapeline.cache import package_versions
 from tapeline.config import ModelConfig, PipelineConfig
 from tapeline.errors import ConfigError
@@ -134,6 +134,45 @@ def check_size_before_work(config: PipelineConfig, available: int | None = None)
     spec = InputSpec(shape=(*config.data.image_size, channels), class_names=classes)
     check_fits(config.model, spec)
     check_cnn_memory(config, spec, available)
+
+
+def provisional_shape(config: PipelineConfig) -> tuple[tuple[int, int, int], int]:
+    """The input shape and class count the config suggests before any data is read: `data.image_size` (RGB unless
+    grayscale) or Fashion-MNIST's 28x28x1; `data.class_names`' length or 10."""
+    shape = (28, 28, 1)
+    if config.data.image_size is not None:
+        shape = (*config.data.image_size, 1 if config.data.color_mode == "grayscale" else 3)
+    return shape, len(config.data.class_names or ()) or 10
+
+
+def check_user_model_round_trip(config: PipelineConfig) -> None:
+    """Before any work: the user's model, built for the config's provisional input shape, must load back from a
+    `.keras` file (a custom layer not registered for serialization is one line now, not after training). When the
+    builder cannot build for that shape, nothing is said here: the model stage checks the model it builds for the
+    data's real input spec."""
+    import tempfile
+
+    if config.model.builder is None:
+        return
+    shape, classes = provisional_shape(config)
+    try:
+        model = call_builder(load_builder(config.model.builder), config.model, shape, classes)
+        with tempfile.TemporaryDirectory(prefix="tapeline-round-trip-") as directory:
+            model.save(Path(directory) / MODEL_FILE)
+            check_reloads(Path(directory) / MODEL_FILE, config.model.builder)
+    except ConfigError as exc:
+        if "does not load back" in str(exc):
+            raise
+    except Exception:  # noqa: BLE001, S110 - not a model for this shape (or not a model): the model stage says so
+        pass
+
+
+def check_before_work(config: PipelineConfig) -> None:
+    """What is checked before any stage runs: the builder resolves and takes its arguments, its model loads back,
+    and training the model fits this machine's memory where the config alone decides it."""
+    check_builder(config.model)
+    check_user_model_round_trip(config)
+    check_size_before_work(config)
 
 
 def check_user_model_memory(model: Any, config: PipelineConfig) -> None:

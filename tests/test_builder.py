@@ -86,6 +86,9 @@ BEFORE_DATA = [
     ("usermodels.py:no_classes", [], "model.builder: usermodels.py:no_classes does not take num_classes; tapeline "
      "calls it as no_classes(input_shape=(H, W, C), num_classes=N, **model.params)", "add num_classes to its "
      "arguments"),
+    ("usermodels.py:unregistered_layer", [], "model.builder: usermodels.py:unregistered_layer builds a model that "
+     "saves but does not load back (Keras cannot find the class 'Doubled')", "@keras.saving."
+     "register_keras_serializable()"),
     ("lonely.py:build", [], "model.builder: importing ", "failed with ModuleNotFoundError: No module named "
      "'tapeline_missing_helpers'"),
 ]
