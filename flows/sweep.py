@@ -12,10 +12,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.artifacts import png_data_markdown
+from flows.pool import pool_launcher
 from flows.training import TRANSIENT, artifacts_dir, expected_failure, graph_and_gate, quiet_expected_failures
 from stages.model import check_before_work
 from stages.pipeline import new_run_id
-from sweeps.driver import SweepOutcome, new_invocation, run_sweep
+from sweeps.driver import SweepOutcome, local_launcher, new_invocation, run_sweep
 from sweeps.report import PICTURES, format_table, table_rows, trial_line, trial_summary, write_pictures
 from sweeps.state import SweepFiles, TrialRecord
 from tapeline.config import PipelineConfig, validate_config
@@ -47,7 +48,8 @@ def sweep_run(config: PipelineConfig) -> dict[str, Any]:
     def announce(record: TrialRecord) -> None:
         logger.info(trial_line(record, config.sweep.metric, invocation))
 
-    outcome = run_sweep(config, artifacts, announce, invocation)
+    outcome = run_sweep(config, artifacts, announce, invocation,
+                        pool_launcher if config.sweep.deployment else local_launcher)
     best = outcome.best
     gate = None
     if best is not None:

@@ -29,10 +29,12 @@ from flows.artifacts import progress_reporter, publish_artifacts, publish_valida
 from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
 from stages.model import check_before_work
 from stages.pipeline import new_run_id, promote_run, record_run, registry_row
+from sweeps.state import SweepFiles, TrialTicket
+from sweeps.trial import run_trial
 from tapeline.config import PipelineConfig
 from tapeline.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
 from tapeline.results import Promotion, StageResult, ValidateResult
-from tapeline.store import is_remote, normalize_root
+from tapeline.store import is_remote, normalize_root, open_store
 
 
 def artifacts_dir() -> Artifacts:
@@ -184,18 +186,30 @@ def run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promo
 
 @flow(name="training-pipeline", description="data -> validate -> model -> train -> evaluate -> export -> "
       "promotion, cached by fingerprint")
-def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = False  # noqa: B008 - frozen model
-                      ) -> dict[str, Any] | State:
+def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = False,  # noqa: B008 - frozen model
+                      trial: TrialTicket | None = None) -> dict[str, Any] | State:
     """Run every stage of the graph as a Prefect task, then the promotion step; return the run summary.
     With `verify`, every cached output is checked by SHA-256 before it is reused. An expected tapeline error
-    fails the run with its one-line message (a Failed state: no traceback in the logs)."""
+    fails the run with its one-line message (a Failed state: no traceback in the logs). With `trial` (set by a
+    sweep on a work pool), run that sweep trial instead: its stages up to train, pruned or complete, its outcome
+    in its record in the sweep's store."""
     quiet_expected_failures()
     try:
+        if trial is not None:
+            return sweep_trial(trial)
         return pipeline_run(config, verify)
     except TRANSIENT:
         raise
     except TapelineError as exc:
         return expected_failure(exc)
+
+
+def sweep_trial(ticket: TrialTicket) -> dict[str, Any]:
+    """A sweep's trial as this flow run: the trial's record says its config (the run's `config` shows it)."""
+    store = open_store(ticket.artifacts)
+    record = run_trial(store, SweepFiles(store, ticket.sweep), ticket.number, ticket.invocation)
+    get_run_logger().info("sweep %s trial %d %s", ticket.sweep, record.number, record.state)
+    return record.model_dump(mode="json")
 
 
 def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import yaml
 
@@ -30,6 +31,22 @@ from tapeline.store import Store, open_store
 
 log = logging.getLogger("tapeline.sweep")
 TrialEnd = Callable[[TrialRecord], None]
+
+
+class Launcher(Protocol):
+    """What starts trials and waits for them: local processes, or flow runs on a work pool."""
+
+    def start(self, number: int) -> Any:
+        """Start trial `number` (its record is saved); returns a handle with `number` and `log_path`."""
+
+    def wait_any(self, running: dict[int, Any]) -> tuple[int, int]:
+        """(trial number, exit status: 0 when it ended normally) of the first of `running` to end."""
+
+    def stop_all(self, running: dict[int, Any]) -> None:
+        """Stop every running trial (the driver is failing)."""
+
+
+LauncherFactory = Callable[[PipelineConfig, "SweepFiles", str], Launcher]
 
 
 @dataclass
@@ -125,14 +142,14 @@ def died(record: TrialRecord, code: int, log_path: Path, retry: bool) -> TrialRe
 
 
 def drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: str, on_trial_end: TrialEnd,
-          launcher: LocalLauncher) -> list[TrialRecord]:
+          launcher: Launcher) -> list[TrialRecord]:
     """Run the sweep's trials to the planned number; returns every record."""
     sweep = config.sweep
     planned = planned_trials(config)
     records = {r.number: r for r in files.trials()}
     queue = sorted(n for n, r in records.items() if r.state == "running")  # interrupted: resumed first
     next_number = max(records, default=-1) + 1
-    running: dict[int, TrialProcess] = {}
+    running: dict[int, Any] = {}
     starts: dict[int, int] = {}
     try:
         while True:
@@ -207,10 +224,16 @@ def write_best(files: SweepFiles, best: TrialRecord | None) -> str | None:
     return str(local)
 
 
+def local_launcher(config: PipelineConfig, files: SweepFiles, invocation: str) -> LocalLauncher:
+    """Trials as local processes, `sweep.parallel` at a time."""
+    return LocalLauncher(str(files.store.root), files.name, invocation, config.sweep.parallel)
+
+
 def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: TrialEnd | None = None,
-              invocation: str | None = None) -> SweepOutcome:
+              invocation: str | None = None, launcher: LauncherFactory = local_launcher) -> SweepOutcome:
     """Check the space, take the sweep's lease, build the shared inputs, run the trials, write best.yaml.
-    `invocation` names this start of the driver (epochs trained are counted per invocation)."""
+    `invocation` names this start of the driver (epochs trained are counted per invocation); `launcher` makes
+    what starts the trials (local processes; the Prefect flow passes flow runs on a work pool)."""
     check_space(config)
     store = open_store(artifacts)
     name = sweep_name(config)
@@ -219,8 +242,8 @@ def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: Trial
     with DriverLease(files, config.sweep.lease_seconds):
         files.check_definition(config)
         build_shared_inputs(config, store)
-        launcher = LocalLauncher(str(store.root), name, invocation, config.sweep.parallel)
-        records = drive(config, store, files, invocation, on_trial_end or (lambda _r: None), launcher)
+        records = drive(config, store, files, invocation, on_trial_end or (lambda _r: None),
+                        launcher(config, files, invocation))
         best = best_trial(config.sweep, records)
         best_config = write_best(files, best)
     return SweepOutcome(name, files.location(), invocation, records, best, best_config, planned_trials(config))

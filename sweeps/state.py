@@ -56,6 +56,15 @@ class TrialRecord(BaseModel):
         return self.trained.get(invocation, 0)
 
 
+class TrialTicket(BaseModel):
+    """What a flow run needs to run one trial of a sweep: the store, the sweep, the trial, the driver's invocation."""
+
+    artifacts: str
+    sweep: str
+    number: int
+    invocation: str
+
+
 def sweep_name(config: PipelineConfig) -> str:
     """`sweep.name`, or a hash of the space, the search's settings and the base config (not of the budget:
     `sweep.trials` or `sweep.parallel` raised later continue the same sweep)."""

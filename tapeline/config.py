@@ -352,6 +352,9 @@ class SweepConfig(Section):
                                     "1/factor of a rung goes on")
     name: str | None = runtime(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="the sweep's "
                                "directory under sweeps/; default: a hash of the space and the base config")
+    deployment: str | None = runtime(None, pattern=r"^[^/\s]+/[^/\s]+$", description="run each trial as a flow run "
+                                     "of this deployment (e.g. training-pipeline/manual) on its work pool's workers, "
+                                     "sharing the artifacts store; none: a local process per trial")
     trial_retries: int = runtime(1, ge=0, le=10, description="times a trial whose process died is resumed before it "
                                  "counts as failed")
     lease_seconds: float = runtime(60, gt=0, le=86_400, description="a driver silent this long is dead: another may "

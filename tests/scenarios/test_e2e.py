@@ -102,6 +102,17 @@ def run_deployment(env: dict[str, str], params: dict, deployment: str = "trainin
     return flow_run_id
 
 
+def wait_for_final_state(api: str, flow_run_id: str, timeout: float) -> str:
+    """Poll a flow run until its state is final; its state type."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
+        if state and state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state["type"]
+        time.sleep(2)
+    return "TIMED OUT"
+
+
 def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     env = server
@@ -158,4 +169,26 @@ def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_p
     keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
     assert {"sweep-trials", "sweep-pictures"} <= keys
     assert fs.exists(f"{bucket_prefix}/sweeps/{row['sweep']}/best.yaml")
+
+    # The same with sweep.deployment: each trial a flow run of training-pipeline/manual, taken by the pool's worker.
+    pool_config = {**sweep_params["config"], "sweep": {"trials": 2, "space": space, "seed": 1,
+                                                       "deployment": "training-pipeline/manual"}}
+    out = prefect(env, "deployment", "run", "sweep/cnn", "--params", json.dumps({"config": pool_config}))
+    pool_run = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    worker_log = (Path(env["PREFECT_HOME"]) / "worker.log").open("w")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "local"], cwd=ROOT, stdout=worker_log,
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    try:
+        state = wait_for_final_state(api, pool_run, timeout=480)
+    finally:
+        stop(worker)
+    assert state == "COMPLETED", (Path(env["PREFECT_HOME"]) / "worker.log").read_text()[-3000:]
+    pool_row = next(r for r in runs_of(artifacts) if r["run_id"] == pool_run)
+    named = {"flow_runs": {"name": {"like_": pool_row["sweep"]}}}
+    trial_runs = httpx.post(f"{api}/flow_runs/filter", json=named).json()
+    assert sorted(r["name"] for r in trial_runs) == [f"{pool_row['sweep']}-trial-{n}" for n in (0, 1)]
+    assert {r["state"]["type"] for r in trial_runs} == {"COMPLETED"}
+    assert all(r["parameters"]["trial"]["sweep"] == pool_row["sweep"] for r in trial_runs)
+    assert len(fs.ls(f"{bucket_prefix}/sweeps/{pool_row['sweep']}/trials")) == 2
     print(f"e2e wall time {time.monotonic() - started:.1f} s")
