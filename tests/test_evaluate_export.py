@@ -254,3 +254,16 @@ def test_predict_rejects_a_huge_image(first_run, tmp_path: Path) -> None:
 def test_predict_without_production_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(PredictError, match="no production model .* run `tapeline run` first"):
         predict([tmp_path / "x.png"], None, tmp_path)
+
+
+def test_a_registry_written_before_the_sweep_columns_still_reads_and_grows(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tapeline.registry import REGISTRY, REQUIRED_COLUMNS, append_run, read_runs
+
+    old = {c: None for c in REQUIRED_COLUMNS} | {"run_id": "old", "time": "2026-12-01T00:00:00Z"}
+    pq.write_table(pa.Table.from_pylist([old]), tmp_path / REGISTRY)
+    append_run(tmp_path, {"run_id": "new", "time": "2026-12-06T00:00:00Z", "sweep": "sweep-1", "trial": 3})
+    rows = read_runs(tmp_path, newest_first=False)
+    assert [(r["run_id"], r["sweep"], r["trial"]) for r in rows] == [("old", None, None), ("new", "sweep-1", 3)]
