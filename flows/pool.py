@@ -5,7 +5,7 @@ writes its record into the shared store, which the driver reads."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class PoolLauncher:
     files: SweepFiles
     invocation: str
     poll_seconds: float = 2.0
-    started: dict[int, Any] = field(default_factory=dict)
 
     def start(self, number: int) -> PoolTrial:
         """Create trial `number`'s flow run (the trial's config as the run's `config`, so the UI shows it)."""

@@ -205,7 +205,6 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     config, data = inputs.config, inputs.data
     keras.utils.set_random_seed(config.seed)
     if config.model.builder is None:
-        check_fits(config.model, data.input_spec)
         check_cnn_memory(config, data.input_spec)
     model = build_model(config.model, data.input_spec)
     if config.model.builder is not None:

@@ -58,7 +58,7 @@ def grid_values(key: str, spec: dict[str, Any]) -> list[Any]:
 
 
 def grid(space: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
-    """The grid of the whole space, for Optuna's GridSampler."""
+    """Each entry's grid values (Optuna's labels for choices), by key."""
     return {key: grid_values(key, spec) for key, spec in space.items()}
 
 
@@ -138,6 +138,6 @@ def planned_trials(base: PipelineConfig) -> int:
 
 
 def all_grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every point of the grid as parameters (for tests and plans)."""
+    """Every point of the grid as parameters, in a fixed order (the grid sampler shuffles it by the seed)."""
     values = grid(space)
     return [from_optuna(space, dict(zip(values, point, strict=True))) for point in itertools.product(*values.values())]

@@ -18,12 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tapeline.cache import canonical_json, fingerprint, write_text_atomic
+from tapeline.cache import canonical_json, fingerprint, write_bytes_atomic
 from tapeline.config import PipelineConfig
 from tapeline.errors import CacheError, TapelineError
 from tapeline.store import LocalStore, RemoteStore, Store
 
 SWEEPS = "sweeps"
+# The settings that make a search what it is: its name hashes them and a rerun must keep them. The budget
+# (trials, parallel), where trials run (deployment) and the driver's housekeeping may change between runs.
+SEARCH_SETTINGS = {"space", "metric", "direction", "sampler", "seed", "pruner", "min_epochs", "reduction_factor"}
 TrialState = Literal["running", "complete", "pruned", "failed"]
 
 
@@ -71,10 +74,17 @@ def sweep_name(config: PipelineConfig) -> str:
     sweep = config.sweep
     if sweep.name is not None:
         return sweep.name
-    base = config.model_dump(mode="json", exclude={"sweep", "preset"})
-    search = sweep.model_dump(mode="json", include={"space", "metric", "direction", "sampler", "seed", "pruner",
-                                                     "min_epochs", "reduction_factor"})
-    return f"sweep-{fingerprint({'base': base, 'search': search})[:12]}"
+    return f"sweep-{fingerprint({'base': base_of(config), 'search': search_of(config)})[:12]}"
+
+
+def base_of(config: PipelineConfig) -> dict[str, Any]:
+    """The base config a sweep searches around (its sweep section and preset name aside)."""
+    return config.model_dump(mode="json", exclude={"sweep", "preset"})
+
+
+def search_of(config: PipelineConfig) -> dict[str, Any]:
+    """The sweep's search settings (`SEARCH_SETTINGS`)."""
+    return config.sweep.model_dump(mode="json", include=SEARCH_SETTINGS)
 
 
 class SweepFiles:
@@ -106,12 +116,7 @@ class SweepFiles:
             return
         path = Path(self.location(*parts))
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix in (".json", ".yaml", ".md", ".csv"):
-            write_text_atomic(path, data.decode())
-        else:
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        write_bytes_atomic(path, data)
 
     def remove(self, *parts: str) -> None:
         """Delete an object (absent is fine)."""
@@ -161,10 +166,7 @@ class SweepFiles:
 
     def check_definition(self, config: PipelineConfig) -> None:
         """Write the sweep's definition on its first run; later runs must search the same space on the same base."""
-        mine = {"name": self.name, "space": config.sweep.space,
-                "base": config.model_dump(mode="json", exclude={"sweep", "preset"}),
-                "search": config.sweep.model_dump(mode="json", exclude={"trials", "parallel", "name", "lease_seconds",
-                                                                       "trial_retries"})}
+        mine = {"name": self.name, "space": config.sweep.space, "base": base_of(config), "search": search_of(config)}
         data = self.read("sweep.json")
         if data is None:
             self.write(json.dumps(mine, indent=2, sort_keys=True).encode(), "sweep.json")

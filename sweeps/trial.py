@@ -4,6 +4,7 @@ process per trial keeps memory from growing across trials and lets several run a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.graph import known_fingerprint, run_stage
+from stages.graph import find_output_by_fingerprint, known_fingerprint, run_stage
 from sweeps.state import SweepFiles, TrialRecord
 from sweeps.study import prune_decision
 from tapeline.config import PipelineConfig, validate_config
@@ -44,8 +45,6 @@ def intermediate_values(history: list[dict[str, float]], metric: str) -> dict[in
 
 def completed(record: TrialRecord, train: TrainResult, metric: str, invocation: str) -> TrialRecord:
     """The record of a trial whose train output exists (trained now, or found in the cache)."""
-    import json
-
     history = read_history(train.path)
     summary = json.loads((train.path / "best.json").read_text())
     value = float(model_epoch(history, summary)[metric])
@@ -114,8 +113,6 @@ def run_trial(store: Store, files: SweepFiles, number: int, invocation: str) -> 
 def cached_outcome(store: Store, record: TrialRecord, metric: str, invocation: str) -> TrialRecord | None:
     """The record of a trial whose config was already trained (by this sweep, another one, or `tapeline run`),
     without starting a process; None when it has to train."""
-    from stages.graph import find_output_by_fingerprint
-
     config = validate_config(record.config)
     try:
         fp = known_fingerprint("train", config, store.root)

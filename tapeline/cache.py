@@ -202,9 +202,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to a temporary sibling, fsync it, then rename it over `path`."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary sibling, fsync it, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
+    with tmp.open("wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

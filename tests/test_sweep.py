@@ -104,6 +104,21 @@ def test_the_sweeps_name_depends_on_the_search_not_its_budget(idx_dir: Path) -> 
     assert sweep_name(sweep_config(idx_dir, LR, "sweep.name=nightly-lr")) == "nightly-lr"
 
 
+def test_a_sweep_continues_with_more_trials_or_on_a_work_pool_but_not_with_another_search(idx_dir: Path,
+                                                                                          tmp_path: Path) -> None:
+    from tapeline.errors import TapelineError
+
+    local = sweep_config(idx_dir, LR, "sweep.name=lr")
+    files = SweepFiles(open_store(tmp_path), sweep_name(local))
+    files.check_definition(local)
+    files.check_definition(sweep_config(idx_dir, LR, "sweep.name=lr", "sweep.trials=40",
+                                        "sweep.deployment=training-pipeline/manual"))
+    assert sweep_name(local.model_copy(update={"sweep": local.sweep.model_copy(update={"name": None})})) == \
+        sweep_name(sweep_config(idx_dir, LR, "sweep.deployment=training-pipeline/manual"))
+    with pytest.raises(TapelineError, match="sweep lr at .* searched another search"):
+        files.check_definition(sweep_config(idx_dir, LR, "sweep.name=lr", "sweep.seed=3"))
+
+
 # --- trials ------------------------------------------------------------------------------------------------------
 
 
