@@ -17,6 +17,7 @@ from stages.graph import STAGE_NAMES
 from tapeline.config import PRESETS, PipelineConfig, config_keys, load_config
 from tapeline.errors import TapelineError
 from tapeline.hardware import onednn_origin
+from tapeline.interrupts import Interrupted, interruptible
 from tapeline.store import normalize_root, open_store
 
 PROMOTION = "promotion"
@@ -275,16 +276,26 @@ def main(argv: list[str] | None = None) -> int:
     onednn_origin()
     args = build_parser().parse_args(argv)
     configure_logging()
-    try:
-        return COMMANDS[args.command](args)
-    except TapelineError as exc:
-        print(f"tapeline: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception:  # noqa: BLE001 - anything else is tapeline's own mistake: say so, with the whole traceback
-        traceback.print_exc()
-        print(f"tapeline: this is a bug in tapeline, not a problem with your input or config: please report it with "
-              f"the traceback above ({BUGS})", file=sys.stderr)
-        return 1
+    with interruptible() as interrupts:
+        try:
+            return COMMANDS[args.command](args)
+        except Interrupted as exc:  # Ctrl-C or SIGTERM: what is done stays; the same command goes on from there
+            interrupts.announce()
+            return exc.status
+        except TapelineError as exc:
+            if interrupts.received is not None:  # an error met while unwinding from the signal is the signal's
+                interrupts.announce()
+                return 128 + interrupts.received
+            print(f"tapeline: error: {exc}", file=sys.stderr)
+            return 2
+        except Exception:  # noqa: BLE001 - anything else is tapeline's own mistake: say so, with the traceback
+            if interrupts.received is not None:
+                interrupts.announce()
+                return 128 + interrupts.received
+            traceback.print_exc()
+            print(f"tapeline: this is a bug in tapeline, not a problem with your input or config: please report it "
+                  f"with the traceback above ({BUGS})", file=sys.stderr)
+            return 1
 
 
 NATIVE_STARTUP_NOISE = (b"All log messages before absl::InitializeLog() is called",

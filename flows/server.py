@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from tapeline.errors import TapelineError
-from tapeline.processes import tied_to_parent
+from tapeline.processes import start_child
 
 log = logging.getLogger("tapeline.server")
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -82,8 +82,8 @@ def start_temporary_api(environ: MutableMapping[str, str] = os.environ, timeout:
     url = f"http://127.0.0.1:{port}/api"
     log_path = Path(tempfile.mkstemp(prefix="tapeline-prefect-api-", suffix=".log")[1])
     with log_path.open("ab") as out:
-        process = subprocess.Popen(server_command(port), env={**environ, **SERVER_ENV}, stdout=out,  # noqa: S603
-                                   stderr=subprocess.STDOUT, preexec_fn=tied_to_parent())  # noqa: PLW1509
+        process = start_child(server_command(port), env={**environ, **SERVER_ENV}, stdout=out,
+                              stderr=subprocess.STDOUT)
     atexit.register(stop, process, log_path)
     wait_until_healthy(process, url, log_path, timeout)
     log.info("temporary Prefect API on %s (it ends with this command; set PREFECT_API_URL to use a server of "

@@ -26,7 +26,7 @@ from sweeps.study import best_trial, propose
 from sweeps.trial import cached_outcome
 from tapeline.config import PipelineConfig
 from tapeline.errors import ConfigError
-from tapeline.processes import thread_environment, tied_to_parent
+from tapeline.processes import end_child, start_child, thread_environment
 from tapeline.store import Store, open_store
 
 log = logging.getLogger("tapeline.sweep")
@@ -86,9 +86,9 @@ class LocalLauncher:
         log_path = self.log_dir / f"trial-{number:05d}.log"
         env = {**os.environ, **thread_environment(self.parallel), "TF_CPP_MIN_LOG_LEVEL": "2"}
         with log_path.open("ab") as out:
-            process = subprocess.Popen(  # noqa: S603 - our own module, our own arguments
+            process = start_child(
                 [sys.executable, "-m", "sweeps.trial", self.artifacts, self.name, str(number), self.invocation],
-                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=tied_to_parent())  # noqa: PLW1509
+                stdout=out, stderr=subprocess.STDOUT, env=env)
         return TrialProcess(number, process, log_path)
 
     def wait_any(self, running: dict[int, TrialProcess]) -> tuple[int, int]:
@@ -103,8 +103,7 @@ class LocalLauncher:
     def stop_all(self, running: dict[int, TrialProcess]) -> None:
         """Stop every running trial (the driver is failing): each resumes from its checkpoint next time."""
         for trial in running.values():
-            trial.process.kill()
-            trial.process.wait()
+            end_child(trial.process)
 
 
 def new_invocation() -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tapeline.errors import ConfigError, TrainingError
+from tapeline.processes import start_child
 
 TF_CONFIG = "TF_CONFIG"
 log = logging.getLogger("tapeline.cluster")
@@ -203,8 +204,8 @@ def launch_local_workers(argv: Sequence[str], count: int, timeout: float, env: M
     threads: list[threading.Thread] = []
     try:
         for index, tf_config in enumerate(local_tf_configs(count)):
-            process = subprocess.Popen(list(argv), env={**base, TF_CONFIG: tf_config}, cwd=cwd, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+            process = start_child(argv, env={**base, TF_CONFIG: tf_config}, cwd=cwd, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
             processes.append(process)
             thread = threading.Thread(target=forward, args=(process.stdout, f"[worker {index}]", log), daemon=True)
             thread.start()

@@ -1,15 +1,21 @@
-"""Child processes that die with their parent (trial processes, the temporary Prefect server), and the share of
-the cores each of several gets."""
+"""Child processes that die with their parent (trial processes, training workers, the temporary Prefect server),
+and the share of the cores each of several gets."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
+# Every child started by `start_child`, so that an interrupted command can end them all before it exits.
+_CHILDREN: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 
 
 def die_with_parent() -> None:
@@ -22,6 +28,34 @@ def die_with_parent() -> None:
 def tied_to_parent() -> Callable[[], None] | None:
     """A `preexec_fn` for subprocess.Popen that ties the child's life to this process (None off Linux)."""
     return die_with_parent if sys.platform == "linux" else None
+
+
+def start_child(argv: Sequence[str], **popen: Any) -> subprocess.Popen:
+    """Start a child of this command: it dies with this process (a `kill -9` leaves no orphan) and lives in a
+    process group of its own, so that a Ctrl-C at the terminal reaches only this process, which then ends its
+    children in order (the Prefect API last, after the flow run's final state is reported); `end_children` ends it
+    when the command must exit at once."""
+    process = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=tied_to_parent(),  # noqa: S603, PLW1509
+                               **popen)
+    _CHILDREN.add(process)
+    return process
+
+
+def end_child(process: subprocess.Popen) -> None:
+    """Kill a child started by `start_child` and everything in its process group; reap it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    with contextlib.suppress(ChildProcessError, OSError):
+        process.wait(timeout=2)
+
+
+def end_children() -> None:
+    """Kill every child this process started with `start_child` that still runs."""
+    for process in list(_CHILDREN):
+        end_child(process)
 
 
 def usable_cores() -> int:
