@@ -7,15 +7,17 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
+from collections import Counter
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 from stages.graph import STAGE_NAMES
 from tapeline.config import PRESETS, PipelineConfig, config_keys, load_config
-from tapeline.errors import TapelineError
+from tapeline.errors import OutcomeError, TapelineError
 from tapeline.hardware import onednn_origin
 from tapeline.interrupts import Interrupted, interruptible
 from tapeline.store import normalize_root, open_store
@@ -152,11 +154,13 @@ def command_sweep(args: argparse.Namespace) -> int:
     from flows.server import start_temporary_api
     from stages.model import check_before_work
     from sweeps.space import check_space
+    from sweeps.state import DriverLease, SweepFiles, sweep_name
 
     config = config_from(args)
-    check_space(config)  # before any work, and before a temporary Prefect server starts
+    store = open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
+    DriverLease(SweepFiles(store, sweep_name(config)), config.sweep.lease_seconds).check_free()
+    check_space(config)  # every trial checked before any work, and before a temporary Prefect server starts
     check_before_work(config)
-    open_store(args.artifacts)
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
     start_temporary_api()
@@ -173,7 +177,28 @@ def command_sweep(args: argparse.Namespace) -> int:
         print(summary["decision"])
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "table"}, default=str))
+    failure = all_failed(summary["trials"])
+    if failure is not None:
+        raise OutcomeError(failure)
     return 0
+
+
+NUMBER = re.compile(r"[-+]?\d[\d.e+-]*")
+
+
+def reason_kind(reason: str | None) -> str:
+    """A trial's failure reason with its figures blanked, so that reasons differing only in them count as one."""
+    return NUMBER.sub("N", reason or "no reason recorded")
+
+
+def all_failed(trials: list[dict]) -> str | None:
+    """When every trial of a sweep failed: one line with how many and the commonest reason; else None."""
+    if not trials or any(t["state"] != "failed" for t in trials):
+        return None
+    kind, count = Counter(reason_kind(t["reason"]) for t in trials).most_common(1)[0]
+    first = next(t for t in trials if reason_kind(t["reason"]) == kind)
+    return (f"every trial of the sweep failed ({len(trials)} of {len(trials)}); the commonest reason ({count} of "
+            f"them, e.g. trial {first['number']}): {first['reason']}")
 
 
 def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -287,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 interrupts.announce()
                 return 128 + interrupts.received
             print(f"tapeline: error: {exc}", file=sys.stderr)
-            return 2
+            return exc.exit_status
         except Exception:  # noqa: BLE001 - anything else is tapeline's own mistake: say so, with the traceback
             if interrupts.received is not None:
                 interrupts.announce()

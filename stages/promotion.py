@@ -17,7 +17,9 @@ from typing import Any
 
 from stages.evaluate import test_metrics
 from stages.export import render_model_card
+from stages.floor import did_not_learn
 from stages.graph import Artifacts, find_output_by_fingerprint, run_stage
+from tapeline.cache import read_manifest
 from tapeline.config import ExportConfig, PipelineConfig
 from tapeline.errors import CacheError, LockTimeoutError
 from tapeline.registry import local_version, publish, read_production, switch
@@ -30,8 +32,12 @@ SWITCH_ATTEMPTS = 5
 log = logging.getLogger("tapeline.promotion")
 
 
-def decide(challenger: float, champion: float | None, config: ExportConfig) -> tuple[bool, str]:
-    """The gate: at least export.min_accuracy, and better than the champion by export.promote_min_delta."""
+def decide(challenger: float, champion: float | None, config: ExportConfig, floor: str | None = None
+           ) -> tuple[bool, str]:
+    """The gate: above the floor (`floor` says why a model is below it), at least export.min_accuracy, and better
+    than the champion by export.promote_min_delta."""
+    if floor is not None:
+        return False, f"rejected: {floor}"
     if challenger < config.min_accuracy:
         return False, f"rejected: test accuracy {challenger:.4f} < export.min_accuracy {config.min_accuracy:.4f}"
     if champion is None:
@@ -40,6 +46,11 @@ def decide(challenger: float, champion: float | None, config: ExportConfig) -> t
         return True, f"promoted: {challenger:.4f} beats production {champion:.4f}"
     return False, (f"kept production: {challenger:.4f} does not beat {champion:.4f} "
                    f"by export.promote_min_delta {config.promote_min_delta}")
+
+
+def split_counts(data: DataResult, split: str) -> list[int]:
+    """The class counts of one split of the data output, from its manifest."""
+    return list(read_manifest(data.path)["splits"][split]["class_counts"])
 
 
 def comparable(store: Store, champion: dict[str, Any], data: DataResult) -> bool:
@@ -86,7 +97,9 @@ def decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, tr
                                  test_accuracy=evaluation.test_accuracy, champion_version=current["version"],
                                  champion_accuracy=evaluation.test_accuracy)
             theirs = champion_accuracy(config, store, current, data) if current is not None else None
-            promoted, decision = decide(evaluation.test_accuracy, theirs, config.export)
+            floor = did_not_learn(config, evaluation.test_accuracy, evaluation.test_loss, split_counts(data, "test"),
+                                  "test")
+            promoted, decision = decide(evaluation.test_accuracy, theirs, config.export, floor)
             outcome = Promotion(promoted=promoted, decision=decision, model_path=export.location or str(export.path),
                                 test_accuracy=evaluation.test_accuracy,
                                 champion_version=current["version"] if current and theirs is not None else None,

@@ -262,15 +262,22 @@ def drift_anomalies(ours: dict[str, np.ndarray], baseline: dict[str, np.ndarray]
 
 def unreadable_anomalies(manifest: dict[str, Any], config: ValidateConfig) -> list[dict[str, Any]]:
     """Image files the data stage skipped: an error past validate.max_unreadable_share of the files, else a
-    warning."""
+    warning; folders it did not walk: a warning of their own."""
     skipped, tried = manifest.get("skipped") or [], int(manifest.get("image_files") or 0)
-    if not skipped:
-        return []
-    share = len(skipped) / max(tried, 1)
-    severity = "error" if share > config.max_unreadable_share else "warning"
-    return [anomaly("unreadable_images", severity, f"{len(skipped)} of {tried} image files ({share:.1%}) could not "
-                    f"be read and were skipped (validate.max_unreadable_share {config.max_unreadable_share:.1%}); "
-                    "see `skipped` in the data manifest", len(skipped), skipped[:EXAMPLES])]
+    unwalked = manifest.get("unwalked") or []
+    found = []
+    if skipped:
+        share = len(skipped) / max(tried, 1)
+        severity = "error" if share > config.max_unreadable_share else "warning"
+        found.append(anomaly("unreadable_images", severity, f"{len(skipped)} of {tried} image files ({share:.1%}) "
+                             f"could not be read and were skipped (validate.max_unreadable_share "
+                             f"{config.max_unreadable_share:.1%}); see `skipped` in the data manifest", len(skipped),
+                             skipped[:EXAMPLES]))
+    if unwalked:  # not images: they count toward no share, and the user learns of each
+        found.append(anomaly("unwalked_folders", "warning", f"{len(unwalked)} folder(s) or link(s) were not walked "
+                             "(link loops, second links to one folder, unreadable directories); see `unwalked` in the "
+                             "data manifest", len(unwalked), unwalked[:EXAMPLES]))
+    return found
 
 
 def constant_anomalies(splits: Splits, config: ValidateConfig) -> list[dict[str, Any]]:

@@ -9,11 +9,10 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,10 +78,11 @@ class LocalLauncher:
     name: str
     invocation: str
     parallel: int
-    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tapeline-sweep-")))
+    log_dir: Path
 
     def start(self, number: int) -> TrialProcess:
         """Start trial `number`'s process."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"trial-{number:05d}.log"
         env = {**os.environ, **thread_environment(self.parallel), "TF_CPP_MIN_LOG_LEVEL": "2"}
         with log_path.open("ab") as out:
@@ -161,7 +161,7 @@ def drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: s
                     files.save(records[number])
                 record = records[number]
                 if record.state == "running":
-                    found = cached_outcome(store, record, sweep.metric, invocation)
+                    found = cached_outcome(store, record, invocation)
                     if found is None and not any(records[n].config == record.config for n in running):
                         running[number] = launcher.start(number)
                         starts[number] = starts.get(number, 0) + 1
@@ -223,9 +223,20 @@ def write_best(files: SweepFiles, best: TrialRecord | None) -> str | None:
     return str(local)
 
 
+def trial_log_dir(files: SweepFiles) -> Path:
+    """Where the trial processes' logs go: `logs/` in the sweep's directory; for a sweep on a bucket, the same place
+    in the local read cache (a log is written as the trial runs)."""
+    location = files.location("logs")
+    if "://" not in location:
+        return Path(location)
+    from tapeline.store import cache_dir
+
+    return cache_dir() / "sweeps" / files.name / "logs"
+
+
 def local_launcher(config: PipelineConfig, files: SweepFiles, invocation: str) -> LocalLauncher:
-    """Trials as local processes, `sweep.parallel` at a time."""
-    return LocalLauncher(str(files.store.root), files.name, invocation, config.sweep.parallel)
+    """Trials as local processes, `sweep.parallel` at a time, their logs in the sweep's directory."""
+    return LocalLauncher(str(files.store.root), files.name, invocation, config.sweep.parallel, trial_log_dir(files))
 
 
 def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: TrialEnd | None = None,
@@ -238,6 +249,9 @@ def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: Trial
     name = sweep_name(config)
     files = SweepFiles(store, name)
     invocation = invocation or new_invocation()
+    if planned_trials(config) < config.sweep.trials:
+        log.warning("sweep %s: the grid has %d configurations, fewer than sweep.trials=%d; the sweep runs each once",
+                    name, planned_trials(config), config.sweep.trials)
     with DriverLease(files, config.sweep.lease_seconds):
         files.check_definition(config)
         build_shared_inputs(config, store)

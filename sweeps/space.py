@@ -129,6 +129,41 @@ def check_space(base: PipelineConfig) -> None:
                 raise ConfigError(f"sweep.space.{key}: the value {value!r} is not valid ({detail})") from None
     if base.sweep.sampler == "grid" and grid_size(space) > GRID_LIMIT:
         raise ConfigError(f"sweep.space: the grid has more than {GRID_LIMIT} points; use sweep.sampler=tpe")
+    check_shaping_trials(base)
+
+
+# The keys whose values decide the model and what training holds in memory: each distinct trial config over them
+# is checked before any work, as `tapeline run` checks its one config.
+SHAPING_KEYS = ("data.image_size", "data.batch_size", "data.color_mode", "data.class_names", "model.")
+MAX_CHECKED_TRIALS = 64
+
+
+def shaping_trials(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parameters of every distinct trial config the space can produce over its shaping keys (ranges by their
+    two ends). Beyond MAX_CHECKED_TRIALS combinations: each key's values alone, and the corners where every key
+    is at its first or at its last value."""
+    keys = [k for k in space if k.startswith(SHAPING_KEYS)]
+    values = {key: extremes(space[key]) for key in keys}
+    combos = [dict(zip(keys, point, strict=True)) for point in itertools.islice(
+        itertools.product(*values.values()), MAX_CHECKED_TRIALS + 1)]
+    if len(combos) <= MAX_CHECKED_TRIALS:
+        return combos if keys else []
+    singles = [{key: value} for key in keys for value in values[key]]
+    return [*singles, {k: v[0] for k, v in values.items()}, {k: v[-1] for k, v in values.items()}]
+
+
+def check_shaping_trials(base: PipelineConfig) -> None:
+    """Every trial config that changes the model or its size, checked before any work as `tapeline run` checks one
+    (sizes against this machine's memory, the user's model built, checked and loaded back): ConfigError naming the
+    trial's values."""
+    from stages.model import check_before_work
+
+    for params in shaping_trials(base.sweep.space):
+        try:
+            check_before_work(trial_config(base, params))
+        except ConfigError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"sweep.space: the trial {shown} cannot run: {exc}") from None
 
 
 def planned_trials(base: PipelineConfig) -> int:

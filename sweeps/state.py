@@ -241,16 +241,25 @@ class DriverLease:
         except json.JSONDecodeError:
             return None, etag
 
+    def refuse_if_busy(self, lease: dict[str, Any] | None) -> None:
+        """SweepBusyError naming the live driver that holds `lease` (when another one does)."""
+        if lease is not None and lease.get("token") != self.token and \
+                lease_holder_alive(lease, self.lease_seconds, time.time()):
+            raise SweepBusyError(f"sweep {self.files.name} is being run by another driver "
+                                 f"({describe_lease(lease)}); wait for it to end, or stop it: a dead "
+                                 f"driver's sweep is taken over (after sweep.lease_seconds="
+                                 f"{self.lease_seconds:g} on another machine)")
+
+    def check_free(self) -> None:
+        """Before any work (a Prefect API, a flow run): SweepBusyError when a live driver holds the sweep. The claim
+        itself, later, decides a race between two drivers starting at once."""
+        self.refuse_if_busy(self.current()[0])
+
     def claim(self) -> None:
         """Take the lease, or SweepBusyError naming the live driver."""
         with self.exclusive():
             lease, etag = self.current()
-            if lease is not None and lease.get("token") != self.token and \
-                    lease_holder_alive(lease, self.lease_seconds, time.time()):
-                raise SweepBusyError(f"sweep {self.files.name} is being run by another driver "
-                                     f"({describe_lease(lease)}); wait for it to end, or stop it: a dead "
-                                     f"driver's sweep is taken over (after sweep.lease_seconds="
-                                     f"{self.lease_seconds:g} on another machine)")
+            self.refuse_if_busy(lease)
             if isinstance(self.files.store, RemoteStore):
                 key = self.files.store.key(SWEEPS, self.files.name, "driver.json")
                 if not self.files.store.put_bytes(key, self.body(), create=etag is None, if_match=etag):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sweeps.space import all_grid_points, distributions, from_optuna, to_optuna
+from sweeps.space import all_grid_points, choice_label, distributions, from_optuna, to_optuna
 from sweeps.state import TrialRecord
 from tapeline.config import SweepConfig
 
@@ -104,7 +104,28 @@ def propose(sweep: SweepConfig, records: list[TrialRecord], number: int) -> dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna warns that multivariate TPE is experimental
         trial = study.ask(distributions(sweep.space))
-    return from_optuna(sweep.space, trial.params)
+    earlier = [r for r in records if r.number < number]
+    return unseen_choices_first(sweep, from_optuna(sweep.space, trial.params), earlier, number)
+
+
+def unseen_choices_first(sweep: SweepConfig, params: dict[str, Any], earlier: list[TrialRecord], number: int
+                         ) -> dict[str, Any]:
+    """Each choice's values all drawn before any repeats: where the sampler drew a value an earlier trial (finished
+    or not) has while some value of that choice none has, one of those is taken instead (seeded by the trial), so
+    a small sweep never spends a trial on a repeat while a choice is still untried. (Independent samplers draw
+    repeats often: 2 values, 2 random trials, one time in two.)"""
+    import random
+
+    chosen = dict(params)
+    rng = random.Random(trial_seed(sweep, number))
+    for key, spec in sweep.space.items():
+        if "choice" not in spec:
+            continue
+        used = {choice_label(r.params[key]) for r in earlier if key in r.params}
+        unused = [value for value in spec["choice"] if choice_label(value) not in used]
+        if unused and choice_label(chosen[key]) in used:
+            chosen[key] = rng.choice(unused)
+    return chosen
 
 
 def grid_point(sweep: SweepConfig, number: int) -> dict[str, Any]:

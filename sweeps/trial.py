@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stages.floor import did_not_learn
 from stages.graph import find_output_by_fingerprint, known_fingerprint, run_stage
 from sweeps.state import SweepFiles, TrialRecord
 from sweeps.study import prune_decision
+from tapeline.cache import read_manifest
 from tapeline.config import PipelineConfig, validate_config
 from tapeline.errors import MissingUpstreamError, TapelineError, TrainingPaused
 from tapeline.results import StopCheck, TrainResult
@@ -43,19 +45,38 @@ def intermediate_values(history: list[dict[str, float]], metric: str) -> dict[in
     return {int(row["epoch"]): float(row[metric]) for row in history}
 
 
-def completed(record: TrialRecord, train: TrainResult, metric: str, invocation: str) -> TrialRecord:
-    """The record of a trial whose train output exists (trained now, or found in the cache)."""
+def validation_counts(store: Store, train: TrainResult) -> list[int]:
+    """The class counts of the validation split the trial's model was trained against."""
+    data_fp = read_manifest(train.path)["upstream"]["data"]
+    data = find_output_by_fingerprint("data", data_fp, store.root)
+    return list(read_manifest(data.path)["splits"]["validation"]["class_counts"])
+
+
+def failure_reason(config: PipelineConfig, row: dict[str, float], value: float, counts: list[int]) -> str | None:
+    """Why a trained trial failed (its metric is not a number, or its model did not learn), None when complete."""
+    if not math.isfinite(value):
+        return f"{config.sweep.metric} is {value}"
+    return did_not_learn(config, float(row["val_accuracy"]), float(row["val_loss"]), counts, "validation")
+
+
+def completed(store: Store, record: TrialRecord, train: TrainResult, invocation: str) -> TrialRecord:
+    """The record of a trial whose train output exists (trained now, or found in the cache): complete, or failed
+    when its model did not learn (below the promotion floor on the validation split: never the best)."""
+    config = validate_config(record.config)
+    metric = config.sweep.metric
     history = read_history(train.path)
     summary = json.loads((train.path / "best.json").read_text())
-    value = float(model_epoch(history, summary)[metric])
+    row = model_epoch(history, summary)
+    value = float(row[metric])
     trained = dict(record.trained)
     if not train.cached:
         trained[invocation] = trained.get(invocation, 0) + len(history) - record.epochs
-    state = "complete" if math.isfinite(value) else "failed"
+    reason = failure_reason(config, row, value, validation_counts(store, train))
     return record.model_copy(update={
-        "state": state, "value": value, "intermediate": intermediate_values(history, metric),
-        "train_fingerprint": train.fingerprint, "cached": train.cached and not trained.get(invocation),
-        "epochs": len(history), "trained": trained, "reason": None if state == "complete" else f"{metric} is {value}",
+        "state": "complete" if reason is None else "failed", "value": value,
+        "intermediate": intermediate_values(history, metric), "train_fingerprint": train.fingerprint,
+        "cached": train.cached and not trained.get(invocation), "epochs": len(history), "trained": trained,
+        "reason": reason,
     })
 
 
@@ -100,7 +121,7 @@ def run_trial(store: Store, files: SweepFiles, number: int, invocation: str) -> 
             results[name] = run_stage(name, config, store.root, results)
         train = run_stage("train", config, store.root, results,
                           should_stop=pruning_check(files, config, invocation, holder))
-        final = completed(holder[-1], train, config.sweep.metric, invocation)  # type: ignore[arg-type]
+        final = completed(store, holder[-1], train, invocation)  # type: ignore[arg-type]
     except TrainingPaused:
         final = holder[-1]
     except TapelineError as exc:
@@ -110,7 +131,7 @@ def run_trial(store: Store, files: SweepFiles, number: int, invocation: str) -> 
     return final
 
 
-def cached_outcome(store: Store, record: TrialRecord, metric: str, invocation: str) -> TrialRecord | None:
+def cached_outcome(store: Store, record: TrialRecord, invocation: str) -> TrialRecord | None:
     """The record of a trial whose config was already trained (by this sweep, another one, or `tapeline run`),
     without starting a process; None when it has to train."""
     config = validate_config(record.config)
@@ -121,7 +142,7 @@ def cached_outcome(store: Store, record: TrialRecord, metric: str, invocation: s
     if store.problem("train", fp) is not None:
         return None
     train = find_output_by_fingerprint("train", fp, store.root)
-    return completed(record, train, metric, invocation)  # type: ignore[arg-type]
+    return completed(store, record, train, invocation)  # type: ignore[arg-type]
 
 
 def main(argv: list[str]) -> int:

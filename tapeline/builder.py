@@ -335,10 +335,10 @@ def output_activation(model: Any) -> str | None:
     return getattr(activation, "__name__", activation if isinstance(activation, str) else None)
 
 
-def check_model(model: Any, config: ModelConfig, shape: tuple[int, int, int], num_classes: int) -> None:
-    """The builder's return value must be a keras.Model taking `shape` images and returning (batch, N) logits."""
+def check_model(model: Any, config: ModelConfig, shape: tuple[int, int, int], num_classes: int | None) -> None:
+    """The builder's return value must be a keras.Model taking `shape` images and returning (batch, N) logits
+    (N = `num_classes`; None when the class count is not known yet: every check but the output's width)."""
     import keras
-    import numpy as np
 
     ref = config.builder
     if not isinstance(model, keras.Model):
@@ -350,16 +350,31 @@ def check_model(model: Any, config: ModelConfig, shape: tuple[int, int, int], nu
         wanted = ", ".join(map(str, shape))
         raise ConfigError(f"{KEY}: {ref} returned a model whose input is {got}, not (None, {wanted}); build it on "
                           "keras.Input(shape=input_shape)")
+    check_logits(model, config, shape, num_classes)
+
+
+def check_logits(model: Any, config: ModelConfig, shape: tuple[int, int, int], num_classes: int | None) -> None:
+    """On a batch of two images: the model runs, returns float (batch, N) values, and they are logits, not
+    probabilities (no final softmax or sigmoid, rows not summing to 1)."""
+    import keras
+    import numpy as np
+
+    ref = config.builder
     batch = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     try:
-        output = np.asarray(keras.ops.convert_to_numpy(model(batch, training=False)), np.float64)
+        raw = keras.ops.convert_to_numpy(model(batch, training=False))
     except Exception as exc:  # noqa: BLE001 - the user's layers may raise anything
         raise ConfigError(f"{KEY}: {ref}'s model fails on a batch of images {tuple(shape)}: {type(exc).__name__}: "
                           f"{one_line(exc)}; fix the model") from None
-    if output.shape != (2, num_classes):
+    if not np.issubdtype(np.asarray(raw).dtype, np.floating):
+        raise ConfigError(f"{KEY}: {ref}'s model returns {np.asarray(raw).dtype} values, not floating-point logits; "
+                          f"{LOGITS_FIX}")
+    output = np.asarray(raw, np.float64)
+    if output.ndim != 2 or output.shape[0] != 2 or (num_classes is not None and output.shape[1] != num_classes):
         got = ", ".join(map(str, output.shape[1:]))
-        raise ConfigError(f"{KEY}: {ref} returned a model whose output is (batch, {got}), not (batch, {num_classes}); "
-                          f"end with Dense(num_classes) for the {num_classes} classes")
+        wanted = num_classes if num_classes is not None else "num_classes"
+        raise ConfigError(f"{KEY}: {ref} returned a model whose output is (batch, {got}), not (batch, {wanted}); "
+                          f"end with Dense(num_classes) for the {wanted} classes")
     activation = output_activation(model)
     sums_to_one = bool(np.all(output >= 0) and np.allclose(output.sum(axis=1), 1.0, atol=1e-3))
     if activation in PROBABILITY_ACTIVATIONS or sums_to_one:

@@ -282,6 +282,31 @@ class ExportConfig(Section):
     timeout_seconds: float | None = runtime(None, gt=0, description="export stage time limit in the flow")
 
 
+class PromotionConfig(Section):
+    """The floor under the promotion gate (TFX's value thresholds): a model must have learned something before it
+    may become production, with or without a champion to beat; sweep trials below it fail with "did not learn"."""
+
+    min_accuracy: float | Literal["auto"] = Field(
+        "auto", description="accuracy a model needs before any promotion (test split; a sweep trial: validation); "
+        "auto: the majority-class share (chance) plus a tenth of the rest, 0.19 for 10 balanced classes"
+    )
+    max_loss: float | Literal["auto"] = Field(
+        "auto", description="highest loss (finite) a model may have before any promotion; auto: 4 x ln(classes), four "
+        "times the loss of a uniform guess (9.21 for 10 classes)"
+    )
+
+    @field_validator("min_accuracy", "max_loss")
+    @classmethod
+    def _in_range(cls, value: float | str, info: Any) -> float | str:
+        if isinstance(value, str):
+            return value
+        if info.field_name == "min_accuracy" and not 0 <= value <= 1:
+            raise ValueError("min_accuracy is auto or a share between 0 and 1")
+        if info.field_name == "max_loss" and not value > 0:
+            raise ValueError("max_loss is auto or a positive number")
+        return value
+
+
 DISTRIBUTION_FORMS = "{float: [LO, HI], log: BOOL} | {int: [LO, HI], step: N} | {choice: [A, B, …]}"
 HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -401,6 +426,7 @@ with warnings.catch_warnings():
         train: TrainConfig = TrainConfig()
         evaluate: EvalConfig = EvalConfig()
         export: ExportConfig = ExportConfig()
+        promotion: PromotionConfig = PromotionConfig()
         sweep: SweepConfig = SweepConfig()
 
         @model_validator(mode="before")

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 
 class TapelineError(Exception):
-    """Base class of every error tapeline raises on purpose."""
+    """Base class of every error tapeline raises on purpose. The command exits with `exit_status`: 2 for bad input,
+    as argparse does."""
+
+    exit_status = 2
+
+
+class OutcomeError(TapelineError):
+    """The command ran as asked and its outcome is a failure a script must see (every trial of a sweep failed):
+    exit status 1."""
+
+    exit_status = 1
 
 
 class ConfigError(TapelineError):

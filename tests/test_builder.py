@@ -91,6 +91,12 @@ BEFORE_DATA = [
      "register_keras_serializable()"),
     ("lonely.py:build", [], "model.builder: importing ", "failed with ModuleNotFoundError: No module named "
      "'tapeline_missing_helpers'"),
+    ("usermodels.py:softmax_output", [], "model.builder: usermodels.py:softmax_output returns probabilities (a final "
+     "softmax activation), not logits", "tapeline's loss takes logits"),
+    ("usermodels.py:softmax_layer", ["data.image_size=[20, 20]", "data.color_mode=grayscale"], "model.builder: "
+     "usermodels.py:softmax_layer returns probabilities", "not logits"),
+    ("usermodels.py:wrong_output", ["data.class_names=[a, b, c, d, e, f, g, h, i, j]"], "model.builder: "
+     "usermodels.py:wrong_output returned a model whose output is (batch, 11), not (batch, 10)", "Dense(num_classes)"),
 ]
 
 
@@ -269,7 +275,11 @@ def test_user_model_trains_through_stage_and_run_then_serves_and_predicts(
     kinds = {type(layer).__name__ for layer in saved.layers}
     assert {"Add", "GlobalAveragePooling2D"} <= kinds and "Flatten" not in kinds
 
-    done = subprocess.run([TAPELINE, "run", *cli, "--json"], cwd=user, env=user_env(helpers, tmp_path),
+    # The residual model pools globally, so two epochs on these position-coded synthetic classes leave it at chance;
+    # this test follows a user's model through export and serving, so its gate takes any model (the floor has tests
+    # of its own, and the default floor refuses this one: test_floor.py).
+    anything = ["--set", "promotion.min_accuracy=0", "--set", "promotion.max_loss=1000"]
+    done = subprocess.run([TAPELINE, "run", *cli, *anything, "--json"], cwd=user, env=user_env(helpers, tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -149,6 +149,29 @@ def test_an_unexpected_error_keeps_its_traceback_and_says_it_is_a_bug(monkeypatc
     assert err.rstrip().splitlines()[-1].startswith("tapeline: this is a bug in tapeline, not a problem with your")
 
 
+def test_an_outcome_error_is_one_line_and_exit_status_1(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import flows.cli
+    from flows.cli import all_failed
+    from tapeline.errors import OutcomeError
+
+    trials = [{"number": n, "state": "failed", "reason": reason} for n, reason in enumerate([
+        "non-finite loss at epoch 1", "did not learn: validation accuracy 0.1000 < 0.1900 (…)",
+        "did not learn: validation accuracy 0.0950 < 0.1900 (…)"])]
+    message = all_failed(trials)
+    assert message == ("every trial of the sweep failed (3 of 3); the commonest reason (2 of them, e.g. trial 1): did "
+                       "not learn: validation accuracy 0.1000 < 0.1900 (…)")
+    assert all_failed([*trials, {"number": 3, "state": "complete", "reason": None}]) is None
+
+    def failed(_args):
+        raise OutcomeError(message)
+
+    monkeypatch.setitem(flows.cli.COMMANDS, "runs", failed)
+    assert main(["runs"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"tapeline: error: {message}\n"
+
+
 def children_serving_prefect(parent: int) -> list[int]:
     """Processes whose parent is `parent` and that serve Prefect's API app."""
     found = []

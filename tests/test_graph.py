@@ -74,7 +74,8 @@ def test_code_fingerprint_follows_project_imports() -> None:
         "stages.train.early_stopping", "stages.train.environment", "stages.train.loop", "stages.train.outputs",
         "stages.train.stage", "stages.train.step", "stages.train.warm_start",
         "tapeline.builder", "tapeline.cache", "tapeline.cluster", "tapeline.codehash", "tapeline.config",
-        "tapeline.errors", "tapeline.hardware", "tapeline.registry", "tapeline.results", "tapeline.store",
+        "tapeline.errors", "tapeline.hardware", "tapeline.processes", "tapeline.registry", "tapeline.results",
+        "tapeline.store",
     ])
     assert "stages.registry" not in module_closure("stages.evaluate")  # evaluate knows nothing of production
     assert "stages.evaluate" not in module_closure("stages.export")

@@ -177,7 +177,8 @@ def bad_files(folder: Path) -> dict[str, str]:
     big = io.BytesIO()
     Image.new("L", (5000, 4000)).save(big, format="PNG")
     (folder / "bomb.png").write_bytes(big.getvalue())
-    return {"empty.png": "empty file", "truncated.png": "truncated", "text.png": "cannot identify image file",
+    return {"empty.png": "empty file", "truncated.png": "truncated", "text.png": "is not an image tapeline can read "
+            "(PNG, JPEG or .npy): cannot identify image file",
             "bmp.jpg": "the extension .jpg says JPEG but the content is BMP",
             "bomb.png": "larger than tapeline accepts"}
 
@@ -192,7 +193,9 @@ def test_bad_files_are_skipped_reported_and_gate_the_run(tmp_path: Path) -> None
     assert set(skipped) == set(expected)
     for name, fragment in expected.items():
         assert fragment in skipped[name], (name, skipped[name])
-    assert all(s["path"].startswith("coat/") for s in manifest_of(data)["skipped"])
+        assert name not in skipped[name] and "the file" not in skipped[name], skipped[name]
+    assert skipped["text.png"] == "is not an image tapeline can read (PNG, JPEG or .npy): cannot identify image file"
+    assert sorted(s["path"] for s in manifest_of(data)["skipped"]) == sorted(str(root / "coat" / n) for n in expected)
     with pytest.raises(ValidationError, match=r"unreadable_images \(5\)"):
         run_stage("validate", config, tmp_path / "a")
     report = json.loads(next((tmp_path / "a" / "validate").glob("*/report.json")).read_text())
@@ -288,7 +291,7 @@ def test_folder_in_a_bucket(s3_url: str, tmp_path: Path, monkeypatch: pytest.Mon
     data = run_data(config, tmp_path / "a")
     assert data.input_spec == data.input_spec.model_copy(update={"shape": (24, 24, 3), "class_names": CLASSES})
     assert sum(data.records.values()) == 30
-    assert [s["path"] for s in manifest_of(data)["skipped"]] == ["shirt/broken.jpg"]
+    assert [s["path"] for s in manifest_of(data)["skipped"]] == [f"{source.rstrip('/')}/shirt/broken.jpg"]
     fs.pipe_file(f"{source.removeprefix('s3://')}/coat/extra.jpg", encode(pattern(1, (24, 24), True, 5), "JPEG"))
     assert fingerprints(config, tmp_path / "a")["data"] != before
 
@@ -530,5 +533,14 @@ def test_links_and_unreadable_places_are_skipped_and_listed_with_their_real_path
 
     data = run_data(config_for(root), tmp_path / "out")
     manifest = manifest_of(data)
-    assert {s["path"]: s["reason"] for s in manifest["skipped"]} == reasons
-    assert manifest["image_files"] == len(names) + len(reasons)
+    folders = {str(root / "coat" / "loop"), str(locked), str(root / "shirt" / "second")}
+    assert {s["path"]: s["reason"] for s in manifest["skipped"]} == {p: r for p, r in reasons.items()
+                                                                     if p not in folders}
+    assert {s["path"]: s["reason"] for s in manifest["unwalked"]} == {p: reasons[p] for p in folders}
+    assert manifest["image_files"] == len(names) + 2  # the dangling link and the unreadable file: images not read
+    lenient = config_for(root, "validate.max_unreadable_share=0.5")
+    run_stage("validate", lenient, tmp_path / "out")
+    report = json.loads(next((tmp_path / "out" / "validate").glob("*/report.json")).read_text())
+    counts = {a["kind"]: (a["count"], a["severity"]) for a in report["anomalies"]
+              if a["kind"] in ("unreadable_images", "unwalked_folders")}
+    assert counts == {"unreadable_images": (2, "warning"), "unwalked_folders": (3, "warning")}

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import tempfile
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -14,11 +18,11 @@ import pytest
 
 from stages.graph import run_stage
 from sweeps.driver import run_sweep
-from sweeps.space import all_grid_points, check_space, trial_config
+from sweeps.space import all_grid_points, check_space, shaping_trials, trial_config
 from sweeps.state import DriverLease, SweepBusyError, SweepFiles, TrialRecord, sweep_name
 from sweeps.study import best_trial, propose
 from sweeps.trial import read_history
-from tapeline.config import PipelineConfig
+from tapeline.config import PipelineConfig, load_config
 from tapeline.errors import ConfigError, TrainingPaused
 from tapeline.store import open_store
 from tapeline.testing import tiny_config
@@ -86,10 +90,14 @@ def test_the_grid_lists_every_point_once(idx_dir: Path) -> None:
 
 def test_a_proposal_depends_on_the_seed_the_number_and_the_finished_trials_only(idx_dir: Path) -> None:
     sweep = sweep_config(idx_dir, LR, UNITS, "sweep.trials=8").sweep
-    finished = [TrialRecord(number=n, params=propose(sweep, [], n), config={}, state="complete", value=0.5 + n / 10,
-                            intermediate={1: 0.4, 2: 0.5 + n / 10}) for n in range(3)]
+    finished: list[TrialRecord] = []
+    for n in range(3):  # each proposed from the ones before it, as the driver proposes
+        finished.append(TrialRecord(number=n, params=propose(sweep, finished, n), config={}, state="complete",
+                                    value=0.5 + n / 10, intermediate={1: 0.4, 2: 0.5 + n / 10}))
+    assert {r.params["model.dense_units"] for r in finished[:2]} == {8, 16}  # every choice before a repeat
     running = TrialRecord(number=3, params=propose(sweep, finished, 3), config={})
-    assert propose(sweep, finished, 4) == propose(sweep, [*finished, running], 4)  # a running trial changes nothing
+    # Every choice has been drawn: a running trial changes nothing.
+    assert propose(sweep, finished, 4) == propose(sweep, [*finished, running], 4)
     assert propose(sweep, finished, 4) == propose(sweep, list(reversed(finished)), 4)
     other_seed = sweep.model_copy(update={"seed": 1})
     assert propose(sweep, finished, 4) != propose(other_seed, finished, 4)
@@ -162,7 +170,8 @@ def test_duplicate_configs_train_once_and_a_plain_run_is_a_cache_hit(idx_dir: Pa
     for record in outcome.records:
         by_units.setdefault(record.params["model.dense_units"], []).append(record)
     assert [r.state for r in outcome.records] == ["complete"] * 4
-    assert [r.params["model.dense_units"] for r in outcome.records] == [8, 8, 8, 12]  # 0 and 1 at once (parallel)
+    # 0 and 1 draw both values before any repeat (1 is the plain run's cache hit); 2 is proposed while 0 trains.
+    assert [r.params["model.dense_units"] for r in outcome.records] == [8, 12, 8, 12]
     trained = {units: sum(r.epochs_trained_in(outcome.invocation) for r in records)
                for units, records in by_units.items()}
     assert trained == {8: 2, 12: 0}  # one training of 2 epochs, however often proposed; 12 was trained before
@@ -186,16 +195,85 @@ def test_a_second_driver_is_refused_and_a_dead_ones_sweep_is_taken_over(idx_dir:
         assert json.loads(files.read("driver.json"))["pid"] != dead["pid"]
 
 
-def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(idx_dir: Path, tmp_path: Path) -> None:
+def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(idx_dir: Path, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     base = sweep_config(idx_dir, "sweep.space.train.learning_rate={choice: [1.0e+9, 0.003]}", "sweep.sampler=grid",
                         "sweep.pruner=none", "train.lr_schedule=constant")
-    outcome = run_sweep(base, tmp_path / "artifacts")
+    before = set(Path(tempfile.gettempdir()).glob("tapeline-sweep-*"))
+    with caplog.at_level("WARNING", logger="tapeline.sweep"):
+        outcome = run_sweep(base, tmp_path / "artifacts")
     states = {r.params["train.learning_rate"]: r for r in outcome.records}
     assert states[1.0e9].state == "failed" and "non-finite loss at epoch 1" in states[1.0e9].reason
     assert states[0.003].state == "complete" and outcome.best is states[0.003]
+    assert f"sweep {outcome.name}: the grid has 2 configurations, fewer than sweep.trials=20; the sweep runs each " \
+           "once" in caplog.text
+    logs = tmp_path / "artifacts" / "sweeps" / outcome.name / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["trial-00000.log", "trial-00001.log"]
+    assert set(Path(tempfile.gettempdir()).glob("tapeline-sweep-*")) == before  # nothing left in /tmp
+
+
+def test_every_trial_that_shapes_the_model_is_checked_before_any_work(idx_dir: Path) -> None:
+    base = sweep_config(idx_dir, "sweep.space.data.image_size={choice: [[28, 28], [4096, 4096]]}")
+    with pytest.raises(ConfigError) as info:
+        check_space(base)
+    assert str(info.value).startswith("sweep.space: the trial data.image_size=[4096, 4096] cannot run: model: the "
+                                      "built-in CNN for 4096x4096x1 images has ")
+    assert "lower data.image_size or data.batch_size" in str(info.value)
+    space = {"model.dense_units": {"int": [8, 64]}, "data.batch_size": {"choice": [16, 32, 64]},
+             "train.learning_rate": {"float": [0.001, 0.1]}}
+    assert shaping_trials(space) == [{"model.dense_units": u, "data.batch_size": b} for u in (8, 64)
+                                     for b in (16, 32, 64)]
+    wide = {f"model.params.p{i}": {"choice": [1, 2, 3]} for i in range(5)}  # 243 combinations: ends and singles
+    checked = shaping_trials(wide)
+    assert len(checked) == 5 * 3 + 2 and checked[-1] == {f"model.params.p{i}": 3 for i in range(5)}
+
+
+def test_every_choice_is_drawn_before_any_repeats(idx_dir: Path) -> None:
+    for sampler in ("tpe", "random"):
+        for seed in range(6):
+            sweep = sweep_config(idx_dir, LR, "sweep.space.model.dense_units={choice: [8, 16, 24]}", "sweep.trials=9",
+                                 f"sweep.sampler={sampler}", f"sweep.seed={seed}").sweep
+            records: list[TrialRecord] = []
+            for n in range(3):  # recorded before they start: the ones still running count too
+                records.append(TrialRecord(number=n, params=propose(sweep, records, n), config={}))
+            assert sorted(r.params["model.dense_units"] for r in records) == [8, 16, 24], (sampler, seed)
 
 
 # --- the flow and the command ------------------------------------------------------------------------------------
+
+
+def test_a_second_driver_is_refused_in_seconds_before_any_prefect_api(idx_dir: Path, tmp_path: Path) -> None:
+    sets = ["preset=v1", f"data.source=idx:{idx_dir}", "data.limit=200", UNITS]
+    files = SweepFiles(open_store(tmp_path / "artifacts"), sweep_name(load_config(None, sets)))
+    command = [str(Path(sys.executable).with_name("tapeline")), "sweep", "--artifacts", str(tmp_path / "artifacts"),
+               *[a for o in sets for a in ("--set", o)]]
+    with DriverLease(files, 60):
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - started
+    assert done.returncode == 2 and seconds <= 3.0, (seconds, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1].startswith(f"tapeline: error: sweep {files.name} is being run by "
+                                                           "another driver (pid ")
+    assert "Prefect" not in done.stderr and not (tmp_path / "artifacts" / "data").exists()
+
+
+def test_a_sweep_whose_trials_all_failed_exits_1_naming_the_commonest_reason(harness, idx_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from flows.cli import build_parser, command_sweep
+    from tapeline.errors import OutcomeError
+    from tapeline.registry import runs_of
+
+    sets = ["preset=v1", f"data.source=idx:{idx_dir}", "data.limit=200", "data.batch_size=32",
+            "model.conv_filters=[8, 16]", "train.max_epochs=2", "train.lr_schedule=constant",
+            "sweep.space.train.learning_rate={choice: [1000.0, 2000.0]}", "sweep.trials=2", "sweep.pruner=none"]
+    artifacts = tmp_path / "artifacts"
+    args = build_parser().parse_args(["sweep", "--artifacts", str(artifacts), *[a for o in sets for a in ("--set", o)]])
+    with redirect_stdout(io.StringIO()), pytest.raises(OutcomeError) as info:
+        command_sweep(args)  # `tapeline sweep` prints it as `tapeline: error: …` and exits with 1 (test_cli.py)
+    assert info.value.exit_status == 1
+    assert str(info.value).startswith("every trial of the sweep failed (2 of 2); the commonest reason (2 of them, "
+                                      "e.g. trial 0): did not learn: validation "), str(info.value)
+    assert runs_of(artifacts) == [] and not (artifacts / "models").exists()  # nothing evaluated, nothing promoted
 
 
 def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir: Path, tmp_path: Path) -> None:
@@ -224,8 +302,6 @@ def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir
     rows = runs_of(artifacts)
     assert [(r["sweep"], r["trial"]) for r in rows] == [(summary["sweep"], best["number"])]
     # The exported model is the trial's model: the best config, run alone, is all cache hits.
-    from tapeline.config import load_config
-
     rerun = load_config(Path(best["config"]))
     from stages.graph import plan
 

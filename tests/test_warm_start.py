@@ -112,6 +112,31 @@ def test_init_from_a_promoted_version_or_its_serving_copy(champion, idx_dir: Pat
     assert largest_difference(weights(Path(warm["path"]) / "model.keras"), promoted) < 1e-6
 
 
+@pytest.mark.slow
+def test_init_from_a_version_named_as_the_registry_names_it_is_found_in_the_artifacts(
+        champion, idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    artifacts, cold = champion
+    monkeypatch.chdir(tmp_path)  # not the artifacts' parent: models/v0001 is read in the artifacts
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    sets = [a for o in tiny_overrides(f"idx:{idx_dir}", "train.init_from=models/v0001", "train.max_epochs=1")
+            for a in ("--set", o)]
+    assert main(["plan", "--artifacts", str(artifacts), "--json", *sets]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["stages"]["train"]["cached"] is False
+    assert main(["run", "--artifacts", str(artifacts), "--json", *sets]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((Path(summary["stages"]["train"]["path"]) / "manifest.json").read_text())
+    assert manifest["init_from"]["resolved"] == {"from": "models/v0001", "version": "v0001",
+                                                 "train_fingerprint": cold["train"].fingerprint}
+
+    missing = [a for o in tiny_overrides(f"idx:{idx_dir}", "train.init_from=models/v0042") for a in ("--set", o)]
+    line = one_line(capsys, main(["plan", "--artifacts", str(artifacts), *missing]))
+    assert line.startswith(f"tapeline: error: train.init_from=models/v0042: not a complete exported model (looked "
+                           f"in the artifacts: {artifacts / 'models' / 'v0042'})")
+
+
 def one_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err

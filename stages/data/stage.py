@@ -261,12 +261,14 @@ def write_shards(directory: Path, split: str, selection: Selection, shards: int)
 
 
 def unreadable_files(raws: list[RawData]) -> dict[str, Any]:
-    """What the manifest says of files a source skipped: `skipped` [{path, reason}] and `image_files` (how many
-    were tried); nothing for sources without files of their own."""
+    """What the manifest says of files a source skipped: `skipped` [{path, reason}] image files, `image_files` (how
+    many were tried), `unwalked` [{path, reason}] folders and links that were not walked (link loops, unreadable
+    directories: never counted as images); nothing for sources without files of their own."""
     tried = [r.files for r in raws if r.files is not None]
     if not tried:
         return {}
-    return {"image_files": sum(tried), "skipped": [dict(s) for r in raws for s in r.skipped]}
+    return {"image_files": sum(tried), "skipped": [dict(s) for r in raws for s in r.skipped],
+            "unwalked": [dict(u) for r in raws for u in r.unwalked]}
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:

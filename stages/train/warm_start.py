@@ -32,6 +32,19 @@ def split_location(text: str) -> tuple[str | Path, str, str]:
     return path.parent.parent, path.parent.name, path.name
 
 
+STORE_PLACES = ("models", "serving", "export")
+
+
+def init_location(text: str, store: Store) -> str:
+    """Where `train.init_from` points: a URL or an absolute path as given; `models/vNNNN`, `serving/N` or
+    `export/<fingerprint>` inside the artifacts (a directory or a bucket), as `tapeline runs` and the docs name
+    them; any other relative path from the current directory."""
+    parts = Path(text).parts
+    if is_remote(text) or Path(text).is_absolute() or len(parts) != 2 or parts[0] not in STORE_PLACES:
+        return text
+    return store.location(parts[0], parts[1])
+
+
 def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, str]) -> dict[str, Any] | None:
     """What the train stage starts from, as its fingerprint sees it: {"from", "version"?, "train_fingerprint",
     "location"}; None when it trains from scratch (`none`, or `production` with no production model yet)."""
@@ -43,13 +56,16 @@ def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, 
         if pointer is None:
             return None
         return {"from": "production", "version": pointer["version"], "train_fingerprint": pointer["train_fingerprint"]}
-    root, stage, fp = split_location(wanted)
+    location = init_location(wanted, store)
+    root, stage, fp = split_location(location)
     version = registry_version(stage, fp)
     manifest = version_manifest(open_store(root), version) if version else open_store(root).manifest(stage, fp)
     train_fp = ((manifest or {}).get("upstream") or {}).get("train")
     if manifest is None or not isinstance(train_fp, str):
-        raise ConfigError(f"{KEY}={wanted}: not a complete exported model (no valid manifest with a train "
-                          f"fingerprint); give an export, models/vNNNN or serving/N directory, production, or {FIX}")
+        tried = "" if location == wanted else f" (looked in the artifacts: {location})"
+        raise ConfigError(f"{KEY}={wanted}: not a complete exported model{tried}: no valid manifest with a train "
+                          f"fingerprint; give models/vNNNN or serving/N (in the artifacts), the path or URL of an "
+                          f"export directory, production, or {FIX}")
     return {"from": wanted, "train_fingerprint": train_fp, **({"version": version} if version else {})}
 
 
@@ -79,7 +95,7 @@ def init_model_dir(identity: Mapping[str, Any], store: Store) -> Path:
     """A local directory with the starting model's model.keras and model_card.json (fetched when remote)."""
     if identity["from"] == "production":
         return local_version(store, identity["version"])
-    root, stage, fp = split_location(identity["from"])
+    root, stage, fp = split_location(init_location(identity["from"], store))
     if "version" in identity:
         return local_version(open_store(root), identity["version"])
     return open_store(root).fetch(stage, fp)[1]

@@ -36,6 +36,7 @@ class RawData:
     validation_images: np.ndarray | None = None
     validation_labels: np.ndarray | None = None
     skipped: tuple[dict[str, str], ...] = ()
+    unwalked: tuple[dict[str, str], ...] = ()  # folders and links not walked (never images): {path, reason}
     files: int | None = None
 
     def release(self) -> None:

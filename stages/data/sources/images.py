@@ -17,6 +17,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import weakref
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ IN_PROCESS_BELOW = 1024  # fewer files than this are decoded (hashed) in this pr
 HASH_CHUNK = 2048  # files per hashing task: hashing a small file costs less than sending its path
 MAX_REMEMBERED_HASHES = 1 << 21
 UNREADABLE = -2  # a listed file's size when it cannot be read: its reason takes the hash's place
+FILE, FOLDER = "file", "folder"  # what a listing problem skipped: an image file, or a folder (never an image)
 _hashes: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> SHA-256, in this process
 _listings: dict[str, tuple[str, Listing]] = {}  # root -> (digest, listing) of its last identity() here
 log = logging.getLogger("tapeline.images")
@@ -160,9 +162,9 @@ def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
          seen: set[tuple[int, int]] | None = None, folders: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """(relative path, full path) of every visible file below `directory`, in sorted order (no stat: the
     directory entries say what is a file); every visible folder walked goes into `folders` (relative, with a
-    trailing slash). What cannot be walked is appended to `problems` as {path, reason}, never raised: a dangling
-    link, a link back into a folder already walked (a loop, or a second way to one folder: each real folder is
-    walked once), an unreadable directory."""
+    trailing slash). What cannot be walked is appended to `problems` as {path, reason, kind}, never raised: a
+    dangling link (kind `file` when its name is an image's), a link back into a folder already walked (a loop, or a
+    second way to one folder: each real folder is walked once), an unreadable directory (kind `folder`)."""
     seen = seen if seen is not None else {directory_key(directory)}
     try:
         with os.scandir(directory) as scanned:
@@ -170,19 +172,21 @@ def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
     except OSError as exc:
         if not relative:
             raise
-        problems.append({"path": os.path.realpath(directory), "reason": f"unreadable directory ({exc.strerror})"})
+        problems.append({"path": os.path.realpath(directory), "reason": f"unreadable directory ({exc.strerror})",
+                         "kind": FOLDER})
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
         name = f"{relative}{entry.name}"
         if entry.is_symlink() and not os.path.exists(entry.path):
-            problems.append({"path": entry.path, "reason": f"dangling link to {os.readlink(entry.path)}"})
+            problems.append({"path": entry.path, "reason": f"dangling link to {os.readlink(entry.path)}",
+                             "kind": FILE if has_image_extension(name) else FOLDER})
         elif entry.is_dir(follow_symlinks=True):
             key = directory_key(entry.path)
             if key in seen:
                 problems.append({"path": entry.path, "reason": f"link to {os.path.realpath(entry.path)}, a folder "
-                                 "walked already (a loop, or a second way to it): not followed"})
+                                 "walked already (a loop, or a second way to it): not followed", "kind": FOLDER})
                 continue
             seen.add(key)
             if folders is not None:
@@ -212,7 +216,7 @@ def list_local(root: Path) -> Listing:
         raise DataSourceError(f"data.source images:{root}: cannot read the folder ({exc.strerror}); give a readable "
                               "directory") from None
     described = stats_and_hashes([path for _, path in found])
-    problems += [{"path": os.path.realpath(path), "reason": sha}
+    problems += [{"path": os.path.realpath(path), "reason": sha, "kind": FILE}
                  for (_, path), (size, _, _, sha) in zip(found, described, strict=True) if size == UNREADABLE]
     files = [ImageFile(relative, size, sha)
              for (relative, _), (size, _, _, sha) in zip(found, described, strict=True) if size >= 0]
@@ -407,9 +411,20 @@ def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> Chu
 
 
 def reason_of(exc: BaseException, relative: str) -> str:
-    """Why a file was skipped, without the path (the manifest lists it beside the reason)."""
-    text = " ".join(str(exc).split()).replace(f"{relative} ", "").replace(relative, "the file")
-    return text[:300] or type(exc).__name__
+    """Why a file was skipped, without its name (the manifest lists its path beside the reason): Pillow's "cannot
+    identify image file '/the/path.png'" is "cannot identify image file"."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\s*'[^']*" + re.escape(relative) + "'", "", text).replace(f"{relative} ", "")
+    return text.replace(relative, "").strip()[:300] or type(exc).__name__
+
+
+def file_location(root: str, relative: str) -> str:
+    """A listed file's real path (on disk) or URL (on a bucket), as the manifest names skipped files."""
+    from tapeline.store import is_remote
+
+    if is_remote(root):
+        return f"{root.rstrip('/')}/{relative}"
+    return os.path.realpath(os.path.join(local_root(root), relative))
 
 
 def chunks(items: Any, size: int) -> Iterator[Any]:
@@ -632,7 +647,11 @@ class ImageFolderSource:
         listing = known[1] if identity and known and known[0] == identity.get("digest") else list_files(self.root)
         layout = layout_of(self.root, listing.files, self.class_names, listing.folders)
         spool, decoded_skipped = decode_all(self.root, layout.files, self.options)
-        skipped = [*listing.problems, *decoded_skipped]
+        unlisted = [{"path": p["path"], "reason": p["reason"]} for p in listing.problems if p.get("kind") != FOLDER]
+        unwalked = [{"path": p["path"], "reason": p["reason"]} for p in listing.problems if p.get("kind") == FOLDER]
+        skipped = [*unlisted, *({"path": file_location(self.root, s["path"]), "reason": s["reason"]}
+                                for s in decoded_skipped)]
+        tried = len(layout.files) + len(unlisted)
         if not len(spool):
             spool.close()
             example = skipped[0] if skipped else {"path": "-", "reason": "no files"}
@@ -651,11 +670,12 @@ class ImageFolderSource:
             rows = np.flatnonzero(splits == name)
             return (SpooledImages(spool, rows, size, channels), labels[rows]) if len(rows) else (None, None)
 
-        for bad in skipped[:5]:
+        for bad in [*skipped, *unwalked][:5]:
             log.warning("skipped %s: %s", bad["path"], bad["reason"])
         if skipped:
-            log.warning("skipped %d of %d image files (listed in the data manifest)", len(skipped),
-                        len(layout.files) + len(listing.problems))
+            log.warning("skipped %d of %d image files (listed in the data manifest)", len(skipped), tried)
+        if unwalked:
+            log.warning("did not walk %d folder(s) or link(s) (listed in the data manifest)", len(unwalked))
         train_x, train_y = part("train")
         if train_x is None:
             spool.close()
@@ -663,5 +683,4 @@ class ImageFolderSource:
         test_x, test_y = part("test")
         val_x, val_y = part("validation")
         return RawData(train_x, train_y, test_x, test_y, layout.class_names, validation_images=val_x,
-                       validation_labels=val_y, skipped=tuple(skipped),
-                       files=len(layout.files) + len(listing.problems))
+                       validation_labels=val_y, skipped=tuple(skipped), unwalked=tuple(unwalked), files=tried)
