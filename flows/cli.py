@@ -19,6 +19,7 @@ from stages.graph import STAGE_NAMES
 from tapeline.config import PRESETS, PipelineConfig, config_keys, load_config
 from tapeline.errors import OutcomeError, TapelineError
 from tapeline.hardware import onednn_origin
+from tapeline.imaging import IMAGE_FORMATS
 from tapeline.interrupts import Interrupted, interruptible
 from tapeline.store import normalize_root, open_store
 
@@ -85,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=keys, formatter_class=formatter)
     add_global(parser, under_command=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the whole flow (Prefect API if PREFECT_API_URL is set, else ephemeral)",
-                              epilog=keys, formatter_class=formatter)
+    run = commands.add_parser("run", help="run the whole flow (on PREFECT_API_URL when set, else on the temporary "
+                              "Prefect API)", epilog=keys, formatter_class=formatter)
     add_global(run, under_command=True)
     add_config(run)
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_global(plan, under_command=True)
     add_config(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    predict = commands.add_parser("predict", help="classify PNG / .npy images with an exported model")
+    predict = commands.add_parser("predict", help=f"classify images ({IMAGE_FORMATS}) or .npy arrays with an "
+                                 "exported model")
     add_global(predict, under_command=True)
     predict.add_argument("--model", type=Path, help="exported model directory (default: production)")
     predict.add_argument("images", nargs="+", type=Path)
@@ -159,14 +161,14 @@ def command_sweep(args: argparse.Namespace) -> int:
     config = config_from(args)
     store = open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     DriverLease(SweepFiles(store, sweep_name(config)), config.sweep.lease_seconds).check_free()
-    check_space(config)  # every trial checked before any work, and before a temporary Prefect server starts
+    check_space(config)  # every trial checked before any work, and before the temporary Prefect API starts
     check_before_work(config)
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
     start_temporary_api()
     from flows.sweep import sweep
 
-    summary = sweep(config=config)
+    summary = sweep(config=config, verify=args.verify)
     print(summary["table"])
     best = summary["best"]
     if best is not None:
@@ -202,7 +204,7 @@ def all_failed(trials: list[dict]) -> str | None:
 
 
 def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Turn off the analytics of the temporary Prefect server that a run starts in its own process (no
+    """Turn off the analytics of the temporary Prefect API that a run starts in its own process (no
     PREFECT_API_URL set), unless the user chose: its first heartbeat met the database locked while the server
     started and logged an ERROR traceback ("database is locked"), on a fresh Prefect home and on a used one. A
     server of one's own reads its own environment, so this changes nothing there. Must run before Prefect is
@@ -246,8 +248,15 @@ def format_plan(plan: dict) -> str:
     """The plan as aligned text: one line per stage, then what would run."""
     lines = [plan_line(name, row) for name, row in plan["stages"].items()]
     would_run = plan["would_run"]
-    lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: nothing (every stage is cached)")
-    lines.append("the promotion step runs on every run")
+    if "sweep" in plan:
+        lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: no trial (every one is "
+                     "finished and the shared stages are cached)")
+        lines.append("the best trial's evaluate, export and the promotion step run on every sweep (cached when the "
+                     "best is unchanged)")
+    else:
+        lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: nothing (every stage is "
+                     "cached)")
+        lines.append("the promotion step runs on every run")
     precision = plan["auto"]["train.precision"]
     lines.append(f"train.precision: {precision['value']} ({precision['reason']}"
                  + (f"; {precision['unless']})" if "unless" in precision else ")"))
@@ -262,11 +271,16 @@ def command_plan(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     result = plan(config, normalize_root(args.artifacts), verify=args.verify)
-    text = format_plan(result)
-    if config.sweep.space:
-        from sweeps.report import format_sweep_plan, sweep_plan
+    if config.sweep.space:  # the base config is not what runs: the shared stages, then each trial
+        from sweeps.report import SHARED_STAGES, sweep_plan, sweep_would_run
 
-        result["sweep"] = sweep_plan(config, normalize_root(args.artifacts))
+        section = sweep_plan(config, normalize_root(args.artifacts))
+        result = {**result, "stages": {name: result["stages"][name] for name in SHARED_STAGES},
+                  "would_run": sweep_would_run(result["stages"], section), "sweep": section}
+    text = format_plan(result)
+    if "sweep" in result:
+        from sweeps.report import format_sweep_plan
+
         text += "\n" + format_sweep_plan(result["sweep"])
     print(json.dumps(result) if args.json else text)
     return 0

@@ -26,19 +26,21 @@ from tapeline.store import open_store
 
 @flow(name="sweep", description="hyperparameter search: trials are cached, resumable, pruned runs of the stage "
       "graph; the best trial goes through evaluate, export and promotion")
-def sweep(config: PipelineConfig = PipelineConfig()) -> dict[str, Any] | State:  # noqa: B008 - frozen model
+def sweep(config: PipelineConfig = PipelineConfig(), verify: bool = False  # noqa: B008 - frozen model
+          ) -> dict[str, Any] | State:
     """Run the sweep of `config.sweep` on the base `config`, then the winner's gate; return the sweep summary
-    (the `tapeline sweep --json` contract). An expected tapeline error fails the run with its one-line message."""
+    (the `tapeline sweep --json` contract). With `verify`, the shared inputs and the winner's outputs are checked
+    by SHA-256 before they are reused. An expected tapeline error fails the run with its one-line message."""
     quiet_expected_failures()
     try:
-        return sweep_run(config)
+        return sweep_run(config, verify)
     except TRANSIENT:
         raise
     except TapelineError as exc:
         return expected_failure(exc)
 
 
-def sweep_run(config: PipelineConfig) -> dict[str, Any]:
+def sweep_run(config: PipelineConfig, verify: bool = False) -> dict[str, Any]:
     """The flow's work: the trials, the winner's gate, the artifacts."""
     logger = get_run_logger()
     check_before_work(config)
@@ -49,12 +51,12 @@ def sweep_run(config: PipelineConfig) -> dict[str, Any]:
         logger.info(trial_line(record, config.sweep.metric, invocation))
 
     outcome = run_sweep(config, artifacts, announce, invocation,
-                        pool_launcher if config.sweep.deployment else local_launcher)
+                        pool_launcher if config.sweep.deployment else local_launcher, verify)
     best = outcome.best
     gate = None
     if best is not None:
         run_id = str(flow_run.id) if flow_run.id else new_run_id()
-        gate = graph_and_gate(validate_config(best.config), artifacts, run_id, False, outcome.name, best.number)
+        gate = graph_and_gate(validate_config(best.config), artifacts, run_id, verify, outcome.name, best.number)
     summary = sweep_summary(outcome, gate, config.sweep.metric)
     publish_sweep(config, outcome)
     logger.info("sweep %s: %d trials; %s", outcome.name, len(outcome.records), summary["decision"])

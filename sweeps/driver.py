@@ -111,11 +111,11 @@ def new_invocation() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def build_shared_inputs(config: PipelineConfig, store: Store) -> None:
+def build_shared_inputs(config: PipelineConfig, store: Store, verify: bool = False) -> None:
     """The data and validate outputs every trial reads, built once before any trial starts (the validation gate
-    stops the sweep here when the data is bad)."""
-    data = run_stage("data", config, store.root)
-    run_stage("validate", config, store.root, {"data": data})
+    stops the sweep here when the data is bad); with `verify`, a cached one is checked by SHA-256 first."""
+    data = run_stage("data", config, store.root, verify=verify)
+    run_stage("validate", config, store.root, {"data": data}, verify=verify)
 
 
 def proposed_record(config: PipelineConfig, records: dict[int, TrialRecord], number: int) -> TrialRecord:
@@ -240,10 +240,12 @@ def local_launcher(config: PipelineConfig, files: SweepFiles, invocation: str) -
 
 
 def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: TrialEnd | None = None,
-              invocation: str | None = None, launcher: LauncherFactory = local_launcher) -> SweepOutcome:
+              invocation: str | None = None, launcher: LauncherFactory = local_launcher, verify: bool = False
+              ) -> SweepOutcome:
     """Check the space, take the sweep's lease, build the shared inputs, run the trials, write best.yaml.
     `invocation` names this start of the driver (epochs trained are counted per invocation); `launcher` makes
-    what starts the trials (local processes; the Prefect flow passes flow runs on a work pool)."""
+    what starts the trials (local processes; the Prefect flow passes flow runs on a work pool); with `verify` the
+    shared inputs are checked by SHA-256 before they are reused."""
     check_space(config)
     store = open_store(artifacts)
     name = sweep_name(config)
@@ -254,7 +256,7 @@ def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: Trial
                     name, planned_trials(config), config.sweep.trials)
     with DriverLease(files, config.sweep.lease_seconds):
         files.check_definition(config)
-        build_shared_inputs(config, store)
+        build_shared_inputs(config, store, verify)
         records = drive(config, store, files, invocation, on_trial_end or (lambda _r: None),
                         launcher(config, files, invocation))
         best = best_trial(config.sweep, records)

@@ -137,6 +137,18 @@ def sweep_plan(config: PipelineConfig, artifacts: Artifacts) -> dict[str, Any]:
             "to_propose": max(0, planned - len(records)), "trials": [plan_row(store, r) for r in records]}
 
 
+SHARED_STAGES = ("data", "validate")  # built once before any trial; each trial's other stages are its own
+
+
+def sweep_would_run(stages: dict[str, dict[str, Any]], section: dict[str, Any]) -> list[str]:
+    """What `tapeline sweep` would run: the shared stages not cached, the recorded trials that would train or
+    resume, and the trials still to propose (the winner's evaluate, export and promotion run on every sweep)."""
+    shared = [name for name in SHARED_STAGES if not stages[name]["cached"]]
+    trials = [f"trial {t['number']}" for t in section["trials"] if not t["rerun"].startswith("nothing")]
+    fresh = [f"{section['to_propose']} new trial(s)"] if section["to_propose"] else []
+    return [*shared, *trials, *fresh]
+
+
 def format_sweep_plan(section: dict[str, Any]) -> str:
     """The sweep section as text: one line per recorded trial."""
     lines = [f"sweep {section['name']}: {section['recorded']} of {section['planned']} trials recorded, "

@@ -6,6 +6,7 @@ order. Unknown keys and invalid values fail before any work starts, naming the k
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -376,7 +377,8 @@ class SweepConfig(Section):
     reduction_factor: int = runtime(3, ge=2, le=100, description="asha: rungs at min_epochs × factor^k; the top "
                                     "1/factor of a rung goes on")
     name: str | None = runtime(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="the sweep's "
-                               "directory under sweeps/; default: a hash of the space and the base config")
+                               "directory under sweeps/; default: a hash of the space, the search settings and the "
+                               "base config")
     deployment: str | None = runtime(None, pattern=r"^[^/\s]+/[^/\s]+$", description="run each trial as a flow run "
                                      "of this deployment (e.g. training-pipeline/manual) on its work pool's workers, "
                                      "sharing the artifacts store; none: a local process per trial")
@@ -629,11 +631,30 @@ def check_consistency(config: PipelineConfig) -> None:
                           f"{config.train.workers}; use a multiple of {config.train.workers}")
 
 
+def known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section holding `loc`'s last part takes (empty where that is no section: model.params)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def unknown_key_message(loc: tuple[Any, ...]) -> str:
+    """`unknown key`, with the closest valid key when one is close: `unknown key; did you mean train.max_epochs?`."""
+    close = difflib.get_close_matches(str(loc[-1]), known_keys(loc), n=1, cutoff=0.6) if loc else []
+    return f"unknown key; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else "unknown key"
+
+
 def problem_line(err: Any) -> str:
     """One validation problem as `key.path: message (got value)`. A validator of a mapping names the entry at
     fault by starting its message with `.ENTRY: ` (and shows the entry's value itself)."""
     key = ".".join(str(p) for p in err["loc"]) or "config"
-    message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    message = unknown_key_message(tuple(err["loc"])) if err["type"] == "extra_forbidden" else \
+        err["msg"].removeprefix("Value error, ")
     if message.startswith("."):
         return f"{key}{message}"
     return f"{key}: {message} (got {err.get('input')!r})"

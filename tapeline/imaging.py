@@ -12,6 +12,11 @@ from tapeline.errors import ImageError
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 
+# The one list of image formats tapeline reads: image folders take these extensions only; Parquet cells and
+# `tapeline predict` (which also takes .npy arrays) are decoded by Pillow, which may open more. The docs (data.md,
+# "Image formats") and the CLI help say the same.
+IMAGE_FORMATS = "PNG, JPEG, BMP or GIF"
+
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 WIDE_MODES = ("I", "F")
@@ -60,7 +65,7 @@ def open_image(data: bytes | Path, where: str, formats: tuple[str, ...] | None =
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where} is a decompression bomb ({exc}); refused") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{where} is not an image tapeline can read (PNG, JPEG or .npy): {exc}") from exc
+        raise ImageError(f"{where} is not an image tapeline can read ({IMAGE_FORMATS}): {exc}") from exc
 INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
 
 

@@ -1,4 +1,5 @@
-"""`tapeline predict`: classify PNG / .npy images with an exported SavedModel (production by default)."""
+"""`tapeline predict`: classify images (PNG, JPEG, BMP, GIF) or .npy arrays with an exported SavedModel (production
+by default)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from tapeline.errors import ImageError, PredictError
 from tapeline.hardware import onednn_origin
-from tapeline.imaging import open_image, resize_pixels, to_channels
+from tapeline.imaging import IMAGE_FORMATS, open_image, resize_pixels, to_channels
 from tapeline.registry import local_version, read_production
 from tapeline.results import InputSpec
 from tapeline.store import open_store
@@ -69,9 +70,9 @@ def card_resize(saved_model: Path) -> Resize:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """A PNG/JPEG or .npy file as uint8 [H, W, C]; clear errors for what cannot be used."""
+    """An image file (IMAGE_FORMATS) or a .npy array as uint8 [H, W, C]; clear errors for what cannot be used."""
     if path.is_dir():
-        raise PredictError(f"{path} is a directory; give image files (PNG or .npy)")
+        raise PredictError(f"{path} is a directory; give image files ({IMAGE_FORMATS}) or .npy arrays")
     if not path.exists():
         raise PredictError(f"{path} does not exist")
     if path.stat().st_size == 0:

@@ -85,6 +85,27 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.max_epoch=3", "invalid configuration: train.max_epoch: unknown key; did you mean train.max_epochs? (got "
+                          "3)"),
+    ("trian.max_epochs=3", "invalid configuration: trian: unknown key; did you mean train? (got {'max_epochs': 3})"),
+    ("promotion.min_acuracy=0.5", "promotion.min_acuracy: unknown key; did you mean promotion.min_accuracy?"),
+    ("train.zzz=1", "invalid configuration: train.zzz: unknown key (got 1)"),
+])
+def test_a_misspelled_key_names_the_closest_valid_one(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_the_size_check_names_the_channels_of_the_data() -> None:
+    from stages.model import check_size_before_work
+
+    for source, shape in (("fashion_mnist", "4096x4096x1"), ("images:photos", "4096x4096x3")):
+        with pytest.raises(ConfigError, match=f"the built-in CNN for {shape} images"):
+            check_size_before_work(load_config(None, [f"data.source={source}", "data.image_size=[4096, 4096]"]))
+
+
 def test_override_without_equals_is_rejected() -> None:
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         load_config(None, ["train.max_epochs"])

@@ -178,7 +178,7 @@ def bad_files(folder: Path) -> dict[str, str]:
     Image.new("L", (5000, 4000)).save(big, format="PNG")
     (folder / "bomb.png").write_bytes(big.getvalue())
     return {"empty.png": "empty file", "truncated.png": "truncated", "text.png": "is not an image tapeline can read "
-            "(PNG, JPEG or .npy): cannot identify image file",
+            "(PNG, JPEG, BMP or GIF): cannot identify image file",
             "bmp.jpg": "the extension .jpg says JPEG but the content is BMP",
             "bomb.png": "larger than tapeline accepts"}
 
@@ -194,7 +194,8 @@ def test_bad_files_are_skipped_reported_and_gate_the_run(tmp_path: Path) -> None
     for name, fragment in expected.items():
         assert fragment in skipped[name], (name, skipped[name])
         assert name not in skipped[name] and "the file" not in skipped[name], skipped[name]
-    assert skipped["text.png"] == "is not an image tapeline can read (PNG, JPEG or .npy): cannot identify image file"
+    assert skipped["text.png"] == ("is not an image tapeline can read (PNG, JPEG, BMP or GIF): cannot identify image "
+                                   "file")
     assert sorted(s["path"] for s in manifest_of(data)["skipped"]) == sorted(str(root / "coat" / n) for n in expected)
     with pytest.raises(ValidationError, match=r"unreadable_images \(5\)"):
         run_stage("validate", config, tmp_path / "a")

@@ -309,7 +309,9 @@ def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir
     out = io.StringIO()
     with redirect_stdout(out):
         assert main(["plan", *common]) == 0
-    section = json.loads(out.getvalue())["sweep"]
+    planned = json.loads(out.getvalue())
+    assert list(planned["stages"]) == ["data", "validate"] and planned["would_run"] == []  # not the base config's
+    section = planned["sweep"]
     assert (section["name"], section["recorded"], section["to_propose"]) == (summary["sweep"], 3, 0)
     assert [t["cached"] for t in section["trials"]] == [t["state"] == "complete" for t in summary["trials"]]
     assert {t["rerun"] for t in section["trials"]} == {"nothing (finished)"}
