@@ -228,6 +228,19 @@ def test_every_trial_that_shapes_the_model_is_checked_before_any_work(idx_dir: P
     assert len(checked) == 5 * 3 + 2 and checked[-1] == {f"model.params.p{i}": 3 for i in range(5)}
 
 
+def test_an_impossible_trial_is_one_line_from_the_command_and_nothing_is_written(
+        idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    artifacts = tmp_path / "artifacts"
+    sets = ["sweep.space.data.image_size={choice: [[28, 28], [4096, 4096]]}", "sweep.trials=2"]
+    assert main(["sweep", "--artifacts", str(artifacts), *[a for o in sets for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("tapeline: error: sweep.space: the trial data.image_size=[4096, 4096] cannot run: ")
+    assert not artifacts.exists()
+
+
 def test_every_choice_is_drawn_before_any_repeats(idx_dir: Path) -> None:
     for sampler in ("tpe", "random"):
         for seed in range(6):

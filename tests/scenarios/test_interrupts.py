@@ -140,7 +140,8 @@ def test_ctrl_c_stops_a_run_at_once_and_the_same_command_resumes(tmp_path: Path,
 
 
 def test_sigterm_stops_a_sweep_and_its_trial_and_the_sweep_goes_on(tmp_path: Path, slow_idx: Path) -> None:
-    sets = [*overrides(slow_idx, 6), "sweep.space.model.dense_units={choice: [8, 16]}", "sweep.trials=2"]
+    sets = [*overrides(slow_idx, 6), "sweep.space.model.dense_units={choice: [8, 16]}", "sweep.trials=2",
+            "sweep.pruner=none"]
     argv = ["sweep", "--artifacts", str(tmp_path / "a"), *[a for o in sets for a in ("--set", o)]]
     env = command_env(tmp_path)
     files = SweepFiles(open_store(tmp_path / "a"), sweep_name(load_config(None, sets)))
