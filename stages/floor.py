@@ -39,14 +39,15 @@ def loss_ceiling(config: PipelineConfig, num_classes: int) -> float:
 
 def did_not_learn(config: PipelineConfig, accuracy: float, loss: float, class_counts: Sequence[int],
                   split: str) -> str | None:
-    """Why a model with this accuracy and loss on a split (its class counts given) is below the floor, or None."""
-    ceiling = loss_ceiling(config, len(class_counts))
-    if not math.isfinite(loss):
-        return f"did not learn: {split} loss is {loss}"
-    if loss > ceiling:
-        return f"did not learn: {split} loss {loss:.4g} > {ceiling:.4g} (promotion.max_loss)"
-    floor = accuracy_floor(config, class_counts)
+    """Why a model with this accuracy and loss on a split (its class counts given) is below the floor (every
+    reason, accuracy first), or None."""
+    floor, ceiling = accuracy_floor(config, class_counts), loss_ceiling(config, len(class_counts))
+    reasons = []
     if not math.isfinite(accuracy) or accuracy < floor:
-        return (f"did not learn: {split} accuracy {accuracy:.4f} < {floor:.4f} (promotion.min_accuracy; a constant "
-                f"guess scores {chance_accuracy(class_counts):.4f})")
-    return None
+        reasons.append(f"{split} accuracy {accuracy:.4f} < {floor:.4f} (promotion.min_accuracy; a constant guess "
+                       f"scores {chance_accuracy(class_counts):.4f})")
+    if not math.isfinite(loss):
+        reasons.append(f"{split} loss is {loss}")
+    elif loss > ceiling:
+        reasons.append(f"{split} loss {loss:.4g} > {ceiling:.4g} (promotion.max_loss)")
+    return f"did not learn: {'; '.join(reasons)}" if reasons else None

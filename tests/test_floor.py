@@ -38,6 +38,9 @@ def test_did_not_learn_names_the_split_the_value_and_the_key() -> None:
     assert did_not_learn(config, 0.5, 8e17, [100] * 10, "validation") == (
         "did not learn: validation loss 8e+17 > 9.21 (promotion.max_loss)")
     assert did_not_learn(config, 0.9, float("nan"), [100] * 10, "test") == "did not learn: test loss is nan"
+    assert did_not_learn(config, 0.1, 1674.0, [100] * 10, "test") == (
+        "did not learn: test accuracy 0.1000 < 0.1900 (promotion.min_accuracy; a constant guess scores 0.1000); "
+        "test loss 1674 > 9.21 (promotion.max_loss)")
 
 
 def test_the_floor_rejects_with_or_without_a_champion() -> None:
@@ -63,7 +66,7 @@ def test_a_learning_rate_of_1000_on_an_empty_store_promotes_nothing(tmp_path: Pa
     results = run_all(config, tmp_path)
     promotion = results["promotion"]
     assert promotion.promoted is False
-    assert promotion.decision.startswith("rejected: did not learn: test "), promotion.decision
+    assert promotion.decision.startswith("rejected: did not learn: test accuracy 0.1000 < 0.1900"), promotion.decision
     assert read_production(open_store(tmp_path))[0] is None
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").glob("v*"))
     assert json.loads(Path(promotion.record, "metrics.json").read_text())["promotion"]["decision"] == \
