@@ -109,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_global(plan, under_command=True)
     add_config(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    score = commands.add_parser("score", help="score a source with the production model (the `batch-scoring` flow): "
+                                "per file, by content; drift against the training data", epilog=keys,
+                                formatter_class=formatter)
+    score.add_argument("source", help="images:DIR (flat or class folders; a directory, file://, s3://… or gs://…)")
+    score.add_argument("--model", help="production (default), models/vNNNN, serving/N, or an export directory")
+    add_global(score, under_command=True)
+    score.add_argument("--config", type=Path, help="YAML config file")
+    score.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set score.workers=4 (repeatable)")
+    score.add_argument("--dask-address", help="a Dask scheduler (tcp://HOST:PORT) to score the shards on "
+                       "(score.dask_address)")
+    score.add_argument("--json", action="store_true", help="print the run as one JSON object on the last line")
     predict = commands.add_parser("predict", help=f"classify images ({IMAGE_FORMATS}) or .npy arrays with an "
                                  "exported model")
     add_global(predict, under_command=True)
@@ -201,6 +213,32 @@ def all_failed(trials: list[dict]) -> str | None:
     first = next(t for t in trials if reason_kind(t["reason"]) == kind)
     return (f"every trial of the sweep failed ({len(trials)} of {len(trials)}); the commonest reason ({count} of "
             f"them, e.g. trial {first['number']}): {first['reason']}")
+
+
+def command_score(args: argparse.Namespace) -> int:
+    """Run the `batch-scoring` flow on SOURCE and print where the predictions are, how many, and the drift."""
+    from flows.server import start_temporary_api
+    from stages.score.inputs import list_source
+    from stages.score.model import model_ref, resolve
+
+    config = load_config(args.config, args.overrides)
+    store = open_store(args.artifacts)
+    model = resolve(model_ref(args.model, store))  # no model, no such version: one line, before any Prefect API
+    list_source(args.source, model.spec.class_names)  # a missing or empty source too
+    os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
+    without_server_telemetry()
+    start_temporary_api()
+    from flows.scoring import batch_scoring
+
+    summary = batch_scoring(source=args.source, model=args.model, config=config, dask_address=args.dask_address)
+    drift = summary["drift"]
+    print(f"{summary['images']} rows ({summary['scored']} scored now, {len(summary['skipped'])} skipped) by "
+          f"{summary['model_version']}: {summary['output']}")
+    print("drift detected: " + "; ".join(drift["reasons"]) if drift["detected"] else
+          "no drift" + (f" ({drift['reasons'][0]})" if drift["reasons"] else ""))
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
 
 
 def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -305,7 +343,7 @@ def command_runs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "sweep": command_sweep, "stage": command_stage, "plan": command_plan,
-            "predict": command_predict,
+            "score": command_score, "predict": command_predict,
             "runs": command_runs}
 
 

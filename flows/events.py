@@ -39,3 +39,14 @@ def promotion_decided(promotion: Promotion, flow_run_id: str | None) -> None:
          {"decision": promotion.decision, "test_accuracy": promotion.test_accuracy,
           "champion_version": promotion.champion_version, "champion_accuracy": promotion.champion_accuracy,
           "model_path": promotion.model_path}, flow_run_id)
+
+
+SCORING = {"prefect.resource.id": "tapeline.pipeline.batch-scoring", "prefect.resource.name": "tapeline scoring"}
+
+
+def drift_detected(figures: dict[str, Any], source: str, model_version: str, output: str,
+                   flow_run_id: str | None) -> None:
+    """`tapeline.drift.detected`: the scored batch moved away from the model's training data (the figures and the
+    reasons); the `training-pipeline/on-drift` deployment is triggered by it."""
+    emit_event(event="tapeline.drift.detected", resource=SCORING, related=flow_run_resource(flow_run_id),
+               payload={"source": source, "model_version": model_version, "output": output, **figures})

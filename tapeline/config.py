@@ -308,6 +308,26 @@ class PromotionConfig(Section):
         return value
 
 
+class ScoreConfig(Section):
+    """`tapeline score` and the `batch-scoring` flow: scoring new images with an exported model, and drift."""
+
+    batch_size: int = runtime(256, gt=0, le=65_536, description="images per call of the SavedModel")
+    shard_size: int = runtime(1024, gt=0, le=1_000_000, description="new inputs per shard (a Prefect task, the unit a "
+                              "Dask worker takes and a killed run can lose)")
+    workers: int = runtime(2, ge=1, le=256, description="shards scored at once on this machine (threads: decoding "
+                           "and inference overlap; the model is loaded once per process)")
+    dask_address: str | None = runtime(None, description="a Dask scheduler (tcp://HOST:PORT): shards run on its "
+                                       "workers through prefect-dask; none: on this machine")
+    drift_threshold: float = runtime(0.05, gt=0, le=1, description="drift when the scored images' grey-level "
+                                     "histogram is this far (Jensen–Shannon, bits) from the training data's")
+    max_prediction_shift: float = runtime(0.2, gt=0, le=1, description="drift when a predicted class's share moves "
+                                          "this far from its share in the training data")
+    max_accuracy_drop: float = runtime(0.05, gt=0, le=1, description="labelled inputs: drift when the accuracy is "
+                                       "this far below the model's test accuracy")
+    min_drift_images: int = runtime(200, ge=1, le=100_000_000, description="fewer new images than this are too few "
+                                    "to judge drift by (the report says so; no event)")
+
+
 DISTRIBUTION_FORMS = "{float: [LO, HI], log: BOOL} | {int: [LO, HI], step: N} | {choice: [A, B, …]}"
 HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -429,6 +449,7 @@ with warnings.catch_warnings():
         evaluate: EvalConfig = EvalConfig()
         export: ExportConfig = ExportConfig()
         promotion: PromotionConfig = PromotionConfig()
+        score: ScoreConfig = ScoreConfig()
         sweep: SweepConfig = SweepConfig()
 
         @model_validator(mode="before")

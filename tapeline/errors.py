@@ -87,3 +87,7 @@ class TrainingPaused(Exception):  # noqa: N818 - not an error: a caller asked th
 
     def __reduce__(self) -> tuple[type, tuple[int]]:
         return type(self), (self.epoch,)
+
+
+class ScoreError(TapelineError):
+    """A scoring run cannot start as asked: no production model, a version that does not exist, an empty source."""

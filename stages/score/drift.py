@@ -1,0 +1,142 @@
+"""Drift of a scored batch against the data the model was trained on, with the validate stage's own statistics
+(grey-level histogram and Jensen–Shannon divergence, class shares): the images this run scored, the classes the
+model gave them, its mean confidence, and its accuracy where the inputs have labels. Drift is a finding, not an
+error: the predictions are kept whatever it says."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from stages.score.model import ScoringModel
+from stages.score.shards import ROWS, SHARDS, scores_stage
+from stages.validate import baseline_summary, class_shares, js_divergence
+from tapeline.config import ScoreConfig
+from tapeline.store import Store
+
+
+def batch_statistics(store: Store, version: str, shards: Sequence[dict[str, Any]], classes: int) -> dict[str, Any]:
+    """What the shards scored: image count, grey-level histogram, predicted class shares, mean confidence, and
+    accuracy over the labelled rows (None without labels)."""
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(256, np.float64)
+    predicted: list[int] = []
+    confidence: list[float] = []
+    labels: list[int] = []
+    hits: list[bool] = []
+    for shard in shards:
+        counts += np.asarray(shard["pixel_counts"], np.float64)
+        _, local = store.fetch(scores_stage(version, SHARDS), shard["fingerprint"])
+        table = pq.read_table(local / ROWS, columns=["class_index", "probability", "label"]).to_pydict()
+        predicted += table["class_index"]
+        confidence += table["probability"]
+        for guess, label in zip(table["class_index"], table["label"], strict=True):
+            if label is not None:
+                labels.append(label)
+                hits.append(guess == label)
+    return {"images": len(predicted),
+            "pixel_histogram": counts / counts.sum() if counts.sum() else counts,
+            "predicted_shares": class_shares(np.asarray(predicted, np.int64), classes),
+            "mean_confidence": float(np.mean(confidence)) if confidence else None,
+            "accuracy": float(np.mean(hits)) if hits else None, "labelled": len(labels)}
+
+
+def training_baseline(store: Store, model: ScoringModel) -> dict[str, Any] | None:
+    """The class shares and grey-level histogram of the training split the model was trained on (None when the
+    model's train or data output is gone from the store)."""
+    if model.train_fingerprint is None:
+        return None
+    train = store.manifest("train", model.train_fingerprint)
+    data_fp = ((train or {}).get("upstream") or {}).get("data")
+    if data_fp is None or store.manifest("data", data_fp) is None:
+        return None
+    _, local = store.fetch("data", data_fp)
+    return baseline_summary(local)
+
+
+def drift_figures(stats: dict[str, Any], baseline: dict[str, Any] | None, model: ScoringModel,
+                  config: ScoreConfig) -> dict[str, Any]:
+    """The drift figures of a batch, and whether (and why) it drifted: the grey levels past
+    score.drift_threshold, a predicted class's share past score.max_prediction_shift, the accuracy more than
+    score.max_accuracy_drop below the model's test accuracy."""
+    figures: dict[str, Any] = {"detected": False, "reasons": [], "images": stats["images"],
+                               "mean_confidence": stats["mean_confidence"], "accuracy": stats["accuracy"],
+                               "labelled": stats["labelled"], "test_accuracy": model.test_accuracy,
+                               "pixel_divergence": None, "prediction_shift": None, "accuracy_drop": None,
+                               "baseline": baseline is not None}
+    if stats["images"] == 0:
+        figures["reasons"] = ["no new image was scored by this run"]
+        return figures
+    if stats["images"] < config.min_drift_images:
+        figures["reasons"] = [f"{stats['images']} new images are too few to judge drift by (score.min_drift_images "
+                              f"{config.min_drift_images})"]
+        return figures
+    reasons: list[str] = []
+    if baseline is not None:
+        pixel = js_divergence(stats["pixel_histogram"], baseline["pixel_histogram"])
+        shift = float(np.abs(stats["predicted_shares"] - baseline["class_shares"]).max())
+        figures.update(pixel_divergence=round(pixel, 6), prediction_shift=round(shift, 6))
+        if pixel > config.drift_threshold:
+            reasons.append(f"grey levels moved by Jensen–Shannon {pixel:.4f} bits (score.drift_threshold "
+                           f"{config.drift_threshold})")
+        if shift > config.max_prediction_shift:
+            reasons.append(f"a predicted class's share moved by {shift:.3f} from its training share "
+                           f"(score.max_prediction_shift {config.max_prediction_shift})")
+    if stats["accuracy"] is not None and model.test_accuracy is not None:
+        drop = float(model.test_accuracy) - stats["accuracy"]
+        figures["accuracy_drop"] = round(drop, 6)
+        if drop > config.max_accuracy_drop:
+            reasons.append(f"accuracy {stats['accuracy']:.4f} is {drop:.4f} below the model's test accuracy "
+                           f"{model.test_accuracy:.4f} (score.max_accuracy_drop {config.max_accuracy_drop})")
+    figures.update(detected=bool(reasons), reasons=reasons)
+    return figures
+
+
+def drift_markdown(figures: dict[str, Any], model: ScoringModel, source: str) -> str:
+    """The drift report as Markdown."""
+    def shown(value: Any, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    verdict = "**drift detected**: " + "; ".join(figures["reasons"]) if figures["detected"] else \
+        "no drift" + (f" ({figures['reasons'][0]})" if figures["reasons"] else "")
+    lines = [f"# Drift of {source} scored by {model.ref.label}", "", verdict, "",
+             "| figure | value |", "|---|---|",
+             f"| images scored by this run | {figures['images']} |",
+             f"| grey-level divergence from the training data (JS, bits) | {shown(figures['pixel_divergence'])} |",
+             f"| largest shift of a predicted class's share | {shown(figures['prediction_shift'])} |",
+             f"| mean confidence | {shown(figures['mean_confidence'])} |",
+             f"| accuracy ({figures['labelled']} labelled) | {shown(figures['accuracy'])} |",
+             f"| the model's test accuracy | {shown(figures['test_accuracy'])} |"]
+    if not figures["baseline"]:
+        lines += ["", "The model's training data is no longer in the store: no comparison with it."]
+    return "\n".join(lines) + "\n"
+
+
+def drift_picture(stats: dict[str, Any], baseline: dict[str, Any] | None, class_names: Sequence[str]) -> bytes:
+    """Grey levels and predicted class shares of the batch beside the training data's, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(np.arange(256), stats["pixel_histogram"], label="scored")
+    right.bar(np.arange(len(class_names)) - 0.2, stats["predicted_shares"], width=0.4, label="predicted")
+    if baseline is not None:
+        left.plot(np.arange(256), baseline["pixel_histogram"], label="training data", linestyle="--")
+        right.bar(np.arange(len(class_names)) + 0.2, baseline["class_shares"], width=0.4, label="training data")
+    left.set_yscale("log")
+    left.set(title="grey levels", xlabel="grey level", ylabel="share of pixels")
+    right.set(title="classes", ylabel="share")
+    right.set_xticks(np.arange(len(class_names)), [str(n) for n in class_names], rotation=45, ha="right")
+    left.legend()
+    right.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()

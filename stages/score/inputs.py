@@ -1,0 +1,113 @@
+"""What a scoring source holds now: one input per image file, keyed by its path under the source and versioned by
+its content (SHA-256 on disk, ETag on a bucket), with its label when it lies in a folder named after one of the
+model's classes. The listing is the data stage's own (`images:` folders, on disk or on a bucket)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from stages.data.sources.images import (
+    FOLDER,
+    SPLIT_FOLDERS,
+    ImageFile,
+    file_location,
+    list_files,
+    read_sources,
+    reason_of,
+)
+from tapeline.errors import DataSourceError, ImageError, PredictError, ScoreError
+from tapeline.imaging import IMAGE_FORMATS, open_image
+from tapeline.predict import Resize, fit_to_spec
+from tapeline.results import InputSpec
+
+SCHEME = "images:"
+
+
+class ScoreInput(BaseModel):
+    """One input of the source: key (path under the source), content digest, size, label (None: unlabelled)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    digest: str
+    size: int = 0
+    label: int | None = None
+
+
+class SourceListing(BaseModel):
+    """Every input of a source as it is now, and what could not be listed ({path, reason})."""
+
+    model_config = ConfigDict(frozen=True)
+
+    root: str
+    inputs: tuple[ScoreInput, ...]
+    skipped: tuple[dict[str, str], ...] = ()
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any input has a label."""
+        return any(i.label is not None for i in self.inputs)
+
+
+def source_root(source: str) -> str:
+    """The folder or bucket prefix of an `images:` source; ScoreError for any other kind."""
+    if not source.startswith(SCHEME) or not source[len(SCHEME):].strip():
+        raise ScoreError(f"score: SOURCE {source!r} is not images:DIR (a folder of {IMAGE_FORMATS} files, flat or in "
+                         "class folders, on disk or s3://…/gs://…); idx: and parquet: sources are scored by exporting "
+                         "them as image files first")
+    return source[len(SCHEME):]
+
+
+def label_of(relative: str, class_names: Sequence[str]) -> int | None:
+    """The class index of a file in a class folder (`<class>/…` or `<split>/<class>/…`), else None."""
+    parts = relative.split("/")
+    if len(parts) > 2 and parts[0] in SPLIT_FOLDERS and parts[1] in class_names:
+        return list(class_names).index(parts[1])
+    if len(parts) > 1 and parts[0] in class_names:
+        return list(class_names).index(parts[0])
+    return None
+
+
+def list_source(source: str, class_names: Sequence[str]) -> SourceListing:
+    """The inputs of an `images:` source now; ScoreError naming the source when it does not exist or holds no
+    image file."""
+    root = source_root(source)
+    try:
+        listing = list_files(root)
+    except DataSourceError as exc:
+        raise ScoreError(f"score: {exc}") from None
+    inputs = tuple(ScoreInput(key=f.relative, digest=f.version, size=f.size, label=label_of(f.relative, class_names))
+                   for f in listing.files)
+    skipped = tuple({"path": p["path"], "reason": p["reason"]} for p in listing.problems if p.get("kind") != FOLDER)
+    if not inputs:
+        raise ScoreError(f"score: {source} holds no image files ({IMAGE_FORMATS}); check the folder or prefix")
+    return SourceListing(root=root, inputs=inputs, skipped=skipped)
+
+
+def fitted_images(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize
+                  ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(index into `inputs`, the image fitted to the model's input as `tapeline predict` fits it, None) or
+    (index, None, why it was skipped) for each input, in order."""
+    from stages.data.sources.images import IMAGE_EXTENSIONS
+
+    files = tuple(ImageFile(i.key, i.size, i.digest) for i in inputs)
+    for window in read_sources(root, files):
+        for index, source, relative in window:
+            if isinstance(source, Exception):
+                yield index, None, f"cannot be read ({type(source).__name__}: {source})"
+                continue
+            try:
+                suffix = "." + relative.rpartition(".")[2].lower()
+                image = open_image(source, relative, IMAGE_EXTENSIONS.get(suffix))
+                image = image[..., np.newaxis] if image.ndim == 2 else image
+                yield index, fit_to_spec(image, spec, relative, resize), None  # type: ignore[arg-type]
+            except (ImageError, PredictError, OSError, ValueError) as exc:
+                yield index, None, reason_of(exc, relative)
+
+
+def skipped_entry(root: str, key: str, reason: str) -> dict[str, str]:
+    """A skipped input as the manifest lists it: its real path or URL and why."""
+    return {"path": file_location(root, key), "reason": reason}
