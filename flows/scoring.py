@@ -116,6 +116,8 @@ def summary(manifest: dict[str, Any], store: Store, model: ScoringModel, listing
     """The flow's return value and `tapeline score --json`: where the output is, its rows, the rows this run
     computed, the skipped inputs, the drift figures."""
     output = store.location(scores_stage(model.ref.label, OUTPUTS), snapshot_fingerprint(model, listing))
+    if manifest.get("root"):  # on a bucket, the files of a committed output lie in its attempt's directory
+        output = f"{output}/{manifest['root']}"
     return {"output": output, "model_version": manifest["model_version"], "images": manifest["images"],
             "scored": scored, "skipped": manifest["skipped"], "drift": manifest["drift"],
             "seconds": round(time.perf_counter() - started, 3)}

@@ -78,7 +78,7 @@ def list_source(source: str, class_names: Sequence[str]) -> SourceListing:
     try:
         listing = list_files(root)
     except DataSourceError as exc:
-        raise ScoreError(f"score: {exc}") from None
+        raise ScoreError(f"score: {str(exc).removeprefix('data.source ')}") from None
     inputs = tuple(ScoreInput(key=f.relative, digest=f.version, size=f.size, label=label_of(f.relative, class_names))
                    for f in listing.files)
     skipped = tuple({"path": p["path"], "reason": p["reason"]} for p in listing.problems if p.get("kind") != FOLDER)
