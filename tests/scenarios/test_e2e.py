@@ -191,4 +191,39 @@ def test_deployment_run_with_worker(server: dict[str, str], idx_dir: Path, tmp_p
     assert {r["state"]["type"] for r in trial_runs} == {"COMPLETED"}
     assert all(r["parameters"]["trial"]["sweep"] == pool_row["sweep"] for r in trial_runs)
     assert len(fs.ls(f"{bucket_prefix}/sweeps/{pool_row['sweep']}/trials")) == 2
+
+    # Batch scoring on the worker: an inverted batch on the bucket drifts, the event fires, and the on-drift
+    # deployment's trigger creates a training-pipeline run.
+    import numpy as np
+
+    from tapeline.testing import png_bytes, synthetic_images
+
+    inverted = f"{artifacts.rsplit('/', 1)[0]}/to-score"
+    images, _ = synthetic_images(30, seed=21)
+    for i, image in enumerate(images):
+        fs.pipe_file(f"{inverted.removeprefix('s3://')}/x{i:03d}.png", png_bytes((255 - image).astype(np.uint8)))
+    scoring_run = run_deployment(env, {"source": f"images:{inverted}",
+                                       "config": {"score": {"min_drift_images": 20}}}, "batch-scoring/manual")
+    scored = httpx.get(f"{api}/flow_runs/{scoring_run}").json()
+    assert scored["state"]["type"] == "COMPLETED"
+    deadline = time.monotonic() + 60
+    drift_events: list = []
+    while not drift_events and time.monotonic() < deadline:  # the server stores events a moment after they come
+        found = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"prefix": ["tapeline."]}}}).json()
+        drift_events = [e for e in found["events"] if e["event"] == "tapeline.drift.detected"]
+        time.sleep(1)
+    assert len(drift_events) == 1, [e["event"] for e in found["events"]]
+    assert drift_events[0]["payload"]["detected"] is True
+    assert drift_events[0]["payload"]["images"] == 30 and drift_events[0]["payload"]["pixel_divergence"] > 0.05
+    on_drift = httpx.get(f"{api}/deployments/name/training-pipeline/on-drift").json()
+    deadline = time.monotonic() + 90
+    triggered: list = []
+    while not triggered and time.monotonic() < deadline:
+        query = {"deployments": {"id": {"any_": [on_drift["id"]]}}}
+        triggered = httpx.post(f"{api}/flow_runs/filter", json=query).json()
+        time.sleep(1)
+    assert len(triggered) == 1, "the drift event did not trigger a training-pipeline run"
+    httpx.delete(f"{api}/flow_runs/{triggered[0]['id']}")  # a full retraining is not this test's business
+    keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
+    assert "drift-report" in keys
     print(f"e2e wall time {time.monotonic() - started:.1f} s")
