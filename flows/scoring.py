@@ -6,6 +6,7 @@ the `training-pipeline/on-drift` deployment is triggered by. Task bodies only ca
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import State, flow, get_run_logger, task
@@ -18,7 +19,7 @@ from flows import events
 from flows.artifacts import png_data_markdown
 from flows.training import TRANSIENT, artifacts_dir, expected_failure, quiet_expected_failures
 from stages.score.drift import batch_statistics, drift_figures, drift_markdown, drift_picture, training_baseline
-from stages.score.inputs import ScoreInput, SourceListing, list_source
+from stages.score.inputs import ScoreInput, SourceListing, list_source, read_plan, shard_plan
 from stages.score.model import ModelRef, ScoringModel, model_ref, resolve
 from stages.score.shards import (
     OUTPUTS,
@@ -44,9 +45,11 @@ def shard_task(ref: ModelRef, root: str, members: list[ScoreInput], batch_size: 
 
 
 @flow(name="score-shards", description="the shards of a scoring run, on the task runner the run chose")
-def score_shards(ref: ModelRef, root: str, groups: list[list[ScoreInput]], batch_size: int) -> list[dict[str, Any]]:
-    """Every shard as a task, at once on the flow's task runner; their manifests."""
-    futures = [shard_task.submit(ref, root, members, batch_size) for members in groups]
+def score_shards(ref: ModelRef, root: str, plan: str, batch_size: int) -> list[dict[str, Any]]:
+    """Every shard of the plan file as a task, at once on the flow's task runner; their manifests. The plan is a
+    file, not a parameter: a flow run's parameters go to the Prefect API, which refuses more than 512 KB (about
+    5,000 inputs)."""
+    futures = [shard_task.submit(ref, root, members, batch_size) for members in read_plan(Path(plan))]
     return [future.result() for future in futures]
 
 
@@ -94,8 +97,11 @@ def scoring_run(source: str, wanted: str | None, config: PipelineConfig, dask_ad
     groups = shard_groups(to_score(listing, done), config.score.shard_size)
     logger.info("%s: %d inputs, %d new or changed for %s, in %d shard(s)", source, len(listing.inputs),
                 sum(map(len, groups)), version, len(groups))
-    scored = score_shards.with_options(task_runner=shard_runner(config, dask_address))(
-        model.ref, listing.root, groups, config.score.batch_size) if groups else []
+    scored = []
+    if groups:
+        with shard_plan(groups) as plan:
+            scored = score_shards.with_options(task_runner=shard_runner(config, dask_address))(
+                model.ref, listing.root, str(plan), config.score.batch_size)
     done.update(scored_members(scored))
     stats = batch_statistics(store, version, scored, len(model.spec.class_names))
     baseline = training_baseline(store, model)

@@ -4,7 +4,11 @@ model's classes. The listing is the data stage's own (`images:` folders, on disk
 
 from __future__ import annotations
 
+import contextlib
+import json
+import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -106,6 +110,26 @@ def fitted_images(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resi
                 yield index, fit_to_spec(image, spec, relative, resize), None  # type: ignore[arg-type]
             except (ImageError, PredictError, OSError, ValueError) as exc:
                 yield index, None, reason_of(exc, relative)
+
+
+@contextlib.contextmanager
+def shard_plan(groups: Sequence[Sequence[ScoreInput]]) -> Iterator[Path]:
+    """The shards' members in a file of the local read cache, for the life of the block."""
+    from tapeline.store import cache_dir
+
+    folder = cache_dir() / "score-plans"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}.json"
+    path.write_text(json.dumps([[member.model_dump() for member in group] for group in groups]))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def read_plan(path: Path) -> list[list[ScoreInput]]:
+    """The shards' members written by `shard_plan`."""
+    return [[ScoreInput.model_validate(m) for m in group] for group in json.loads(path.read_text())]
 
 
 def skipped_entry(root: str, key: str, reason: str) -> dict[str, str]:
