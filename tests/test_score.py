@@ -39,6 +39,19 @@ def test_only_new_or_changed_inputs_are_scored_and_grouped_in_key_order() -> Non
     assert [[i.key for i in g] for g in shard_groups(todo, 3)] == [["b.png", "c.png", "d.png"], ["e.png"]]
 
 
+def test_the_shard_plan_goes_through_a_file_and_is_removed_after(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.score.inputs import read_plan, shard_plan
+
+    monkeypatch.setenv("TAPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    groups = [[ScoreInput(key=f"{g}/{i}.png", digest="d" * 64, size=500, label=g) for i in range(3000)]
+              for g in range(3)]  # 9,000 inputs: past the 512 KB a flow run's parameters may hold
+    with shard_plan(groups) as plan:
+        assert plan.stat().st_size > 512 * 1024
+        assert read_plan(plan) == groups
+    assert not plan.exists()
+
+
 def scoring_model(test_accuracy: float | None = 0.9) -> ScoringModel:
     return ScoringModel(ref=ModelRef(artifacts="/x", version="v0001"), saved_model=Path("/x"),
                         spec=InputSpec(shape=(28, 28, 1), class_names=CLASSES), interpolation="bilinear",
