@@ -5,6 +5,7 @@ afterwards goes on from the last epoch checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -174,3 +175,44 @@ def test_a_second_ctrl_c_ends_a_single_stage_at_once(tmp_path: Path, slow_idx: P
     stage = start(["stage", "train", *argv], env)
     read_until(stage, r"epoch 1: ")
     assert_clean_exit(*interrupt(stage, signal.SIGINT, times=2), status=130)
+
+
+def committed_shards(artifacts: Path) -> list[Path]:
+    folder = artifacts / "scores" / "v0001" / "shards"
+    return [p for p in folder.iterdir() if (p / "manifest.json").exists()] if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
+def test_a_stopped_scoring_run_loses_at_most_the_shards_in_flight(tmp_path: Path, slow_idx: Path,
+                                                                   signum: int) -> None:
+    from stages.pipeline import run_all
+    from tapeline.config import load_config
+    from tapeline.testing import png_bytes, synthetic_images
+
+    artifacts = tmp_path / "a"
+    assert run_all(load_config(None, overrides(slow_idx, 2)), artifacts)["promotion"].promoted
+    folder = tmp_path / "to-score"
+    folder.mkdir()
+    images, _ = synthetic_images(3000, seed=4)
+    for i, image in enumerate(images):
+        (folder / f"x{i:05d}.png").write_bytes(png_bytes(image))
+    argv = ["score", f"images:{folder}", "--artifacts", str(artifacts), "--set", "score.shard_size=50",
+            "--set", "score.workers=1", "--set", "score.batch_size=8", "--json"]
+    env = command_env(tmp_path)
+    scoring = start(argv, env)
+    deadline = time.monotonic() + 240
+    while len(committed_shards(artifacts)) < 3:
+        assert time.monotonic() < deadline and scoring.poll() is None, scoring.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    if signum == signal.SIGKILL:
+        os.killpg(scoring.pid, signal.SIGKILL)
+        scoring.wait()
+    else:
+        assert_clean_exit(*interrupt(scoring, signum), status=130)
+    kept = committed_shards(artifacts)
+    rows_kept = sum(len(json.loads((p / "manifest.json").read_text())["members"]) for p in kept)
+    assert 0 < rows_kept < 3000
+    again = subprocess.run([TAPELINE, *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 3000 and summary["scored"] == 3000 - rows_kept  # the committed shards stay scored
