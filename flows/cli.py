@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score a source with the production model (the `batch-scoring` flow): "
                                 "per file, by content; drift against the training data", epilog=keys,
                                 formatter_class=formatter)
-    score.add_argument("source", help="images:DIR (flat or class folders; a directory, file://, s3://… or gs://…)")
+    score.add_argument("source", help="images:DIR (flat or class folders; a directory, file://, s3://… or gs://…), "
+                       "idx:DIR or parquet:PATH (on disk)")
     score.add_argument("--model", help="production (default), models/vNNNN, serving/N, or an export directory")
     add_global(score, under_command=True)
     score.add_argument("--config", type=Path, help="YAML config file")

@@ -168,11 +168,43 @@ def test_an_inverted_batch_is_drift_and_still_scored(harness, production: Path, 
     assert "**drift detected**" in report and (Path(result["output"]) / "drift.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_idx_and_parquet_sources_are_scored_row_by_row(harness, production: Path, idx_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    from flows.scoring import batch_scoring
+
+    monkeypatch.setenv("TAPELINE_ARTIFACTS", str(production))
+    idx = batch_scoring(source=f"idx:{idx_dir}", config=load_config())
+    assert (idx["images"], idx["scored"]) == (400, 400) and idx["drift"]["labelled"] == 400  # 300 train + 100 test
+    assert idx["drift"]["accuracy"] > 0.5
+    rows = pq.read_table(Path(idx["output"]) / "predictions.parquet").to_pylist()
+    assert rows[0]["path"] == "t10k-images-idx3-ubyte#0" and rows[0]["label"] is not None
+
+    images, _ = synthetic_images(30, seed=8)
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    pq.write_table(pa.table({"image": [png_bytes(i) for i in images[:20]]}), folder / "a.parquet")  # PNG bytes
+    pq.write_table(pa.table({"image": pa.array([i.reshape(-1).tolist() for i in images[20:]],
+                                               pa.list_(pa.uint8()))}), folder / "b.parquet")
+    first = batch_scoring(source=f"parquet:{folder}", config=load_config())
+    assert (first["images"], first["scored"], first["skipped"]) == (30, 30, [])
+    changed = [png_bytes(i) for i in images[:20]]
+    changed[4] = png_bytes(255 - images[4])
+    pq.write_table(pa.table({"image": changed}), folder / "a.parquet")
+    again = batch_scoring(source=f"parquet:{folder}", config=load_config())
+    assert (again["images"], again["scored"]) == (30, 1)  # the one changed row
+    rows = pq.read_table(Path(again["output"]) / "predictions.parquet").to_pylist()
+    assert [r["path"] for r in rows][:2] == ["a.parquet#0", "a.parquet#1"] and "label" not in rows[0]
+
+
 @pytest.mark.parametrize(("make", "model", "message"), [
     ("empty-store", None, "no production model under "),
     ("store", "models/v0042", "model version v0042 does not exist under "),
     ("store", None, "score: images:"),
     ("empty-folder", None, "holds no image files"),
+    ("parquet-without-images", None, "has no 'image' column"),
 ])
 def test_scoring_refuses_bad_input_in_one_line(production: Path, tmp_path: Path, make: str, model: str | None,
                                               message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,11 +212,17 @@ def test_scoring_refuses_bad_input_in_one_line(production: Path, tmp_path: Path,
 
     artifacts = tmp_path / "nothing" if make == "empty-store" else production
     folder = tmp_path / "pictures"
-    if make == "empty-folder":
+    source = f"images:{folder}"
+    if make == "parquet-without-images":
+        import pyarrow as pa
+
+        pq.write_table(pa.table({"pixels": [1, 2]}), tmp_path / "drop.parquet")
+        source = f"parquet:{tmp_path / 'drop.parquet'}"
+    elif make == "empty-folder":
         (folder / "3").mkdir(parents=True)
     elif make != "store":
         write_pictures(folder, 2, seed=1)
-    args = ["score", f"images:{folder}", "--artifacts", str(artifacts), *(["--model", model] if model else [])]
+    args = ["score", source, "--artifacts", str(artifacts), *(["--model", model] if model else [])]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and message in err, err

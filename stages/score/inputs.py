@@ -60,8 +60,7 @@ def source_root(source: str) -> str:
     """The folder or bucket prefix of an `images:` source; ScoreError for any other kind."""
     if not source.startswith(SCHEME) or not source[len(SCHEME):].strip():
         raise ScoreError(f"score: SOURCE {source!r} is not images:DIR (a folder of {IMAGE_FORMATS} files, flat or in "
-                         "class folders, on disk or s3://…/gs://…); idx: and parquet: sources are scored by exporting "
-                         "them as image files first")
+                         "class folders, on disk or s3://…/gs://…), idx:DIR or parquet:PATH")
     return source[len(SCHEME):]
 
 
@@ -75,9 +74,24 @@ def label_of(relative: str, class_names: Sequence[str]) -> int | None:
     return None
 
 
+def list_array_source(source: str, class_names: Sequence[str]) -> SourceListing:
+    """The rows of an `idx:` or `parquet:` source now (read again: a file may have changed since)."""
+    from stages.score.arrays import digest, forget, row_bytes, source_rows
+
+    forget(source)
+    rows = source_rows(source)
+    inputs = tuple(ScoreInput(key=key, digest=digest(row_bytes(value)),
+                              label=label if label is not None and 0 <= label < len(class_names) else None)
+                   for key, (value, label) in rows.items())
+    return SourceListing(root=source, inputs=inputs)
+
+
 def list_source(source: str, class_names: Sequence[str]) -> SourceListing:
-    """The inputs of an `images:` source now; ScoreError naming the source when it does not exist or holds no
-    image file."""
+    """The inputs of a source now; ScoreError naming the source when it does not exist or holds no image."""
+    from stages.score.arrays import ARRAY_SCHEMES
+
+    if source.startswith(ARRAY_SCHEMES):
+        return list_array_source(source, class_names)
     root = source_root(source)
     try:
         listing = list_files(root)
@@ -96,7 +110,15 @@ def fitted_images(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resi
     """(index into `inputs`, the image fitted to the model's input as `tapeline predict` fits it, None) or
     (index, None, why it was skipped) for each input, in order."""
     from stages.data.sources.images import IMAGE_EXTENSIONS
+    from stages.score.arrays import ARRAY_SCHEMES, row_image
 
+    if root.startswith(ARRAY_SCHEMES):  # rows of idx: or parquet: files
+        for index, member in enumerate(inputs):
+            try:
+                yield index, fit_to_spec(row_image(root, member.key), spec, member.key, resize), None  # type: ignore[arg-type]
+            except (ImageError, PredictError, ValueError) as exc:
+                yield index, None, str(exc)[:300]
+        return
     files = tuple(ImageFile(i.key, i.size, i.digest) for i in inputs)
     for window in read_sources(root, files):
         for index, source, relative in window:
@@ -133,5 +155,10 @@ def read_plan(path: Path) -> list[list[ScoreInput]]:
 
 
 def skipped_entry(root: str, key: str, reason: str) -> dict[str, str]:
-    """A skipped input as the manifest lists it: its real path or URL and why."""
+    """A skipped input as the manifest lists it: its real path or URL (a row: the source and `<file>#<row>`) and
+    why."""
+    from stages.score.arrays import ARRAY_SCHEMES
+
+    if root.startswith(ARRAY_SCHEMES):
+        return {"path": f"{root}/{key}", "reason": reason}
     return {"path": file_location(root, key), "reason": reason}
