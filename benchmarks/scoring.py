@@ -3,9 +3,11 @@ by `tapeline score` (the `batch-scoring` flow, temporary Prefect API) and by `ke
 (labels=None)` + `model.predict` on the same exported model (its `.keras` file, softmax applied), at Keras's default
 batch (32) and at tapeline's (`score.batch_size`, 256). Each contender runs in a fresh process; its peak RSS is read
 by /usr/bin/time. Then tapeline's rerun with nothing new, and with 1 % more files. The classes must be identical on
-every image and the probabilities within 1e-5.
+every image and the probabilities within 1e-5. With --rss-images N, the peak RSS of scoring N files against the
+first folder's (it must not grow with the number of files); with --dask, the same folder scored on a local Dask
+cluster (a scheduler and 2 single-threaded workers) against this machine's threads.
 
-    .venv/bin/python -m benchmarks.scoring [--images 20000] [--rounds 3] [--json FILE]
+    .venv/bin/python -m benchmarks.scoring [--images 20000] [--rounds 3] [--rss-images 100000] [--dask] [--json F]
 """
 
 from __future__ import annotations
@@ -113,10 +115,59 @@ def agreement(output: str, keras_probabilities: np.ndarray, keras_paths: list[st
             "max_probability_difference": float(np.abs(ours - keras_probabilities).max())}
 
 
+def many_images(count: int) -> np.ndarray:
+    """`count` distinct images: Fashion-MNIST's 70,000, then shifted copies."""
+    base = fashion_images(70000)
+    copies = [np.roll(base, shift, axis=2) for shift in range(count // len(base) + 1)]
+    return np.concatenate(copies)[:count]
+
+
+def score_wall(folder: Path, artifacts: Path, env: dict[str, str], *more: str) -> dict:
+    """One `tapeline score` from no scores: wall, flow seconds, peak RSS."""
+    shutil.rmtree(artifacts / "scores", ignore_errors=True)
+    wall, rss, out = timed_command([sys.executable, "-m", "flows.cli", "score", f"images:{folder}", "--artifacts",
+                                    str(artifacts), "--json", *more], env)
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"wall": round(wall, 2), "flow_seconds": summary["seconds"], "rss_mib": rss, "scored": summary["scored"]}
+
+
+def dask_against_threads(folder: Path, artifacts: Path, env: dict[str, str], rounds: int) -> dict:
+    """The folder scored on a local Dask cluster (scheduler + 2 workers) and on this machine's 2 threads."""
+    from tapeline.testing import port_is_free
+
+    port = next(p for p in range(38786, 39786) if port_is_free(p))
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                   "--dashboard-address", ":0", "--no-show"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)]
+    processes += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard"], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                  for _ in range(2)]
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        results = []
+        for _ in range(rounds):
+            results.append({"threads": score_wall(folder, artifacts, env),
+                            "dask": score_wall(folder, artifacts, env, "--dask-address", address)})
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+    return {"rounds": results,
+            "median_flow_seconds": {kind: statistics.median(r[kind]["flow_seconds"] for r in results)
+                                    for kind in ("threads", "dask")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rss-images", type=int, default=0)
+    parser.add_argument("--dask", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
     args = parser.parse_args()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -144,6 +195,14 @@ def main() -> None:
         added_wall, _, out = timed_command([sys.executable, "-m", "flows.cli", "score", f"images:{folder}",
                                             "--artifacts", str(artifacts), "--json"], env)
         added = json.loads(out.strip().splitlines()[-1])
+        extra: dict = {}
+        if args.dask:
+            extra["dask_against_threads"] = dask_against_threads(folder, artifacts, env, args.rounds)
+        if args.rss_images:
+            many = root / "many"
+            write_folder(many, many_images(args.rss_images))
+            extra["rss"] = {"images": args.rss_images, "many": score_wall(many, artifacts, env),
+                            "few": score_wall(folder, artifacts, env)}
 
     def median(path: tuple[str, str]) -> float:
         return round(statistics.median(r[path[0]][path[1]] for r in rounds), 3)
@@ -151,7 +210,8 @@ def main() -> None:
     flow = median(("tapeline", "flow_seconds"))
     summary = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "images": args.images, "rounds": rounds,
-        "command": f"python -m benchmarks.scoring --images {args.images} --rounds {args.rounds}",
+        "command": f"python -m benchmarks.scoring --images {args.images} --rounds {args.rounds}"
+                   + (f" --rss-images {args.rss_images}" if args.rss_images else "") + (" --dask" if args.dask else ""),
         "median": {"tapeline_wall": median(("tapeline", "wall")), "tapeline_flow_seconds": flow,
                    "keras_batch_32_seconds": median(("keras_batch_32", "seconds")),
                    "keras_batch_256_seconds": median(("keras_batch_256", "seconds")),
@@ -164,6 +224,7 @@ def main() -> None:
         "rerun_nothing_new": {"wall": round(rerun_wall, 2), "scored": rerun["scored"]},
         "added_one_percent": {"wall": round(added_wall, 2), "flow_seconds": added["seconds"],
                               "scored": added["scored"], "images": added["images"]},
+        **extra,
     }
     print(json.dumps(summary, indent=2))
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
