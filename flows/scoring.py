@@ -23,6 +23,7 @@ from stages.score.inputs import ScoreInput, SourceListing, list_source, read_pla
 from stages.score.model import ModelRef, ScoringModel, model_ref, resolve
 from stages.score.shards import (
     OUTPUTS,
+    newly_scored,
     read_snapshot_manifest,
     score_shard,
     scored_members,
@@ -102,7 +103,7 @@ def scoring_run(source: str, wanted: str | None, config: PipelineConfig, dask_ad
         with shard_plan(groups) as plan:
             scored = score_shards.with_options(task_runner=shard_runner(config, dask_address))(
                 model.ref, listing.root, str(plan), config.score.batch_size)
-    done.update(scored_members(scored))
+    done.update(newly_scored(groups, scored))
     stats = batch_statistics(store, version, scored, len(model.spec.class_names))
     baseline = training_baseline(store, model)
     figures = drift_figures(stats, baseline, model, config.score)

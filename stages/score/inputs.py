@@ -8,10 +8,11 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from stages.data.sources.images import (
     FOLDER,
@@ -30,10 +31,9 @@ from tapeline.results import InputSpec
 SCHEME = "images:"
 
 
-class ScoreInput(BaseModel):
-    """One input of the source: key (path under the source), content digest, size, label (None: unlabelled)."""
-
-    model_config = ConfigDict(frozen=True)
+class ScoreInput(NamedTuple):
+    """One input of the source: key (path under the source), content digest, size, label (None: unlabelled). A
+    named tuple: a listing holds one per file, and the driver's memory must not grow much with the files."""
 
     key: str
     digest: str
@@ -41,10 +41,9 @@ class ScoreInput(BaseModel):
     label: int | None = None
 
 
-class SourceListing(BaseModel):
+@dataclass(frozen=True)
+class SourceListing:
     """Every input of a source as it is now, and what could not be listed ({path, reason})."""
-
-    model_config = ConfigDict(frozen=True)
 
     root: str
     inputs: tuple[ScoreInput, ...]
@@ -142,7 +141,7 @@ def shard_plan(groups: Sequence[Sequence[ScoreInput]]) -> Iterator[Path]:
     folder = cache_dir() / "score-plans"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.json"
-    path.write_text(json.dumps([[member.model_dump() for member in group] for group in groups]))
+    path.write_text(json.dumps([[list(member) for member in group] for group in groups]))
     try:
         yield path
     finally:
@@ -151,7 +150,7 @@ def shard_plan(groups: Sequence[Sequence[ScoreInput]]) -> Iterator[Path]:
 
 def read_plan(path: Path) -> list[list[ScoreInput]]:
     """The shards' members written by `shard_plan`."""
-    return [[ScoreInput.model_validate(m) for m in group] for group in json.loads(path.read_text())]
+    return [[ScoreInput(*member) for member in group] for group in json.loads(path.read_text())]
 
 
 def skipped_entry(root: str, key: str, reason: str) -> dict[str, str]:

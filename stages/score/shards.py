@@ -58,6 +58,13 @@ def scored_members(shards: Sequence[dict[str, Any]]) -> dict[tuple[str, str], st
     return {(key, digest): shard["fingerprint"] for shard in shards for key, digest in shard["members"]}
 
 
+def newly_scored(groups: Sequence[Sequence[ScoreInput]], shards: Sequence[dict[str, Any]]
+                 ) -> dict[tuple[str, str], str]:
+    """(key, digest) -> shard for the shards just scored, from the groups they were given (in order)."""
+    return {(m.key, m.digest): shard["fingerprint"] for group, shard in zip(groups, shards, strict=True)
+            for m in group}
+
+
 def to_score(listing: SourceListing, done: dict[tuple[str, str], str]) -> list[ScoreInput]:
     """The inputs no shard of this model version holds (new files, changed files)."""
     return [i for i in listing.inputs if (i.key, i.digest) not in done]
@@ -118,7 +125,8 @@ def write_rows(path: Path, columns: dict[str, list[Any]]) -> None:
 
 
 def score_shard(ref: ModelRef, root: str, members: list[ScoreInput], batch_size: int) -> dict[str, Any]:
-    """Score one shard and commit it (or find it committed): its manifest. Runs wherever the task runs (a thread
+    """Score one shard and commit it (or find it committed): its fingerprint, rows, skipped inputs and grey-level
+    counts (its members are the caller's already). Runs wherever the task runs (a thread
     here, a Dask worker elsewhere): the model is resolved and loaded there, once per process."""
     model = resolve(ref)
     store = open_store(ref.artifacts)
@@ -132,7 +140,7 @@ def score_shard(ref: ModelRef, root: str, members: list[ScoreInput], batch_size:
                 "pixel_counts": counts.tolist()}
 
     manifest, _cached, _local = store.build(scores_stage(ref.label, SHARDS), fp, make)
-    return manifest
+    return {key: manifest[key] for key in ("fingerprint", "rows", "skipped", "pixel_counts")}  # not the members
 
 
 def snapshot_fingerprint(model: ScoringModel, listing: SourceListing) -> str:
