@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import events
 from flows.artifacts import png_data_markdown
 from flows.training import TRANSIENT, artifacts_dir, expected_failure, quiet_expected_failures
-from stages.score.drift import batch_statistics, drift_figures, drift_markdown, drift_picture, training_baseline
+from stages.score.drift import batch_statistics, drift_figures, drift_report, training_baseline
 from stages.score.inputs import ScoreInput, SourceListing, list_source, read_plan, shard_plan
 from stages.score.model import ModelRef, ScoringModel, model_ref, resolve
 from stages.score.shards import (
@@ -107,8 +107,7 @@ def scoring_run(source: str, wanted: str | None, config: PipelineConfig, dask_ad
     stats = batch_statistics(store, version, scored, len(model.spec.class_names))
     baseline = training_baseline(store, model)
     figures = drift_figures(stats, baseline, model, config.score)
-    report = {"drift.md": drift_markdown(figures, model, source).encode(),
-              "drift.png": drift_picture(stats, baseline, model.spec.class_names)}
+    report = drift_report(figures, stats, baseline, model, source)
     manifest, _cached, location = write_snapshot(store, model, listing, done, source, figures, report)
     create_markdown_artifact(report["drift.md"].decode() + "\n" + png_data_markdown("The batch against the training "
                              "data", report["drift.png"]), key="drift-report", description=f"drift of {source}")

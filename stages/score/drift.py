@@ -96,6 +96,13 @@ def drift_figures(stats: dict[str, Any], baseline: dict[str, Any] | None, model:
     return figures
 
 
+def drift_report(figures: dict[str, Any], stats: dict[str, Any], baseline: dict[str, Any] | None,
+                 model: ScoringModel, source: str) -> dict[str, bytes]:
+    """The report's files: `drift.md` and `drift.png`."""
+    return {"drift.md": drift_markdown(figures, model, source).encode(),
+            "drift.png": drift_picture(stats, baseline, model.spec.class_names)}
+
+
 def drift_markdown(figures: dict[str, Any], model: ScoringModel, source: str) -> str:
     """The drift report as Markdown."""
     def shown(value: Any, digits: int = 4) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from stages.data.sources.images import (
     FOLDER,
+    IMAGE_EXTENSIONS,
     SPLIT_FOLDERS,
     ImageFile,
     file_location,
@@ -23,6 +24,7 @@ from stages.data.sources.images import (
     read_sources,
     reason_of,
 )
+from stages.score.arrays import ARRAY_SCHEMES, digest, forget, row_bytes, row_image, source_rows
 from tapeline.errors import DataSourceError, ImageError, PredictError, ScoreError
 from tapeline.imaging import IMAGE_FORMATS, open_image
 from tapeline.predict import Resize, fit_to_spec
@@ -75,8 +77,6 @@ def label_of(relative: str, class_names: Sequence[str]) -> int | None:
 
 def list_array_source(source: str, class_names: Sequence[str]) -> SourceListing:
     """The rows of an `idx:` or `parquet:` source now (read again: a file may have changed since)."""
-    from stages.score.arrays import digest, forget, row_bytes, source_rows
-
     forget(source)
     rows = source_rows(source)
     inputs = tuple(ScoreInput(key=key, digest=digest(row_bytes(value)),
@@ -87,8 +87,6 @@ def list_array_source(source: str, class_names: Sequence[str]) -> SourceListing:
 
 def list_source(source: str, class_names: Sequence[str]) -> SourceListing:
     """The inputs of a source now; ScoreError naming the source when it does not exist or holds no image."""
-    from stages.score.arrays import ARRAY_SCHEMES
-
     if source.startswith(ARRAY_SCHEMES):
         return list_array_source(source, class_names)
     root = source_root(source)
@@ -104,20 +102,28 @@ def list_source(source: str, class_names: Sequence[str]) -> SourceListing:
     return SourceListing(root=root, inputs=inputs, skipped=skipped)
 
 
-def fitted_images(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize
-                  ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+Fitted = Iterator[tuple[int, np.ndarray | None, str | None]]
+
+
+def fitted_images(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
     """(index into `inputs`, the image fitted to the model's input as `tapeline predict` fits it, None) or
     (index, None, why it was skipped) for each input, in order."""
-    from stages.data.sources.images import IMAGE_EXTENSIONS
-    from stages.score.arrays import ARRAY_SCHEMES, row_image
+    if root.startswith(ARRAY_SCHEMES):
+        return fitted_rows(root, inputs, spec, resize)
+    return fitted_files(root, inputs, spec, resize)
 
-    if root.startswith(ARRAY_SCHEMES):  # rows of idx: or parquet: files
-        for index, member in enumerate(inputs):
-            try:
-                yield index, fit_to_spec(row_image(root, member.key), spec, member.key, resize), None  # type: ignore[arg-type]
-            except (ImageError, PredictError, ValueError) as exc:
-                yield index, None, str(exc)[:300]
-        return
+
+def fitted_rows(source: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
+    """`fitted_images` for the rows of an `idx:` or `parquet:` source."""
+    for index, member in enumerate(inputs):
+        try:
+            yield index, fit_to_spec(row_image(source, member.key), spec, member.key, resize), None  # type: ignore[arg-type]
+        except (ImageError, PredictError, ValueError) as exc:
+            yield index, None, str(exc)[:300]
+
+
+def fitted_files(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
+    """`fitted_images` for the files of an `images:` folder or bucket prefix (read a window at a time)."""
     files = tuple(ImageFile(i.key, i.size, i.digest) for i in inputs)
     for window in read_sources(root, files):
         for index, source, relative in window:
@@ -156,8 +162,6 @@ def read_plan(path: Path) -> list[list[ScoreInput]]:
 def skipped_entry(root: str, key: str, reason: str) -> dict[str, str]:
     """A skipped input as the manifest lists it: its real path or URL (a row: the source and `<file>#<row>`) and
     why."""
-    from stages.score.arrays import ARRAY_SCHEMES
-
     if root.startswith(ARRAY_SCHEMES):
         return {"path": f"{root}/{key}", "reason": reason}
     return {"path": file_location(root, key), "reason": reason}

@@ -44,7 +44,7 @@ class ScoringModel(BaseModel):
     """A resolved model: where its SavedModel lies on this machine, what it takes, what it scored on its test split,
     and the train output (hence the data) it came from."""
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True)
 
     ref: ModelRef
     saved_model: Path
