@@ -24,25 +24,24 @@ def batch_statistics(store: Store, version: str, shards: Sequence[dict[str, Any]
     import pyarrow.parquet as pq
 
     counts = np.zeros(256, np.float64)
-    predicted: list[int] = []
-    confidence: list[float] = []
-    labels: list[int] = []
-    hits: list[bool] = []
+    predicted, confidence, hits = [np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0, bool)]
     for shard in shards:
         counts += np.asarray(shard["pixel_counts"], np.float64)
         _, local = store.fetch(scores_stage(version, SHARDS), shard["fingerprint"])
-        table = pq.read_table(local / ROWS, columns=["class_index", "probability", "label"]).to_pydict()
-        predicted += table["class_index"]
-        confidence += table["probability"]
-        for guess, label in zip(table["class_index"], table["label"], strict=True):
-            if label is not None:
-                labels.append(label)
-                hits.append(guess == label)
-    return {"images": len(predicted),
+        table = pq.read_table(local / ROWS, columns=["class_index", "probability", "label"])
+        guesses = table["class_index"].to_numpy().astype(np.int64)
+        labels = table["label"].to_numpy(zero_copy_only=False)  # floats, NaN where unlabelled
+        labelled = ~np.isnan(labels.astype(np.float64))
+        predicted.append(guesses)
+        confidence.append(table["probability"].to_numpy())
+        hits.append(guesses[labelled] == labels[labelled])
+    predicted_all, confidence_all, hits_all = np.concatenate(predicted), np.concatenate(confidence), \
+        np.concatenate(hits)
+    return {"images": len(predicted_all),
             "pixel_histogram": counts / counts.sum() if counts.sum() else counts,
-            "predicted_shares": class_shares(np.asarray(predicted, np.int64), classes),
-            "mean_confidence": float(np.mean(confidence)) if confidence else None,
-            "accuracy": float(np.mean(hits)) if hits else None, "labelled": len(labels)}
+            "predicted_shares": class_shares(predicted_all, classes),
+            "mean_confidence": float(confidence_all.mean()) if len(confidence_all) else None,
+            "accuracy": float(hits_all.mean()) if len(hits_all) else None, "labelled": len(hits_all)}
 
 
 def training_baseline(store: Store, model: ScoringModel) -> dict[str, Any] | None:

@@ -157,7 +157,6 @@ def gather_rows(store: Store, version: str, listing: SourceListing, done: dict[t
     import pyarrow.parquet as pq
 
     wanted = {(i.key, i.digest) for i in listing.inputs}
-    labels = {i.key: i.label for i in listing.inputs}
     tables = []
     for shard in sorted({done[k] for k in wanted if k in done}):
         _, local = store.fetch(scores_stage(version, SHARDS), shard)
@@ -168,7 +167,7 @@ def gather_rows(store: Store, version: str, listing: SourceListing, done: dict[t
     if table is None:
         return None
     table = table.sort_by("key")
-    if not any(v is not None for v in labels.values()):
+    if all(i.label is None for i in listing.inputs):
         table = table.drop_columns(["label"])
     return table.set_column(table.schema.get_field_index("key"), "path", pc.cast(table["key"], pa.string()))
 
