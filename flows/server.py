@@ -1,4 +1,4 @@
-"""The temporary local Prefect API of `tapeline run` and `tapeline sweep` when no PREFECT_API_URL is set: Prefect's
+"""The temporary Prefect API of `tapeline run`, `sweep` and `score` when no PREFECT_API_URL is set: Prefect's
 own server app (as Prefect's temporary server runs it), in a child process tied to this one, so that a `kill -9`
 of the command leaves no server behind (Prefect's own temporary server outlives it)."""
 

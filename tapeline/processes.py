@@ -1,4 +1,4 @@
-"""Child processes that die with their parent (trial processes, training workers, the temporary Prefect server),
+"""Child processes that die with their parent (trial processes, training workers, the temporary Prefect API),
 and the share of the cores each of several gets."""
 
 from __future__ import annotations
