@@ -53,6 +53,7 @@ class InterruptHandler:
     force_exit: Callable[[int], None] = os._exit
     received: int | None = None
     announced: bool = False
+    timer: threading.Timer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, signum: int, _frame: FrameType | None) -> None:
@@ -60,9 +61,9 @@ class InterruptHandler:
             self.exit_now(signum)
             return
         self.received = signum
-        timer = threading.Timer(self.grace, self.exit_now, args=(signum,))
-        timer.daemon = True
-        timer.start()
+        self.timer = threading.Timer(self.grace, self.exit_now, args=(signum,))
+        self.timer.daemon = True
+        self.timer.start()
         raise Interrupted(signum)
 
     def announce(self) -> None:

@@ -34,6 +34,7 @@ def test_the_first_signal_raises_interrupted_with_the_shells_exit_status() -> No
     handler.announce()
     handler.announce()
     assert lines == [MESSAGE]
+    handler.timer.cancel()
 
 
 def test_a_second_signal_exits_at_once_with_one_line() -> None:
@@ -43,6 +44,7 @@ def test_a_second_signal_exits_at_once_with_one_line() -> None:
     with pytest.raises(Exited):
         handler(signal.SIGINT, None)
     assert codes == [130] and lines == [MESSAGE]
+    handler.timer.cancel()
 
 
 def test_the_grace_period_forces_the_exit_when_unwinding_hangs() -> None:
