@@ -179,7 +179,9 @@ def test_a_second_ctrl_c_ends_a_single_stage_at_once(tmp_path: Path, slow_idx: P
 
 def committed_shards(artifacts: Path) -> list[Path]:
     folder = artifacts / "scores" / "v0001" / "shards"
-    return [p for p in folder.iterdir() if (p / "manifest.json").exists()] if folder.is_dir() else []
+    # A `.partial-*` staging directory may hold its manifest already: committed is the rename that follows.
+    return [p for p in folder.iterdir() if not p.name.startswith(".") and (p / "manifest.json").exists()] \
+        if folder.is_dir() else []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
