@@ -19,12 +19,11 @@ from flows import events
 from flows.artifacts import png_data_markdown
 from flows.training import TRANSIENT, artifacts_dir, expected_failure, quiet_expected_failures
 from stages.score.drift import batch_statistics, drift_figures, drift_report, training_baseline
-from stages.score.inputs import ScoreInput, SourceListing, list_source, read_plan, shard_plan
-from stages.score.model import ModelRef, ScoringModel, model_ref, resolve
+from stages.score.inputs import ScoreInput, list_source, read_plan, shard_plan
+from stages.score.model import ModelRef, model_ref, resolve
 from stages.score.shards import (
     OUTPUTS,
     newly_scored,
-    read_snapshot_manifest,
     score_shard,
     scored_members,
     scores_stage,
@@ -36,7 +35,7 @@ from stages.score.shards import (
 )
 from tapeline.config import PipelineConfig
 from tapeline.errors import TapelineError
-from tapeline.store import Store, open_store
+from tapeline.store import open_store
 
 
 @task(name="score-shard", cache_policy=NO_CACHE, retries=1)
@@ -90,10 +89,11 @@ def scoring_run(source: str, wanted: str | None, config: PipelineConfig, dask_ad
     model = resolve(model_ref(wanted, store))
     version = model.ref.label
     listing = list_source(source, model.spec.class_names)
-    committed = read_snapshot_manifest(store, model, listing)
+    fp = snapshot_fingerprint(model, listing)
+    committed = store.manifest(scores_stage(version, OUTPUTS), fp)
     if committed is not None:
         logger.info("%s: nothing new since the last scoring with %s: %d rows", source, version, committed["images"])
-        return summary(committed, store, model, listing, 0, started)
+        return summary(committed, store.location(scores_stage(version, OUTPUTS), fp), 0, started)
     done = scored_members(stored_shards(store, version))
     groups = shard_groups(to_score(listing, done), config.score.shard_size)
     logger.info("%s: %d inputs, %d new or changed for %s, in %d shard(s)", source, len(listing.inputs),
@@ -108,20 +108,19 @@ def scoring_run(source: str, wanted: str | None, config: PipelineConfig, dask_ad
     baseline = training_baseline(store, model)
     figures = drift_figures(stats, baseline, model, config.score)
     report = drift_report(figures, stats, baseline, model, source)
-    manifest, _cached, location = write_snapshot(store, model, listing, done, source, figures, report)
+    manifest, _cached, location = write_snapshot(store, model, listing, done, fp, source, figures, report)
     create_markdown_artifact(report["drift.md"].decode() + "\n" + png_data_markdown("The batch against the training "
                              "data", report["drift.png"]), key="drift-report", description=f"drift of {source}")
     if figures["detected"]:
         logger.warning("drift detected: %s", "; ".join(figures["reasons"]))
         events.drift_detected(figures, source, version, location, flow_run.id)
-    return summary(manifest, store, model, listing, sum(s["rows"] for s in scored), started)
+    return summary(manifest, location, sum(s["rows"] for s in scored), started)
 
 
-def summary(manifest: dict[str, Any], store: Store, model: ScoringModel, listing: SourceListing, scored: int,
-            started: float) -> dict[str, Any]:
+def summary(manifest: dict[str, Any], location: str, scored: int, started: float) -> dict[str, Any]:
     """The flow's return value and `tapeline score --json`: where the output is, its rows, the rows this run
     computed, the skipped inputs, the drift figures."""
-    output = store.location(scores_stage(model.ref.label, OUTPUTS), snapshot_fingerprint(model, listing))
+    output = location
     if manifest.get("root"):  # on a bucket, the files of a committed output lie in its attempt's directory
         output = f"{output}/{manifest['root']}"
     return {"output": output, "model_version": manifest["model_version"], "images": manifest["images"],

@@ -279,3 +279,13 @@ def runs_of(artifacts: Path | str, newest_first: bool = True) -> list[dict[str, 
     assert isinstance(store, RemoteStore)
     rows = remote_runs(store)
     return sorted(rows, key=lambda r: (r["time"], r["run_id"]), reverse=newest_first)
+
+
+def registry_version(stage: str, name: str) -> str | None:
+    """The registry version a location names: `models/vNNNN` itself, or `serving/N` (TF Serving's copy of
+    version N); None for any other place (an export)."""
+    if stage == MODELS and VERSION_PATTERN.match(name):
+        return name
+    if stage == "serving" and name.isdigit():
+        return f"v{int(name):04d}"
+    return None

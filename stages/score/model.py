@@ -3,7 +3,6 @@ by registry version or export directory, and loaded once per process however man
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,10 @@ from pydantic import BaseModel, ConfigDict
 from tapeline.cache import manifest_problem, read_manifest
 from tapeline.errors import ScoreError, TapelineError
 from tapeline.predict import Resize, card_resize, resolve_model
-from tapeline.registry import VERSION_PATTERN, local_version, read_production
+from tapeline.registry import MODELS, local_version, read_production, registry_version
 from tapeline.results import InputSpec
 from tapeline.store import Store, open_store
 
-SERVING = re.compile(r"^(?:serving/)(\d+)$")
 _LOADED: dict[str, Any] = {}
 _LOADING = threading.Lock()
 
@@ -72,11 +70,10 @@ def model_ref(wanted: str | None, store: Store) -> ModelRef:
                              "models/vNNNN or an export directory")
         return ModelRef(artifacts=root, version=pointer["version"])
     text = str(wanted).rstrip("/")
-    name = text.removeprefix("models/")
-    if VERSION_PATTERN.match(name) and "/" not in name:
-        return ModelRef(artifacts=root, version=name)
-    if match := SERVING.match(text):
-        return ModelRef(artifacts=root, version=f"v{int(match.group(1)):04d}")
+    place, _, name = text.rpartition("/")
+    version = registry_version(place or MODELS, name) if place in ("", MODELS, "serving") else None
+    if version is not None:
+        return ModelRef(artifacts=root, version=version)
     directory = Path(text).expanduser()
     if not directory.is_dir():
         raise ScoreError(f"--model {wanted}: no such model: give models/vNNNN (`tapeline runs` lists them), "

@@ -150,7 +150,7 @@ def snapshot_fingerprint(model: ScoringModel, listing: SourceListing) -> str:
                         "code": code_fingerprint("stages.score.shards")})[:16]
 
 
-def gather_rows(store: Store, version: str, listing: SourceListing, done: dict[tuple[str, str], str]) -> Any:
+def gather_rows(store: Store, version: str, listing: SourceListing, shards: Sequence[str]) -> Any:
     """The rows of every current input, read from the shards that hold them (a changed file's old row left out)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -158,7 +158,7 @@ def gather_rows(store: Store, version: str, listing: SourceListing, done: dict[t
 
     wanted = {(i.key, i.digest) for i in listing.inputs}
     tables = []
-    for shard in sorted({done[k] for k in wanted if k in done}):
+    for shard in shards:
         _, local = store.fetch(scores_stage(version, SHARDS), shard)
         table = pq.read_table(local / ROWS)
         keep = [(k, d) in wanted for k, d in zip(table["key"].to_pylist(), table["digest"].to_pylist(), strict=True)]
@@ -172,42 +172,40 @@ def gather_rows(store: Store, version: str, listing: SourceListing, done: dict[t
     return table.set_column(table.schema.get_field_index("key"), "path", pc.cast(table["key"], pa.string()))
 
 
-def shard_skips(store: Store, version: str, listing: SourceListing, done: dict[tuple[str, str], str]
-                ) -> list[dict[str, str]]:
-    """The current inputs the shards skipped (unreadable), with their paths and reasons."""
-    wanted = {(i.key, i.digest) for i in listing.inputs}
+def shard_skips(store: Store, version: str, shards: Sequence[str]) -> list[dict[str, str]]:
+    """The inputs the given shards skipped (unreadable), with their paths and reasons."""
     skipped: list[dict[str, str]] = []
-    for shard in sorted({done[k] for k in wanted if k in done}):
-        manifest = store.manifest(scores_stage(version, SHARDS), shard) or {}
-        skipped += manifest.get("skipped") or []
+    for shard in shards:
+        skipped += (store.manifest(scores_stage(version, SHARDS), shard) or {}).get("skipped") or []
     return skipped
 
 
+def current_shards(listing: SourceListing, done: dict[tuple[str, str], str]) -> list[str]:
+    """The shards that hold the source's current inputs, sorted."""
+    return sorted({done[k] for i in listing.inputs if (k := (i.key, i.digest)) in done})
+
+
 def write_snapshot(store: Store, model: ScoringModel, listing: SourceListing, done: dict[tuple[str, str], str],
-                   source: str, drift: dict[str, Any], report: dict[str, bytes]) -> tuple[dict[str, Any], bool, str]:
-    """The run's output (or the one committed before for the same model and inputs): (manifest, cached, where)."""
+                   fp: str, source: str, drift: dict[str, Any], report: dict[str, bytes]
+                   ) -> tuple[dict[str, Any], bool, str]:
+    """The run's output `fp` (or the one committed before for the same model and inputs): (manifest, cached,
+    where)."""
     import pyarrow.parquet as pq
 
     version = model.ref.label
-    fp = snapshot_fingerprint(model, listing)
     stage = scores_stage(version, OUTPUTS)
+    shards = current_shards(listing, done)
 
     def make(staging: Path, _save_partial: Any) -> dict[str, Any]:
-        table = gather_rows(store, version, listing, done)
+        table = gather_rows(store, version, listing, shards)
         if table is not None:
             pq.write_table(table, staging / PREDICTIONS)
         for name, data in report.items():
             (staging / name).write_bytes(data)
-        skipped = [*listing.skipped, *shard_skips(store, version, listing, done)]
+        skipped = [*listing.skipped, *shard_skips(store, version, shards)]
         return {"stage": "score", "source": source, "model_version": version, "model": model.export_fingerprint,
                 "images": 0 if table is None else table.num_rows, "skipped": skipped, "drift": drift,
-                "shards": sorted({done[(i.key, i.digest)] for i in listing.inputs if (i.key, i.digest) in done})}
+                "shards": shards}
 
     manifest, cached, _local = store.build(stage, fp, make)
     return manifest, cached, store.location(stage, fp)
-
-
-def read_snapshot_manifest(store: Store, model: ScoringModel, listing: SourceListing) -> dict[str, Any] | None:
-    """The committed output for this model and these inputs, None when there is none yet."""
-    return store.manifest(scores_stage(model.ref.label, OUTPUTS), snapshot_fingerprint(model, listing))
-

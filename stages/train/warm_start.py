@@ -15,7 +15,7 @@ from typing import Any
 from tapeline.cache import manifest_problem, read_manifest
 from tapeline.config import PipelineConfig
 from tapeline.errors import ConfigError, TapelineError
-from tapeline.registry import MODELS, VERSION_PATTERN, local_version, read_production
+from tapeline.registry import local_version, read_production, registry_version
 from tapeline.results import InputSpec
 from tapeline.store import Store, is_remote, normalize_root, open_store
 
@@ -67,16 +67,6 @@ def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, 
                           f"fingerprint; give models/vNNNN or serving/N (in the artifacts), the path or URL of an "
                           f"export directory, production, or {FIX}")
     return {"from": wanted, "train_fingerprint": train_fp, **({"version": version} if version else {})}
-
-
-def registry_version(stage: str, name: str) -> str | None:
-    """The registry version a location names: `models/vNNNN` itself, or `serving/N` (TF Serving's copy of
-    version N); None for any other place (an export)."""
-    if stage == MODELS and VERSION_PATTERN.match(name):
-        return name
-    if stage == "serving" and name.isdigit():
-        return f"v{int(name):04d}"
-    return None
 
 
 def version_manifest(store: Store, version: str) -> dict[str, Any] | None:
