@@ -36,11 +36,13 @@ import json, sys, time
 import numpy as np
 started = time.perf_counter()
 import keras
-folder, model_path, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-dataset = keras.utils.image_dataset_from_directory(folder, labels=None, color_mode="grayscale", image_size=(28, 28),
+folder, model_path, batch, out, colour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+dataset = keras.utils.image_dataset_from_directory(folder, labels=None, color_mode=colour, image_size=(28, 28),
                                                    batch_size=batch, shuffle=False)
 paths = dataset.file_paths
 model = keras.models.load_model(model_path, compile=False)
+if colour == "rgb":
+    dataset = dataset.map(lambda x: keras.ops.image.rgb_to_grayscale(x))
 logits = model.predict(dataset.map(lambda x: x / 255.0), verbose=0)
 probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
 seconds = time.perf_counter() - started
@@ -98,9 +100,11 @@ def tapeline_round(folder: Path, artifacts: Path, env: dict[str, str]) -> dict:
             "output": summary["output"]}
 
 
-def keras_round(folder: Path, model: Path, batch: int, out: Path, env: dict[str, str]) -> dict:
-    """The Keras user's script in a fresh process: seconds (imports excluded), peak RSS, file order."""
-    _, rss, stdout = timed_command([sys.executable, "-c", KERAS, str(folder), str(model), str(batch), str(out)], env)
+def keras_round(folder: Path, model: Path, batch: int, out: Path, env: dict[str, str], colour: str = "grayscale"
+                ) -> dict:
+    """The Keras user's script in a fresh process: seconds (imports included), peak RSS, file order."""
+    _, rss, stdout = timed_command([sys.executable, "-c", KERAS, str(folder), str(model), str(batch), str(out),
+                                    colour], env)
     result = json.loads(stdout.strip().splitlines()[-1])
     return {"seconds": result["seconds"], "rss_mib": rss, "paths": result["paths"]}
 
@@ -113,6 +117,38 @@ def agreement(output: str, keras_probabilities: np.ndarray, keras_paths: list[st
     ours = np.asarray([rows[str(Path(p).relative_to(folder))]["probabilities"] for p in keras_paths])
     return {"images": len(keras_paths), "same_top1": int((ours.argmax(1) == keras_probabilities.argmax(1)).sum()),
             "max_probability_difference": float(np.abs(ours - keras_probabilities).max())}
+
+
+def write_rgb_folder(folder: Path, images: np.ndarray) -> None:
+    """Each image at 96x96 in RGB (upscaled, tinted per image) as folder/img-NNNNNN.png."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        big = np.asarray(Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR), np.float32)
+        tint = np.asarray([1.0, 0.8 + 0.2 * (i % 3) / 2, 0.9], np.float32)
+        Image.fromarray(np.clip(big[..., None] * tint, 0, 255).astype(np.uint8)).save(folder / f"img-{i:06d}.png")
+
+
+def rgb_rounds(folder: Path, artifacts: Path, version: Path, root: Path, env: dict[str, str], rounds: int) -> dict:
+    """The 96x96 RGB folder: `tapeline score` (fitted to 28x28x1 as the data stage fits) against the Keras script
+    (rgb, resized to 28x28 by Keras, then grey), rounds interleaved; medians, the agreement of the last round."""
+    runs = []
+    for _ in range(rounds):
+        ours = tapeline_round(folder, artifacts, env)
+        default = keras_round(folder, version / "model.keras", 32, root / "rgb32.npy", env, "rgb")
+        same = keras_round(folder, version / "model.keras", 256, root / "rgb256.npy", env, "rgb")
+        runs.append({"tapeline": ours, "keras_batch_32": default["seconds"], "keras_batch_256": same["seconds"],
+                     "keras_rss_mib": same["rss_mib"]})
+        print(f"rgb round: {json.dumps(runs[-1])}", flush=True)
+    check = agreement(ours["output"], np.load(root / "rgb256.npy"), same["paths"], folder)
+    return {"rounds": runs, "agreement": check,
+            "median": {"tapeline_flow_seconds": statistics.median(r["tapeline"]["flow_seconds"] for r in runs),
+                       "tapeline_wall": statistics.median(r["tapeline"]["wall"] for r in runs),
+                       "tapeline_rss_mib": statistics.median(r["tapeline"]["rss_mib"] for r in runs),
+                       "keras_batch_32_seconds": statistics.median(r["keras_batch_32"] for r in runs),
+                       "keras_batch_256_seconds": statistics.median(r["keras_batch_256"] for r in runs),
+                       "keras_rss_mib": statistics.median(r["keras_rss_mib"] for r in runs)}}
 
 
 def many_images(count: int) -> np.ndarray:
@@ -168,6 +204,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rss-images", type=int, default=0)
     parser.add_argument("--dask", action="store_true")
+    parser.add_argument("--rgb96", type=int, default=0, help="also a folder of this many 96x96 RGB images")
+    parser.add_argument("--only-rgb96", action="store_true", help="skip the 28x28 rounds (with --rgb96)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
     args = parser.parse_args()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -177,6 +215,17 @@ def main() -> None:
         env["PREFECT_HOME"] = str(root / "prefect-home")
         artifacts, folder = root / "artifacts", root / "pictures"
         version = train_production(artifacts)
+        if args.rgb96:
+            rgb = root / "rgb96"
+            write_rgb_folder(rgb, fashion_images(args.rgb96))
+            result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "images": args.rgb96,
+                      "command": f"python -m benchmarks.scoring --rgb96 {args.rgb96} --rounds {args.rounds}"
+                                 + (" --only-rgb96" if args.only_rgb96 else ""),
+                      **rgb_rounds(rgb, artifacts, version, root, env, args.rounds)}
+            print(json.dumps(result, indent=2))
+            (args.json.parent / "scoring_rgb96.json").write_text(json.dumps(result, indent=2) + "\n")
+            if args.only_rgb96:
+                return
         images = fashion_images(args.images + args.images // 100)
         write_folder(folder, images[:args.images])
         rounds = []

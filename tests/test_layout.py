@@ -179,3 +179,31 @@ def test_parsing_retries_cpythons_spurious_recursion_depth_mismatch(monkeypatch:
     monkeypatch.setattr(codehash.ast, "parse", lambda *_a, **_k: (_ for _ in ()).throw(SystemError("other")))
     with pytest.raises(SystemError, match="other"):
         codehash.parse_source("x = 1\n", "m.py")
+
+
+def product_modules() -> dict[str, Path]:
+    """The product's modules (not tests or benchmarks), packages' `__init__` left out."""
+    return {name: path for name, path in all_modules().items()
+            if name.split(".")[0] in ROOMS[:4] and path.name != "__init__.py"}
+
+
+def top_level_names() -> set[str]:
+    """Every function and class defined at the top level of a product module."""
+    return {node.name for path in product_modules().values() for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+
+
+def test_the_architecture_page_names_every_module_of_the_four_rooms() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([a-z_]+)(?:\.py)?`", page))
+    missing = [name for name, path in product_modules().items() if path.stem not in named]
+    assert missing == [], f"docs/architecture.md does not name {missing}"
+
+
+def test_the_architecture_page_names_no_function_or_file_that_does_not_exist() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    files = {p.name for room in ROOMS for p in (ROOT / room).rglob("*.py")}
+    stale_files = sorted(set(re.findall(r"`([a-z_]+\.py)`", page)) - files)
+    functions = {token for token in re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?:\(\))?`", page)}
+    stale_functions = sorted(functions - top_level_names() - {p.stem for p in product_modules().values()})
+    assert (stale_files, stale_functions) == ([], [])
