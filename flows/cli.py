@@ -220,7 +220,7 @@ def command_score(args: argparse.Namespace) -> int:
     """Run the `batch-scoring` flow on SOURCE and print where the predictions are, how many, and the drift."""
     from flows.server import start_temporary_api
     from stages.score.inputs import list_source
-    from stages.score.model import model_ref, resolve
+    from stages.score.model import load_in_background, model_ref, resolve
 
     config = load_config(args.config, args.overrides)
     store = open_store(args.artifacts)
@@ -228,7 +228,12 @@ def command_score(args: argparse.Namespace) -> int:
     list_source(args.source, model.spec.class_names)  # a missing or empty source too
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
     without_server_telemetry()
+    on_this_machine = not (args.dask_address or config.score.dask_address)
+    preload = load_in_background(model.saved_model) if on_this_machine and not os.environ.get("PREFECT_API_URL") \
+        else None  # only while a temporary API starts: there is a wait to hide the load in
     start_temporary_api()
+    if preload is not None:
+        preload.join()  # before Prefect's import: two threads importing at once can deadlock on import locks
     from flows.scoring import batch_scoring
 
     summary = batch_scoring(source=args.source, model=args.model, config=config, dask_address=args.dask_address)

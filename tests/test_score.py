@@ -4,6 +4,7 @@ content, per file), and the command's one-line refusals."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,39 @@ def test_scoring_refuses_bad_input_in_one_line(production: Path, tmp_path: Path,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_the_training_baseline_is_computed_once_and_kept_in_the_store(production: Path, tmp_path: Path) -> None:
+    from stages.score.drift import BASELINES, training_baseline
+    from stages.score.model import model_ref, resolve
+    from stages.validate import baseline_summary
+    from tapeline.store import open_store
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(production, artifacts)
+    store = open_store(artifacts)
+    model = resolve(model_ref(None, store))
+    data_fp = store.manifest("train", model.train_fingerprint)["upstream"]["data"]
+    expected = baseline_summary(artifacts / "data" / data_fp)
+    first = training_baseline(store, model)
+    assert [p.name for p in (artifacts / BASELINES).iterdir() if not p.name.startswith(".")] == [data_fp]
+    shutil.rmtree(artifacts / "data")  # the second read comes from the kept baseline, not from the data
+    second = training_baseline(store, model)
+    for found in (first, second):
+        assert found is not None
+        assert np.array_equal(found["pixel_histogram"], expected["pixel_histogram"])
+        assert np.array_equal(found["class_shares"], expected["class_shares"])
+
+
+def test_a_model_loaded_in_the_background_is_the_one_shards_use(production: Path) -> None:
+    from stages.score import model as scoring
+    from tapeline.store import open_store
+
+    model = scoring.resolve(scoring.model_ref(None, open_store(production)))
+    scoring._LOADED.pop(str(model.saved_model), None)
+    scoring.load_in_background(model.saved_model).join()
+    loaded = scoring._LOADED[str(model.saved_model)]
+    assert scoring.serving_function(model.saved_model) is loaded
+    missing = production / "no-such-model"
+    scoring.load_in_background(missing).join()  # a failed load leaves nothing behind; the shard reports it
+    assert str(missing) not in scoring._LOADED

@@ -6,7 +6,9 @@ error: the predictions are kept whatever it says."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,8 @@ from stages.score.shards import ROWS, SHARDS, scores_stage
 from stages.validate import baseline_summary, class_shares, js_divergence
 from tapeline.config import ScoreConfig
 from tapeline.store import Store
+
+BASELINES, BASELINE = "scores/baselines", "baseline.json"
 
 
 def batch_statistics(store: Store, version: str, shards: Sequence[dict[str, Any]], classes: int) -> dict[str, Any]:
@@ -46,15 +50,31 @@ def batch_statistics(store: Store, version: str, shards: Sequence[dict[str, Any]
 
 def training_baseline(store: Store, model: ScoringModel) -> dict[str, Any] | None:
     """The class shares and grey-level histogram of the training split the model was trained on (None when the
-    model's train or data output is gone from the store)."""
+    model's train output is gone from the store, or its data output before its baseline was kept)."""
     if model.train_fingerprint is None:
         return None
     train = store.manifest("train", model.train_fingerprint)
     data_fp = ((train or {}).get("upstream") or {}).get("data")
-    if data_fp is None or store.manifest("data", data_fp) is None:
+    if data_fp is None or (store.manifest(BASELINES, data_fp) is None and store.manifest("data", data_fp) is None):
         return None
-    _, local = store.fetch("data", data_fp)
-    return baseline_summary(local)
+    return stored_baseline(store, data_fp)
+
+
+def stored_baseline(store: Store, data_fp: str) -> dict[str, Any]:
+    """The class shares and grey-level histogram of a data output's training split, computed once (reading every
+    training image) and kept in the store beside the scores (`scores/baselines/<data fingerprint>/`)."""
+
+    def make(staging: Path, _save_partial: Any) -> dict[str, Any]:
+        _, local = store.fetch("data", data_fp)
+        summary = baseline_summary(local)
+        shares, histogram = summary["class_shares"], summary["pixel_histogram"]
+        (staging / BASELINE).write_text(json.dumps({"class_shares": np.asarray(shares).tolist(),
+                                                    "pixel_histogram": np.asarray(histogram).tolist()}))
+        return {"stage": "score-baseline", "data": data_fp}
+
+    _, _, local = store.build(BASELINES, data_fp, make)
+    stored = json.loads((local / BASELINE).read_text())
+    return {key: np.asarray(value, np.float64) for key, value in stored.items()}
 
 
 def drift_figures(stats: dict[str, Any], baseline: dict[str, Any] | None, model: ScoringModel,

@@ -116,3 +116,18 @@ def serving_function(saved_model: Path) -> Any:
 
             _LOADED[key] = tf.saved_model.load(key).signatures["serving_default"]
         return _LOADED[key]
+
+
+def load_in_background(saved_model: Path) -> threading.Thread:
+    """Start importing TensorFlow and loading the SavedModel in a thread (join it before Prefect is imported): a
+    command that must wait for its temporary Prefect API to start loads the model meanwhile, off the run's clock."""
+
+    def load() -> None:
+        try:
+            serving_function(saved_model)
+        except Exception:  # noqa: BLE001 - the shard that needs the model loads it again and reports the error
+            _LOADED.pop(str(saved_model), None)
+
+    thread = threading.Thread(target=load, name="tapeline-model-preload")
+    thread.start()
+    return thread
