@@ -1,7 +1,9 @@
 # The two commands: `make run` trains on Fashion-MNIST end to end, `make test` runs every test.
-# Each creates .venv when missing, installs the project into it and makes sure the dataset is there.
+# Each creates .venv when missing, installs the project into it and makes sure the dataset is there: `make run` the
+# package and its runtime dependencies only (the CPU build of TensorFlow), `make test` the development tools too.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 DATASET := /usr/share/datasets/fashion-mnist
 ARGS ?=
@@ -12,10 +14,14 @@ TEST_WORKERS ?= auto
 
 .PHONY: run test lint docs dataset bench clean-artifacts
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[cpu]'
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(PY) -m pip install -q -e '.[cpu,dev]'
 	touch $(STAMP)
 
 dataset:
@@ -29,7 +35,7 @@ dataset:
 		echo "  tapeline downloads them through tf.keras.datasets."; \
 	fi
 
-run: $(STAMP) dataset
+run: $(RUNTIME) dataset
 	$(VENV)/bin/tapeline run $(ARGS)
 
 test: $(STAMP) dataset

@@ -18,7 +18,7 @@ from pathlib import Path
 from stages.graph import STAGE_NAMES
 from tapeline.config import PRESETS, PipelineConfig, config_keys, load_config
 from tapeline.errors import OutcomeError, TapelineError
-from tapeline.hardware import onednn_origin
+from tapeline.hardware import ensure_one_tensorflow, onednn_origin
 from tapeline.imaging import IMAGE_FORMATS
 from tapeline.interrupts import Interrupted, interruptible
 from tapeline.store import normalize_root, open_store
@@ -301,9 +301,9 @@ def format_plan(plan: dict) -> str:
         lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: nothing (every stage is "
                      "cached)")
         lines.append("the promotion step runs on every run")
-    precision = plan["auto"]["train.precision"]
-    lines.append(f"train.precision: {precision['value']} ({precision['reason']}"
-                 + (f"; {precision['unless']})" if "unless" in precision else ")"))
+    device, precision = plan["auto"]["device"], plan["auto"]["train.precision"]
+    lines.append(f"device: {device['value']} {device['name']} ({device['reason']})")
+    lines.append(f"train.precision: {precision['value']} ({precision['reason']})")
     onednn = plan["auto"]["onednn"]
     lines.append(f"oneDNN kernels: {onednn['reason']}")
     return "\n".join(lines)
@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     with interruptible() as interrupts:
         try:
+            ensure_one_tensorflow()
             return COMMANDS[args.command](args)
         except Interrupted as exc:  # Ctrl-C or SIGTERM: what is done stays; the same command goes on from there
             interrupts.announce()

@@ -19,6 +19,7 @@ from stages.pipeline import new_run_id
 from sweeps.driver import SweepOutcome, local_launcher, new_invocation, run_sweep
 from sweeps.report import PICTURES, format_table, table_rows, trial_line, trial_summary, write_pictures
 from sweeps.state import SweepFiles, TrialRecord
+from sweeps.tracking import track_sweep
 from tapeline.config import PipelineConfig, validate_config
 from tapeline.errors import TapelineError
 from tapeline.store import open_store
@@ -53,11 +54,13 @@ def sweep_run(config: PipelineConfig, verify: bool = False) -> dict[str, Any]:
     outcome = run_sweep(config, artifacts, announce, invocation,
                         pool_launcher if config.sweep.deployment else local_launcher, verify)
     best = outcome.best
+    parent = track_sweep(config, outcome.name, outcome.records, best)
     gate = None
     if best is not None:
         run_id = str(flow_run.id) if flow_run.id else new_run_id()
-        gate = graph_and_gate(validate_config(best.config), artifacts, run_id, verify, outcome.name, best.number)
-    summary = sweep_summary(outcome, gate, config.sweep.metric)
+        winner = validate_config(best.config).model_copy(update={"tracking": config.tracking})
+        gate = graph_and_gate(winner, artifacts, run_id, verify, outcome.name, best.number, parent)
+    summary = {**sweep_summary(outcome, gate, config.sweep.metric), "mlflow_run": parent}
     publish_sweep(config, outcome)
     logger.info("sweep %s: %d trials; %s", outcome.name, len(outcome.records), summary["decision"])
     return summary

@@ -29,6 +29,7 @@ from flows.artifacts import progress_reporter, publish_artifacts, publish_valida
 from stages.graph import GRAPH, Artifacts, output_is_valid, output_location, run_stage
 from stages.model import check_before_work
 from stages.pipeline import new_run_id, promote_run, record_run, registry_row
+from stages.tracking import track_run
 from sweeps.state import SweepFiles, TrialTicket
 from sweeps.trial import run_trial
 from tapeline.config import PipelineConfig
@@ -220,9 +221,10 @@ def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
 
 
 def graph_and_gate(config: PipelineConfig, artifacts: Artifacts, run_id: str, verify: bool,
-                   sweep: str | None = None, trial: int | None = None) -> dict[str, Any]:
+                   sweep: str | None = None, trial: int | None = None, sweep_run: str | None = None
+                   ) -> dict[str, Any]:
     """Every stage's task in graph order, the promotion, the registry row (naming the sweep and trial of a
-    sweep's winner), the artifacts; returns the run summary."""
+    sweep's winner), MLflow when tracking is on, the artifacts; returns the run summary."""
     logger = get_run_logger()
     results: dict[str, StageResult] = {}
     stages: dict[str, dict[str, Any]] = {}
@@ -238,6 +240,10 @@ def graph_and_gate(config: PipelineConfig, artifacts: Artifacts, run_id: str, ve
                    timeout=config.export.lock_timeout_seconds)
     except (TapelineError, OSError) as exc:
         logger.warning("the run was not added to the registry: %s", exc)
+    sweep_tags = {} if sweep is None else {"tapeline.sweep": sweep, "tapeline.trial": str(trial),
+                                           **({"tapeline.sweep_run": sweep_run} if sweep_run else {})}
+    summary["mlflow_run"] = track_run(config, results, {n: s["cached"] for n, s in stages.items()}, promotion, run_id,
+                                      str(flow_run.id) if flow_run.id else None, sweep_tags)
     publish_artifacts(summary, results["evaluate"].path)
     logger.info("%s; test accuracy %.4f; %s", summary["message"], summary["test_accuracy"], summary["decision"])
     return summary

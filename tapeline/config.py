@@ -215,8 +215,9 @@ class TrainConfig(Section):
     worker_timeout_seconds: float = runtime(120, gt=0, le=86_400, description="a worker that stops answering stops "
                                             "the others within this long, with an error naming it")
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
-        "auto", description="compute precision; auto: mixed_float16 on GPUs that have tensor cores, mixed_bfloat16 on "
-        "CPUs with AMX or AVX-512 BF16, float32 elsewhere (logits and loss are float32 in every case)"
+        "auto", description="compute precision; auto: on a GPU mixed_bfloat16 from compute capability 8.0, "
+        "mixed_float16 (loss scaled in the tape step) on 7.x; on a CPU mixed_bfloat16 with AMX or AVX-512 BF16; "
+        "float32 elsewhere (logits and loss are float32 in every case)"
     )
     jit_compile: bool = Field(False, description="XLA-compile the step (helps on GPUs, slower on CPUs)")
     init_from: str = Field(
@@ -326,6 +327,17 @@ class ScoreConfig(Section):
                                        "this far below the model's test accuracy")
     min_drift_images: int = runtime(200, ge=1, le=100_000_000, description="fewer new images than this are too few "
                                     "to judge drift by (the report says so; no event)")
+
+
+class TrackingConfig(Section):
+    """Experiment tracking in MLflow (`pip install 'tapeline[mlflow]'`): each run, sweep and promotion logged to a
+    tracking server, beside the registry (never instead of it)."""
+
+    mlflow_uri: str | None = runtime(None, description="MLflow tracking URI (http://HOST:PORT, sqlite:///FILE, a "
+                                     "directory); none: MLFLOW_TRACKING_URI when set, else no tracking")
+    experiment: str = runtime("tapeline", min_length=1, description="the MLflow experiment runs are logged to")
+    registered_model: str = runtime("tapeline", min_length=1, description="the MLflow registered model each exported "
+                                    "model becomes a version of; the alias `champion` follows production")
 
 
 DISTRIBUTION_FORMS = "{float: [LO, HI], log: BOOL} | {int: [LO, HI], step: N} | {choice: [A, B, …]}"
@@ -451,6 +463,7 @@ with warnings.catch_warnings():
         promotion: PromotionConfig = PromotionConfig()
         score: ScoreConfig = ScoreConfig()
         sweep: SweepConfig = SweepConfig()
+        tracking: TrackingConfig = TrackingConfig()
 
         @model_validator(mode="before")
         @classmethod

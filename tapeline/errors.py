@@ -91,3 +91,7 @@ class TrainingPaused(Exception):  # noqa: N818 - not an error: a caller asked th
 
 class ScoreError(TapelineError):
     """A scoring run cannot start as asked: no production model, a version that does not exist, an empty source."""
+
+
+class InstallError(TapelineError):
+    """The environment lacks what tapeline needs, or holds two builds of it (TensorFlow)."""

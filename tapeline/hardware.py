@@ -6,10 +6,13 @@ decided `train.precision=auto` and oneDNN; `tapeline plan` says what they would 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ BF16_DOT = "avx512_bf16"
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 SET_BY_TAPELINE = "TAPELINE_SET_ONEDNN"  # tells child processes (workers) who set ONEDNN_VARIABLE
 X86 = ("x86_64", "amd64", "i386", "i686")
+TENSORFLOW_BUILDS = ("tensorflow-cpu", "tensorflow")
 
 
 @cache
@@ -75,15 +79,96 @@ def precision_for_cpu(found: dict[str, Any]) -> tuple[str, str]:
                        "emulated, slower")
 
 
-def planned_choices(precision: str) -> dict[str, Any]:
-    """What `auto` settings would pick on this machine, for `tapeline plan` (a GPU TensorFlow sees decides
-    otherwise: mixed_float16 on tensor cores; finding one needs TensorFlow, which plan does not import)."""
+def gpu_precision(name: str, capability: tuple[int, int] | None) -> tuple[str, str]:
+    """(precision, reason) that `train.precision=auto` picks on a GPU: bfloat16 where its tensor cores have it
+    (compute capability 8.0+: Ampere, Hopper; bfloat16 has float32's range, so no loss scaling), float16 with loss
+    scaling inside the tape step on the first tensor cores (7.x: Volta, Turing), float32 on older GPUs."""
+    shown = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+    if capability is not None and tuple(capability) >= (8, 0):
+        return "mixed_bfloat16", f"GPU {name}, compute capability {shown}: bfloat16 tensor cores"
+    if capability is not None and tuple(capability) >= (7, 0):
+        return "mixed_float16", (f"GPU {name}, compute capability {shown}: float16 tensor cores, with loss scaling "
+                                 "in the tape step")
+    return "float32", f"GPU {name}, compute capability {shown}: no tensor cores"
+
+
+def installed_tensorflow_builds(find: Callable[[str], Any] = importlib.metadata.distribution) -> list[str]:
+    """Which TensorFlow distributions are installed: `tensorflow-cpu` (the CPU build) and/or `tensorflow` (the
+    build that also drives NVIDIA GPUs, what `tapeline[gpu]` installs)."""
+    found = []
+    for name in TENSORFLOW_BUILDS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            find(name)
+            found.append(name)
+    return found
+
+
+def tensorflow_install_problem(builds: Sequence[str]) -> str | None:
+    """What is wrong with the installed TensorFlow builds, in one line with the fix, or None."""
+    if not builds:
+        return ("TensorFlow is not installed: pip install 'tapeline[cpu]' (or 'tapeline[gpu]' on a machine with an "
+                "NVIDIA GPU)")
+    if len(builds) > 1:
+        return (f"two TensorFlow builds are installed ({' and '.join(builds)}), and they overwrite each other's files:"
+                " pip uninstall -y tensorflow tensorflow-cpu, then pip install 'tapeline[cpu]' or 'tapeline[gpu]'")
+    return None
+
+
+def ensure_one_tensorflow() -> None:
+    """InstallError in one line when no TensorFlow build, or both, are installed (before any work)."""
+    from tapeline.errors import InstallError
+
+    if (problem := tensorflow_install_problem(installed_tensorflow_builds())) is not None:
+        raise InstallError(problem)
+
+
+def nvidia_gpus(run: Callable[..., Any] = subprocess.run) -> list[dict[str, Any]]:
+    """The NVIDIA GPUs the driver reports, [{name, capability}], without TensorFlow (`nvidia-smi`; none when the
+    driver or the tool is missing)."""
+    try:
+        done = run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True,
+                   text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode != 0:
+        return []
+    gpus = []
+    for line in done.stdout.strip().splitlines():
+        name, _, cap = (part.strip() for part in line.rpartition(","))
+        major, _, minor = cap.partition(".")
+        capability = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
+        gpus.append({"name": name or cap, "capability": capability})
+    return gpus
+
+
+def planned_device(builds: Sequence[str], gpus: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The device that would train, without importing TensorFlow: the first GPU when the installed build drives
+    GPUs and the driver reports one, else the CPU, with the reason."""
+    if "tensorflow" in builds and gpus:
+        first = gpus[0]
+        return {"value": "GPU", "name": first["name"], "capability": first["capability"], "gpus": len(gpus),
+                "reason": f"{len(gpus)} NVIDIA GPU(s) and the GPU build of TensorFlow"}
+    if gpus:
+        reason = f"{len(gpus)} NVIDIA GPU(s), but the CPU build of TensorFlow: pip install 'tapeline[gpu]'"
+    else:
+        reason = "no NVIDIA GPU reported by the driver"
+    return {"value": "CPU", "name": cpu_name(cpu()), "reason": reason}
+
+
+def planned_choices(precision: str, builds: Sequence[str] | None = None,
+                    gpus: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """What `auto` settings would pick on this machine, for `tapeline plan`: the device that would train and the
+    precision on it (found without TensorFlow, which plan does not import)."""
+    device = planned_device(installed_tensorflow_builds() if builds is None else builds,
+                            nvidia_gpus() if gpus is None else gpus)
     onednn = planned_onednn()
     if precision != "auto":
-        return {"train.precision": {"value": precision, "reason": "set explicitly"}, "onednn": onednn, "cpu": cpu()}
-    value, reason = cpu_precision()
-    return {"train.precision": {"value": value, "reason": reason, "unless": "a GPU with tensor cores: mixed_float16"},
-            "onednn": onednn, "cpu": cpu()}
+        value, reason = precision, "set explicitly"
+    elif device["value"] == "GPU":
+        value, reason = gpu_precision(device["name"], device["capability"])
+    else:
+        value, reason = cpu_precision()
+    return {"device": device, "train.precision": {"value": value, "reason": reason}, "onednn": onednn, "cpu": cpu()}
 
 
 def planned_onednn(environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:

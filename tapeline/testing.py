@@ -1,8 +1,10 @@
 """What tests and benchmarks share (neither imports the other): synthetic IDX datasets and PNGs, a fast config,
-and a local SeaweedFS S3 server on free loopback ports. Like `prefect.testing`: for tests, never for a run."""
+a local SeaweedFS S3 server and an MLflow tracking server on free loopback ports. Like `prefect.testing`: for tests,
+never for a run."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -186,3 +188,50 @@ def start_s3_server(directory: Path, timeout: float = 90) -> S3Server:
         time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"SeaweedFS did not start:\n{(directory / 'weed.log').read_text()[-3000:]}")
+
+
+@dataclass
+class MlflowServer:
+    """A real `mlflow server` (SQLite backend store, local artifact root) in its own process group."""
+
+    uri: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        """End the server's whole process group (its job consumers outlive a kill of the server alone)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_mlflow_server(directory: Path, timeout: float = 180) -> MlflowServer:
+    """`mlflow server` on a free loopback port with its store and artifacts under `directory`; waits for /health."""
+    import httpx
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    log = (directory / "server.log").open("ab")
+    process = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+         "--default-artifact-root", str(directory / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(f"http://127.0.0.1:{port}", process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited {process.returncode}: "
+                               f"{(directory / 'server.log').read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.uri}/health", timeout=2).status_code == 200:
+                return server
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"mlflow server did not answer within {timeout:g} s")

@@ -194,8 +194,9 @@ def test_plan_reports_cached_outputs_and_what_would_run(tmp_path: Path, idx_dir:
     text = capsys.readouterr().out.splitlines()
     assert text[0] == f"data      {results['data'].fingerprint}  cached  {results['data'].path}"
     assert text[4] == f"evaluate  {results['evaluate'].fingerprint}  to run  {results['evaluate'].path}"
-    assert text[-4:-2] == ["would run: evaluate", "the promotion step runs on every run"]
-    assert text[-2].startswith("train.precision: ") and text[-1].startswith("oneDNN kernels: ")
+    assert text[-5:-3] == ["would run: evaluate", "the promotion step runs on every run"]
+    assert text[-3].startswith("device: ") and text[-2].startswith("train.precision: ")
+    assert text[-1].startswith("oneDNN kernels: ")
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ import tensorflow as tf
 from flows.cli import main
 from stages.data.readers import Augment, augment_batch, load_split, make_dataset, make_memory_dataset
 from stages.pipeline import run_data, run_evaluate, run_export, run_model, run_train
-from stages.train.environment import resolve_precision
+from stages.train.environment import precision_decision, resolve_precision
 from stages.train.loop import build_trainer, epoch_limit, fit, learning_rate_for, make_early_stopping
-from tapeline.config import PRESETS, load_config
+from tapeline.config import PRESETS, TrainConfig, load_config
 from tapeline.errors import ConfigError
 from tapeline.hardware import onednn_enabled, onednn_reason
 from tapeline.testing import tiny_overrides
@@ -259,14 +259,15 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
 
 def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from tapeline.hardware import cpu, cpu_precision
+    from tapeline.hardware import cpu, cpu_name, cpu_precision
 
     config = load_config(None, tiny_overrides(f"idx:{idx_dir}", "train.precision=auto", "train.max_epochs=1"))
     data = run_data(config, tmp_path)
     trained = run_train(config, data, run_model(config, data, tmp_path), tmp_path)
     hardware = json.loads((trained.path / "manifest.json").read_text())["hardware"]
     assert hardware["precision"] == {"requested": "auto", "resolved": resolve_precision("auto"),
-                                     "reason": cpu_precision()[1], "cpu": cpu()}
+                                     "reason": cpu_precision()[1], "cpu": cpu(),
+                                     "device": f"CPU {cpu_name(cpu())}, {cpu()['cores']} cores"}
     assert cpu()["cores"] >= 1 and ("avx2" in cpu()["isa"]) == (" avx2" in Path("/proc/cpuinfo").read_text())
     assert main(["plan", "--json", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}"]) == 0
     planned = json.loads(capsys.readouterr().out)["auto"]["train.precision"]
@@ -274,6 +275,7 @@ def test_hardware_choices_are_recorded_and_planned(tmp_path: Path, idx_dir: Path
     assert main(["plan", "--artifacts", str(tmp_path), "--set", f"data.source=idx:{idx_dir}"]) == 0
     text = capsys.readouterr().out
     assert f"train.precision: {resolve_precision('auto')} (" in text
+    assert f"device: CPU {cpu_name(cpu())} (no NVIDIA GPU reported by the driver)" in text
     assert hardware["onednn"] == {"enabled": onednn_enabled(), "reason": onednn_reason(onednn_enabled())}
     assert f"oneDNN kernels: {onednn_reason(onednn_enabled())}" in text
 
@@ -304,3 +306,66 @@ def test_the_engine_turns_onednn_on_before_tensorflow_loads(setting: str | None,
     decision = json.loads(done.stdout.strip().splitlines()[-1])
     assert decision["enabled"] is expected
     assert decision["reason"].startswith("on: tapeline set" if setting is None else "off: TF_ENABLE_ONEDNN_OPTS=0")
+
+
+def test_auto_precision_on_a_gpu_is_what_its_tensor_cores_do_well() -> None:
+    h100, t4, p100 = ({"name": "NVIDIA H100", "capability": (9, 0)}, {"name": "Tesla T4", "capability": (7, 5)},
+                      {"name": "Tesla P100", "capability": (6, 0)})
+    decided = {gpu["name"]: precision_decision("auto", [gpu]) for gpu in (h100, t4, p100)}
+    assert {name: d["resolved"] for name, d in decided.items()} == {
+        "NVIDIA H100": "mixed_bfloat16", "Tesla T4": "mixed_float16", "Tesla P100": "float32"}
+    assert decided["Tesla T4"]["reason"] == ("GPU Tesla T4, compute capability 7.5: float16 tensor cores, with loss "
+                                             "scaling in the tape step")
+    assert decided["NVIDIA H100"]["device"] == "GPU NVIDIA H100"
+    assert precision_decision("auto", [h100, t4])["device"] == "GPU NVIDIA H100 (and 1 more)"
+    assert precision_decision("float32", [h100])["resolved"] == "float32"
+
+
+def test_float16_trains_through_loss_scaling_in_the_tape_step() -> None:
+    import keras
+
+    from stages.train.loop import make_optimizer
+
+    assert isinstance(make_optimizer(TrainConfig(), 10, "mixed_float16"), keras.optimizers.LossScaleOptimizer)
+    for precision in ("mixed_bfloat16", "float32"):
+        assert not isinstance(make_optimizer(TrainConfig(), 10, precision), keras.optimizers.LossScaleOptimizer)
+
+
+def test_plan_names_the_device_from_the_installed_build_and_the_driver() -> None:
+    from tapeline.hardware import nvidia_gpus, planned_choices, planned_device
+
+    class Done:
+        returncode, stdout = 0, "NVIDIA H100 80GB HBM3, 9.0\nTesla T4, 7.5\n"
+
+    gpus = nvidia_gpus(run=lambda *a, **k: Done())
+    assert gpus == [{"name": "NVIDIA H100 80GB HBM3", "capability": (9, 0)}, {"name": "Tesla T4", "capability": (7, 5)}]
+    assert planned_device(["tensorflow"], gpus)["value"] == "GPU"
+    on_cpu_build = planned_device(["tensorflow-cpu"], gpus)
+    assert (on_cpu_build["value"], on_cpu_build["reason"]) == (
+        "CPU", "2 NVIDIA GPU(s), but the CPU build of TensorFlow: pip install 'tapeline[gpu]'")
+    planned = planned_choices("auto", ["tensorflow"], gpus)
+    assert planned["train.precision"] == {"value": "mixed_bfloat16",
+                                          "reason": "GPU NVIDIA H100 80GB HBM3, compute capability 9.0: bfloat16 "
+                                                    "tensor cores"}
+    assert nvidia_gpus(run=lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("nvidia-smi"))) == []
+
+
+def test_none_or_both_tensorflow_builds_are_refused_in_one_line() -> None:
+    from importlib.metadata import PackageNotFoundError
+
+    from tapeline.hardware import installed_tensorflow_builds, tensorflow_install_problem
+
+    def only(*names: str):
+        def find(name: str) -> str:
+            if name not in names:
+                raise PackageNotFoundError(name)
+            return name
+        return find
+
+    assert installed_tensorflow_builds(only("tensorflow-cpu", "tensorflow")) == ["tensorflow-cpu", "tensorflow"]
+    assert tensorflow_install_problem(installed_tensorflow_builds(only("tensorflow-cpu"))) is None
+    assert tensorflow_install_problem(installed_tensorflow_builds(only())) == (
+        "TensorFlow is not installed: pip install 'tapeline[cpu]' (or 'tapeline[gpu]' on a machine with an NVIDIA GPU)")
+    assert tensorflow_install_problem(["tensorflow-cpu", "tensorflow"]) == (
+        "two TensorFlow builds are installed (tensorflow-cpu and tensorflow), and they overwrite each other's files: "
+        "pip uninstall -y tensorflow tensorflow-cpu, then pip install 'tapeline[cpu]' or 'tapeline[gpu]'")

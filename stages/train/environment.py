@@ -9,7 +9,7 @@ from typing import Any
 from tapeline.cluster import Cluster, check_port_free
 from tapeline.config import TrainConfig
 from tapeline.errors import ConfigError
-from tapeline.hardware import cpu, cpu_precision
+from tapeline.hardware import cpu, cpu_name, cpu_precision, gpu_precision
 
 # ---------------------------------------------------------------- environment
 
@@ -54,35 +54,45 @@ def configure_coordination(cluster: Cluster, timeout: float) -> None:
         )
 
 
-def precision_decision(name: str) -> dict[str, Any]:
-    """`train.precision` resolved for this machine, with the reason and the CPU (model, cores, ISA features) it
-    was decided on, as the train manifest and the model card record it."""
+def tensorflow_gpus() -> list[dict[str, Any]]:
+    """The GPUs TensorFlow sees, [{name, capability}] (what decides the device and `auto` precision)."""
     import tensorflow as tf
 
-    resolved = resolve_precision(name)
-    if name != "auto":
-        reason = "set explicitly"
-    elif gpus := tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(gpus[0])
-        reason = (f"GPU {details.get('device_name', gpus[0].name)}, compute capability "
-                  f"{details.get('compute_capability')}")
-    else:
-        reason = cpu_precision()[1]
-    return {"requested": name, "resolved": resolved, "reason": reason, "cpu": cpu()}
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        capability = details.get("compute_capability")
+        gpus.append({"name": details.get("device_name", device.name),
+                     "capability": tuple(capability) if capability else None})
+    return gpus
 
 
-def resolve_precision(name: str) -> str:
-    """`train.precision` with `auto` decided for this machine: mixed_float16 on GPUs with tensor cores
-    (compute capability 7.0+), mixed_bfloat16 on CPUs with AMX or AVX-512 BF16, float32 elsewhere."""
-    if name != "auto":
-        return name
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
+def training_device(gpus: list[dict[str, Any]]) -> str:
+    """The device that trains, as the run log and the train manifest name it."""
     if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-        return "mixed_float16" if tuple(capability) >= (7, 0) else "float32"
-    return cpu_precision()[0]
+        first = gpus[0]
+        more = f" (and {len(gpus) - 1} more)" if len(gpus) > 1 else ""
+        return f"GPU {first['name']}{more}"
+    return f"CPU {cpu_name(cpu())}, {cpu()['cores']} cores"
+
+
+def precision_decision(name: str, gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`train.precision` resolved for this machine (the GPUs TensorFlow sees, or a given list), with the reason,
+    the device that trains and the CPU (model, cores, ISA features), as the train manifest and model card record."""
+    gpus = tensorflow_gpus() if gpus is None else gpus
+    if name != "auto":
+        resolved, reason = name, "set explicitly"
+    elif gpus:
+        resolved, reason = gpu_precision(gpus[0]["name"], gpus[0]["capability"])
+    else:
+        resolved, reason = cpu_precision()
+    return {"requested": name, "resolved": resolved, "reason": reason, "device": training_device(gpus), "cpu": cpu()}
+
+
+def resolve_precision(name: str, gpus: list[dict[str, Any]] | None = None) -> str:
+    """`train.precision` with `auto` decided for this machine: on a GPU what its tensor cores do well
+    (`hardware.gpu_precision`), on a CPU mixed_bfloat16 with AMX or AVX-512 BF16, float32 elsewhere."""
+    return precision_decision(name, gpus)["resolved"]
 
 
 @contextlib.contextmanager

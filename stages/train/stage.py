@@ -32,7 +32,7 @@ def build_train_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         tf.config.experimental.enable_op_determinism()
     decision = precision_decision(config.train.precision)
     precision = decision["resolved"]
-    log.info("precision %s (%s)", precision, decision["reason"])
+    log.info("training on %s; precision %s (%s)", decision["device"], precision, decision["reason"])
     onednn = onednn_decision()
     log.info("oneDNN kernels %s", onednn["reason"])
     init = inputs.external
