@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Python between small steps), so a second nearly halves the time on two cores.
 TEST_WORKERS ?= auto
 
-.PHONY: run test lint docs dataset bench clean-artifacts
+.PHONY: run test test-fast lint docs dataset bench clean-artifacts
 
 $(RUNTIME): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ run: $(RUNTIME) dataset
 
 test: $(STAMP) dataset
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+
+# The tier to run before each commit: unit tests of every stage and engine module; no server, no subprocess run.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 # The manual: docs/ built by MkDocs (Material) into site/, strictly (a broken link or a stale generated page fails).
 docs: $(STAMP)

@@ -1,4 +1,5 @@
-"""Shared fixtures: quiet TF logs and synthetic datasets."""
+"""Shared fixtures (quiet TF logs, synthetic datasets, one Prefect test server, SeaweedFS) and the two tiers: every
+test that needs a server or runs `tapeline` in a subprocess is `slow`; `make test-fast` runs the others."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from tapeline.hardware import onednn_origin  # noqa: E402
 from tapeline.testing import write_idx_dir  # noqa: E402
 
 onednn_origin()  # as every entry point does before TensorFlow is imported
+SERVER_FIXTURES = frozenset({"harness", "prefect_api", "s3_server", "s3_url", "mlflow_uri"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` what the fast tier leaves out: the scenario suites, and any test that uses a server."""
+    for item in items:
+        if "scenarios" in item.path.parts or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +44,16 @@ def harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(harness) -> str:
+    """The session's Prefect API (the harness's server) for `tapeline run` subprocesses: with PREFECT_API_URL set
+    they use it, instead of each starting a temporary API of its own (about 20 s of CPU apiece). Tests of the
+    temporary API itself leave the variable out."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
 
 
 @pytest.fixture(scope="session")

@@ -245,17 +245,18 @@ def test_import_names_resolve_relative_imports() -> None:
 
 # ---------------------------------------------------------------- a user's model through every stage
 
-def user_env(helpers: Path, tmp_path: Path) -> dict[str, str]:
-    """The environment of a `tapeline` child: the user's helper directory on PYTHONPATH, an ephemeral Prefect."""
+def user_env(helpers: Path, tmp_path: Path, api: str | None = None) -> dict[str, str]:
+    """The environment of a `tapeline` child: the user's helper directory on PYTHONPATH, its own Prefect home, the
+    session's Prefect API when given."""
     env = {**os.environ, "PYTHONPATH": str(helpers), "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("PREFECT_API_URL", None)
-    return env
+    return env if api is None else {**env, "PREFECT_API_URL": api}
 
 
 @pytest.mark.slow
 def test_user_model_trains_through_stage_and_run_then_serves_and_predicts(
-        project, idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        project, prefect_api: str, idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import keras
     import tensorflow as tf
 
@@ -279,8 +280,8 @@ def test_user_model_trains_through_stage_and_run_then_serves_and_predicts(
     # this test follows a user's model through export and serving, so its gate takes any model (the floor has tests
     # of its own, and the default floor refuses this one: test_floor.py).
     anything = ["--set", "promotion.min_accuracy=0", "--set", "promotion.max_loss=1000"]
-    done = subprocess.run([TAPELINE, "run", *cli, *anything, "--json"], cwd=user, env=user_env(helpers, tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([TAPELINE, "run", *cli, *anything, "--json"], cwd=user,
+                          env=user_env(helpers, tmp_path, prefect_api), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert {n: row["cached"] for n, row in summary["stages"].items()} == {

@@ -49,11 +49,11 @@ def test_bad_config_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.slow
-def test_run_json_then_runs_and_predict(tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_json_then_runs_and_predict(prefect_api: str, tmp_path: Path, idx_dir: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     artifacts = tmp_path / "a"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("PREFECT_API_URL", None)
+           "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_API_URL": prefect_api}
     done = subprocess.run([str(Path(sys.executable).with_name("tapeline")), "run", *tiny_args(idx_dir, artifacts),
                            "--json"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -120,7 +120,8 @@ def test_every_key_is_listed_for_help() -> None:
     keys = {k for k, _, _ in config_keys()}
     assert {"seed", "data.source", "data.limit", "data.shards", "train.patience", "export.min_accuracy"} <= keys
     sections = {name for name in PipelineConfig.model_fields if name not in ("seed", "preset")}
-    assert sections == {"data", "validate", "model", "train", "evaluate", "export", "promotion", "score", "sweep"}
+    assert sections == {"data", "validate", "model", "train", "evaluate", "export", "promotion", "score", "sweep",
+                        "tracking"}
 
 
 def test_partial_json_config_validates() -> None:

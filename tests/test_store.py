@@ -36,13 +36,14 @@ def objects(url: str) -> dict[str, int]:
     return {k.removeprefix(base + "/"): int(v["size"]) for k, v in fs.find(base, detail=True, withdirs=False).items()}
 
 
-def machine_env(s3_server, home: Path) -> dict[str, str]:
-    """The environment of another machine: its own Prefect home and read cache, the bucket's settings."""
+def machine_env(s3_server, home: Path, api: str | None = None) -> dict[str, str]:
+    """The environment of another machine: its own Prefect home and read cache, the bucket's settings, the team's
+    Prefect API when given (else a run starts a temporary one)."""
     env = {**os.environ, **s3_server.env(), "PREFECT_HOME": str(home / "prefect"), "TF_CPP_MIN_LOG_LEVEL": "3",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TAPELINE_CACHE_DIR": str(home / "cache")}
     env.pop("PREFECT_API_URL", None)
     env.pop("TAPELINE_ARTIFACTS", None)
-    return env
+    return env if api is None else {**env, "PREFECT_API_URL": api}
 
 
 def tapeline(env: dict[str, str], cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -54,20 +55,21 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_machines_share_one_bucket(s3_server, s3_url: str, tmp_path: Path, idx_dir: Path) -> None:
+def test_two_machines_share_one_bucket(s3_server, s3_url: str, prefect_api: str, tmp_path: Path,
+                                       idx_dir: Path) -> None:
     overrides = sets(tiny_overrides(f"idx:{idx_dir}", "train.max_epochs=2"))
     first_home, second_home = tmp_path / "machine-a", tmp_path / "machine-b"
     first_home.mkdir()
     second_home.mkdir()
-    first = tapeline(machine_env(s3_server, first_home), first_home, "run", "--artifacts", s3_url, *overrides,
-                     "--json")
+    first = tapeline(machine_env(s3_server, first_home, prefect_api), first_home, "run", "--artifacts", s3_url,
+                     *overrides, "--json")
     assert first.returncode == 0, first.stderr[-3000:]
     built = json.loads(first.stdout.strip().splitlines()[-1])
     assert not any(row["cached"] for row in built["stages"].values()) and built["promoted"] is True
     assert built["model_path"] == f"{s3_url}/models/v0001"
 
-    second = tapeline(machine_env(s3_server, second_home), second_home, "run", "--artifacts", s3_url, *overrides,
-                      "--json")
+    second = tapeline(machine_env(s3_server, second_home, prefect_api), second_home, "run", "--artifacts", s3_url,
+                      *overrides, "--json")
     assert second.returncode == 0, second.stderr[-3000:]
     reused = json.loads(second.stdout.strip().splitlines()[-1])
     assert reused["all_cached"] and reused["decision"] == "already production (v0001)"

@@ -159,6 +159,7 @@ def run_train(config: PipelineConfig, artifacts: Path, should_stop=None):
     return run_stage("train", config, artifacts, results, should_stop=should_stop)
 
 
+@pytest.mark.slow  # trials in processes of their own
 def test_duplicate_configs_train_once_and_a_plain_run_is_a_cache_hit(idx_dir: Path, tmp_path: Path) -> None:
     artifacts = tmp_path / "artifacts"
     base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8, 12]}", "sweep.trials=4",
@@ -195,6 +196,7 @@ def test_a_second_driver_is_refused_and_a_dead_ones_sweep_is_taken_over(idx_dir:
         assert json.loads(files.read("driver.json"))["pid"] != dead["pid"]
 
 
+@pytest.mark.slow  # trials in processes of their own
 def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(idx_dir: Path, tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     base = sweep_config(idx_dir, "sweep.space.train.learning_rate={choice: [1.0e+9, 0.003]}", "sweep.sampler=grid",

@@ -118,7 +118,7 @@ def test_init_from_a_promoted_version_or_its_serving_copy(champion, idx_dir: Pat
 
 @pytest.mark.slow
 def test_init_from_a_version_named_as_the_registry_names_it_is_found_in_the_artifacts(
-        champion, idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        champion, prefect_api: str, idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     shared, cold = champion
     artifacts = tmp_path / "artifacts"
@@ -131,8 +131,8 @@ def test_init_from_a_version_named_as_the_registry_names_it_is_found_in_the_arti
     assert main(["plan", "--artifacts", str(artifacts), "--json", *sets]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["stages"]["train"]["cached"] is False
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("PREFECT_API_URL", None)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PREFECT_API_URL": prefect_api}
     done = subprocess.run([str(Path(sys.executable).with_name("tapeline")), "run", "--artifacts", str(artifacts),
                            "--json", *sets], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
