@@ -34,7 +34,7 @@ def progress_reporter() -> EpochCallback:
     return report
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
+def _summary_markdown(summary: dict[str, Any]) -> str:
     """The run summary: per-stage table, metrics and the promotion decision."""
     lines = [
         f"# tapeline run `{summary['run_id']}`", "",
@@ -48,7 +48,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def png_markdown(title: str, path: Path) -> str:
+def _png_markdown(title: str, path: Path) -> str:
     """A PNG file embedded as a data URI, so the Prefect UI shows it without a file server."""
     return png_data_markdown(title, path.read_bytes())
 
@@ -61,12 +61,12 @@ def png_data_markdown(title: str, data: bytes) -> str:
 
 def publish_artifacts(summary: dict[str, Any], evaluate_dir: Path) -> None:
     """Create the summary, per-class table and pictures artifacts of a finished run."""
-    create_markdown_artifact(summary_markdown(summary), key="training-summary", description="tapeline run summary")
+    create_markdown_artifact(_summary_markdown(summary), key="training-summary", description="tapeline run summary")
     metrics = json.loads((evaluate_dir / "metrics.json").read_text())
     create_table_artifact(metrics["per_class"], key="per-class-metrics", description="test precision / recall / F1")
     pictures = [("Learning curves", "learning_curves.png"), ("Confusion matrix", "confusion_matrix.png"),
                 ("Worst misclassified test images", "worst_misclassified.png")]
-    create_markdown_artifact("\n".join(png_markdown(t, evaluate_dir / f) for t, f in pictures),
+    create_markdown_artifact("\n".join(_png_markdown(t, evaluate_dir / f) for t, f in pictures),
                              key="evaluation-pictures", description="learning curves and confusion matrix")
 
 
@@ -76,5 +76,5 @@ def publish_validation_report(result: ValidateResult) -> None:
     body = report.split("![class histogram]")[0]
     pictures = [("Class histogram", result.path / "class_histogram.png"),
                 ("Pixel intensity histogram", result.path / "pixel_histogram.png")]
-    create_markdown_artifact(body + "\n" + "\n".join(png_markdown(t, p) for t, p in pictures),
+    create_markdown_artifact(body + "\n" + "\n".join(_png_markdown(t, p) for t, p in pictures),
                              key="validation-report", description="data validation before training")

@@ -36,7 +36,7 @@ class StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def configure_logging() -> None:
+def _configure_logging() -> None:
     """tapeline's stage logs at INFO on stderr (once); HTTP client chatter only when it matters."""
     logger = logging.getLogger("tapeline")
     logger.setLevel(logging.INFO)
@@ -48,7 +48,7 @@ def configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def keys_epilog() -> str:
+def _keys_epilog() -> str:
     """Every config key with its default, for --help."""
     rows = config_keys()
     width = max(len(k) for k, _, _ in rows)
@@ -56,7 +56,7 @@ def keys_epilog() -> str:
     return "config keys (--set KEY=VALUE, or a YAML file of sections):\n" + "\n".join(lines)
 
 
-def add_global(parser: argparse.ArgumentParser, *, under_command: bool) -> None:
+def _add_global(parser: argparse.ArgumentParser, *, under_command: bool) -> None:
     """The global options, accepted before the subcommand and after it. Only the top-level parser has their
     defaults: a subcommand's copy defaults to "not given" (SUPPRESS), so it never overwrites what the user gave
     before the subcommand (`tapeline --artifacts s3://b run` uses s3://b)."""
@@ -66,7 +66,7 @@ def add_global(parser: argparse.ArgumentParser, *, under_command: bool) -> None:
                         "default ./artifacts, env TAPELINE_ARTIFACTS")
 
 
-def add_config(parser: argparse.ArgumentParser) -> None:
+def _add_config(parser: argparse.ArgumentParser) -> None:
     """--config FILE and repeatable --set KEY=VALUE."""
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument("--preset", choices=tuple(PRESETS), help="named bundle of config keys, applied under the "
@@ -81,33 +81,33 @@ def add_config(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     formatter = argparse.RawDescriptionHelpFormatter
-    keys = keys_epilog()
+    keys = _keys_epilog()
     parser = argparse.ArgumentParser(prog="tapeline", description="Staged TensorFlow training pipeline on Prefect.",
                                      epilog=keys, formatter_class=formatter)
-    add_global(parser, under_command=False)
+    _add_global(parser, under_command=False)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the whole flow (on PREFECT_API_URL when set, else on the temporary "
                               "Prefect API)", epilog=keys, formatter_class=formatter)
-    add_global(run, under_command=True)
-    add_config(run)
+    _add_global(run, under_command=True)
+    _add_config(run)
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     sweep = commands.add_parser("sweep", help="hyperparameter search over `sweep.space` (the `sweep` flow): cached, "
                                 "resumable, pruned trials; the best one evaluated and promoted", epilog=keys,
                                 formatter_class=formatter)
-    add_global(sweep, under_command=True)
-    add_config(sweep)
+    _add_global(sweep, under_command=True)
+    _add_config(sweep)
     sweep.add_argument("--json", action="store_true", help="print the sweep as one JSON object on the last line")
     stage = commands.add_parser("stage", help="run one stage locally, without a Prefect server",
                                 epilog=keys, formatter_class=formatter)
     stage.add_argument("name", choices=(*STAGE_NAMES, PROMOTION),
                        help="a stage of the graph, or the promotion step (needs every stage's output)")
-    add_global(stage, under_command=True)
-    add_config(stage)
+    _add_global(stage, under_command=True)
+    _add_config(stage)
     stage.add_argument("--json", action="store_true", help="print the stage result as JSON")
     plan = commands.add_parser("plan", help="each stage's fingerprint, whether it is cached, and what `tapeline run` "
                                "would run; runs nothing", epilog=keys, formatter_class=formatter)
-    add_global(plan, under_command=True)
-    add_config(plan)
+    _add_global(plan, under_command=True)
+    _add_config(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     score = commands.add_parser("score", help="score a source with the production model (the `batch-scoring` flow): "
                                 "per file, by content; drift against the training data", epilog=keys,
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("source", help="images:DIR (flat or class folders; a directory, file://, s3://… or gs://…), "
                        "idx:DIR or parquet:PATH (on disk)")
     score.add_argument("--model", help="production (default), models/vNNNN, serving/N, or an export directory")
-    add_global(score, under_command=True)
+    _add_global(score, under_command=True)
     score.add_argument("--config", type=Path, help="YAML config file")
     score.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set score.workers=4 (repeatable)")
@@ -124,27 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print the run as one JSON object on the last line")
     predict = commands.add_parser("predict", help=f"classify images ({IMAGE_FORMATS}) or .npy arrays with an "
                                  "exported model")
-    add_global(predict, under_command=True)
+    _add_global(predict, under_command=True)
     predict.add_argument("--model", type=Path, help="exported model directory (default: production)")
     predict.add_argument("images", nargs="+", type=Path)
     runs = commands.add_parser("runs", help="list registered runs, newest first")
-    add_global(runs, under_command=True)
+    _add_global(runs, under_command=True)
     runs.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
-def config_from(args: argparse.Namespace) -> PipelineConfig:
+def _config_from(args: argparse.Namespace) -> PipelineConfig:
     """The config of --config, --preset, --set and --workers (a shorthand for --set train.workers=N)."""
     workers = [] if args.workers is None else [f"train.workers={args.workers}"]
     return load_config(args.config, [*args.overrides, *workers], args.preset)
 
 
-def command_run(args: argparse.Namespace) -> int:
+def _command_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow and print its summary."""
     from flows.server import start_temporary_api
     from stages.model import check_before_work
 
-    config = config_from(args)
+    config = _config_from(args)
     check_before_work(config)  # a bad model.builder is one line here, not a failed flow run
     open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     os.environ["TAPELINE_ARTIFACTS"] = str(normalize_root(args.artifacts))
@@ -171,7 +171,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     from sweeps.space import check_space
     from sweeps.state import DriverLease, SweepFiles, sweep_name
 
-    config = config_from(args)
+    config = _config_from(args)
     store = open_store(args.artifacts)  # a missing bucket or an unreachable endpoint fails here, in one line
     DriverLease(SweepFiles(store, sweep_name(config)), config.sweep.lease_seconds).check_free()
     check_space(config)  # every trial checked before any work, and before the temporary Prefect API starts
@@ -201,7 +201,7 @@ def command_sweep(args: argparse.Namespace) -> int:
 NUMBER = re.compile(r"[-+]?\d[\d.e+-]*")
 
 
-def reason_kind(reason: str | None) -> str:
+def _reason_kind(reason: str | None) -> str:
     """A trial's failure reason with its figures blanked, so that reasons differing only in them count as one."""
     return NUMBER.sub("N", reason or "no reason recorded")
 
@@ -210,13 +210,13 @@ def all_failed(trials: list[dict]) -> str | None:
     """When every trial of a sweep failed: one line with how many and the commonest reason; else None."""
     if not trials or any(t["state"] != "failed" for t in trials):
         return None
-    kind, count = Counter(reason_kind(t["reason"]) for t in trials).most_common(1)[0]
-    first = next(t for t in trials if reason_kind(t["reason"]) == kind)
+    kind, count = Counter(_reason_kind(t["reason"]) for t in trials).most_common(1)[0]
+    first = next(t for t in trials if _reason_kind(t["reason"]) == kind)
     return (f"every trial of the sweep failed ({len(trials)} of {len(trials)}); the commonest reason ({count} of "
             f"them, e.g. trial {first['number']}): {first['reason']}")
 
 
-def command_score(args: argparse.Namespace) -> int:
+def _command_score(args: argparse.Namespace) -> int:
     """Run the `batch-scoring` flow on SOURCE and print where the predictions are, how many, and the drift."""
     from flows.server import start_temporary_api
     from stages.score.inputs import list_source
@@ -256,12 +256,12 @@ def without_server_telemetry(environ: MutableMapping[str, str] = os.environ) -> 
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def command_stage(args: argparse.Namespace) -> int:
+def _command_stage(args: argparse.Namespace) -> int:
     """Run one stage (or the promotion step) in this process."""
     from stages.graph import find_output, run_stage
     from stages.model import check_before_work
 
-    config = config_from(args)
+    config = _config_from(args)
     check_before_work(config)
     artifacts = normalize_root(args.artifacts)
     if args.name == PROMOTION:
@@ -280,7 +280,7 @@ def command_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_line(name: str, row: dict) -> str:
+def _plan_line(name: str, row: dict) -> str:
     """One stage of the plan: fingerprint, cached or to run, where; or which upstream output it waits on."""
     if row["fingerprint"] is None:
         return f"{name:<9} {'-' * 16}  to run  depends on {row['waits_on']}'s new output (cached after all if that " \
@@ -288,9 +288,9 @@ def plan_line(name: str, row: dict) -> str:
     return f"{name:<9} {row['fingerprint']}  {'cached' if row['cached'] else 'to run'}  {row['path']}"
 
 
-def format_plan(plan: dict) -> str:
+def _format_plan(plan: dict) -> str:
     """The plan as aligned text: one line per stage, then what would run."""
-    lines = [plan_line(name, row) for name, row in plan["stages"].items()]
+    lines = [_plan_line(name, row) for name, row in plan["stages"].items()]
     would_run = plan["would_run"]
     if "sweep" in plan:
         lines.append(f"would run: {', '.join(would_run)}" if would_run else "would run: no trial (every one is "
@@ -309,11 +309,11 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def command_plan(args: argparse.Namespace) -> int:
+def _command_plan(args: argparse.Namespace) -> int:
     """Print each stage's fingerprint and cache status, and which stages `tapeline run` would run."""
     from stages.graph import plan
 
-    config = config_from(args)
+    config = _config_from(args)
     result = plan(config, normalize_root(args.artifacts), verify=args.verify)
     if config.sweep.space:  # the base config is not what runs: the shared stages, then each trial
         from sweeps.report import SHARED_STAGES, sweep_plan, sweep_would_run
@@ -321,7 +321,7 @@ def command_plan(args: argparse.Namespace) -> int:
         section = sweep_plan(config, normalize_root(args.artifacts))
         result = {**result, "stages": {name: result["stages"][name] for name in SHARED_STAGES},
                   "would_run": sweep_would_run(result["stages"], section), "sweep": section}
-    text = format_plan(result)
+    text = _format_plan(result)
     if "sweep" in result:
         from sweeps.report import format_sweep_plan
 
@@ -330,7 +330,7 @@ def command_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_predict(args: argparse.Namespace) -> int:
+def _command_predict(args: argparse.Namespace) -> int:
     """Print one line per image: path, class name, probability."""
     from tapeline.predict import iter_predictions
 
@@ -339,7 +339,7 @@ def command_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_runs(args: argparse.Namespace) -> int:
+def _command_runs(args: argparse.Namespace) -> int:
     """Print the registry, newest first."""
     from tapeline.registry import format_runs, runs_of
 
@@ -348,9 +348,9 @@ def command_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "sweep": command_sweep, "stage": command_stage, "plan": command_plan,
-            "score": command_score, "predict": command_predict,
-            "runs": command_runs}
+COMMANDS = {"run": _command_run, "sweep": command_sweep, "stage": _command_stage, "plan": _command_plan,
+            "score": _command_score, "predict": _command_predict,
+            "runs": _command_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     onednn_origin()
     args = build_parser().parse_args(argv)
-    configure_logging()
+    _configure_logging()
     with interruptible() as interrupts:
         try:
             ensure_one_tensorflow()
@@ -387,7 +387,7 @@ NATIVE_STARTUP_NOISE = (b"All log messages before absl::InitializeLog() is calle
 
 
 @contextlib.contextmanager
-def without_native_startup_noise() -> Iterator[None]:
+def _without_native_startup_noise() -> Iterator[None]:
     """Keep TensorFlow's start-up INFO lines (printed by its C++ runtime straight to file descriptor 2,
     before any log level applies) off the terminal; every other line of stderr passes through."""
     read_fd, write_fd = os.pipe()
@@ -415,7 +415,7 @@ def without_native_startup_noise() -> Iterator[None]:
 
 def console() -> None:
     """The `tapeline` console script: `main` with TensorFlow's start-up noise filtered out of stderr."""
-    with without_native_startup_noise():
+    with _without_native_startup_noise():
         code = main()
     sys.exit(code)
 

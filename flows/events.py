@@ -12,7 +12,7 @@ from tapeline.results import Promotion, ValidateResult
 RESOURCE = {"prefect.resource.id": "tapeline.pipeline.training-pipeline", "prefect.resource.name": "tapeline"}
 
 
-def flow_run_resource(flow_run_id: str | None) -> list[dict[str, str]]:
+def _flow_run_resource(flow_run_id: str | None) -> list[dict[str, str]]:
     """The flow run as the event's related resource (none outside a flow run)."""
     if not flow_run_id:
         return []
@@ -21,7 +21,7 @@ def flow_run_resource(flow_run_id: str | None) -> list[dict[str, str]]:
 
 def emit(name: str, payload: dict[str, Any], flow_run_id: str | None) -> None:
     """Emit one tapeline event."""
-    emit_event(event=name, resource=RESOURCE, related=flow_run_resource(flow_run_id), payload=payload)
+    emit_event(event=name, resource=RESOURCE, related=_flow_run_resource(flow_run_id), payload=payload)
 
 
 def validation_failed(result: ValidateResult, flow_run_id: str | None) -> None:
@@ -48,5 +48,5 @@ def drift_detected(figures: dict[str, Any], source: str, model_version: str, out
                    flow_run_id: str | None) -> None:
     """`tapeline.drift.detected`: the scored batch moved away from the model's training data (the figures and the
     reasons); the `training-pipeline/on-drift` deployment is triggered by it."""
-    emit_event(event="tapeline.drift.detected", resource=SCORING, related=flow_run_resource(flow_run_id),
+    emit_event(event="tapeline.drift.detected", resource=SCORING, related=_flow_run_resource(flow_run_id),
                payload={"source": source, "model_version": model_version, "output": output, **figures})

@@ -53,7 +53,7 @@ def score_shards(ref: ModelRef, root: str, plan: str, batch_size: int) -> list[d
     return [future.result() for future in futures]
 
 
-def shard_runner(config: PipelineConfig, dask_address: str | None) -> Any:
+def _shard_runner(config: PipelineConfig, dask_address: str | None) -> Any:
     """Threads of this process (the model loaded once, decoding and inference overlapping), or the Dask cluster at
     `dask_address` through prefect-dask."""
     address = dask_address or config.score.dask_address
@@ -101,7 +101,7 @@ def scoring_run(source: str, wanted: str | None, config: PipelineConfig, dask_ad
     scored = []
     if groups:
         with shard_plan(groups) as plan:
-            scored = score_shards.with_options(task_runner=shard_runner(config, dask_address))(
+            scored = score_shards.with_options(task_runner=_shard_runner(config, dask_address))(
                 model.ref, listing.root, str(plan), config.score.batch_size)
     done.update(newly_scored(groups, scored))
     stats = batch_statistics(store, version, scored, len(model.spec.class_names))

@@ -32,7 +32,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(port: int) -> list[str]:
+def _server_command(port: int) -> list[str]:
     """uvicorn serving Prefect's API app on 127.0.0.1:port."""
     spec = importlib.util.find_spec("prefect")
     assert spec is not None and spec.origin is not None
@@ -40,7 +40,7 @@ def server_command(port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
 
 
-def wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+def _wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
     """Poll the API's health route until it answers; TapelineError with the server's last lines if it ends."""
     import httpx
 
@@ -82,10 +82,10 @@ def start_temporary_api(environ: MutableMapping[str, str] = os.environ, timeout:
     url = f"http://127.0.0.1:{port}/api"
     log_path = Path(tempfile.mkstemp(prefix="tapeline-prefect-api-", suffix=".log")[1])
     with log_path.open("ab") as out:
-        process = start_child(server_command(port), env={**environ, **SERVER_ENV}, stdout=out,
+        process = start_child(_server_command(port), env={**environ, **SERVER_ENV}, stdout=out,
                               stderr=subprocess.STDOUT)
     atexit.register(stop, process, log_path)
-    wait_until_healthy(process, url, log_path, timeout)
+    _wait_until_healthy(process, url, log_path, timeout)
     log.info("temporary Prefect API on %s (it ends with this command; set PREFECT_API_URL to use a server of "
              "your own)", url)
     environ["PREFECT_API_URL"] = url

@@ -60,13 +60,13 @@ def sweep_run(config: PipelineConfig, verify: bool = False) -> dict[str, Any]:
         run_id = str(flow_run.id) if flow_run.id else new_run_id()
         winner = validate_config(best.config).model_copy(update={"tracking": config.tracking})
         gate = graph_and_gate(winner, artifacts, run_id, verify, outcome.name, best.number, parent)
-    summary = {**sweep_summary(outcome, gate, config.sweep.metric), "mlflow_run": parent}
-    publish_sweep(config, outcome)
+    summary = {**_sweep_summary(outcome, gate, config.sweep.metric), "mlflow_run": parent}
+    _publish_sweep(config, outcome)
     logger.info("sweep %s: %d trials; %s", outcome.name, len(outcome.records), summary["decision"])
     return summary
 
 
-def sweep_summary(outcome: SweepOutcome, gate: dict[str, Any] | None, metric: str) -> dict[str, Any]:
+def _sweep_summary(outcome: SweepOutcome, gate: dict[str, Any] | None, metric: str) -> dict[str, Any]:
     """The flow's return value and `tapeline sweep --json`: every trial, the best one, the gate's decision."""
     best = outcome.best
     return {
@@ -82,7 +82,7 @@ def sweep_summary(outcome: SweepOutcome, gate: dict[str, Any] | None, metric: st
     }
 
 
-def publish_sweep(config: PipelineConfig, outcome: SweepOutcome) -> None:
+def _publish_sweep(config: PipelineConfig, outcome: SweepOutcome) -> None:
     """The trials table and the pictures as Prefect artifacts (the PNGs also in the sweep's directory)."""
     create_table_artifact(table_rows(outcome.records, outcome.invocation), key="sweep-trials",
                           description=f"sweep {outcome.name}: every trial")

@@ -43,7 +43,7 @@ def artifacts_dir() -> Artifacts:
     return normalize_root(os.environ.get("TAPELINE_ARTIFACTS", "artifacts"))
 
 
-def stage_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+def _stage_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """A Prefect cache_key_fn: the stage's output location, hashed (so two stores never share a key).
 
     None (no Prefect caching) on an object store: Prefect keeps cache records and results on the
@@ -83,7 +83,7 @@ def expected_failure(exc: TapelineError) -> State:
     return Failed(message=str(exc), data=exc)
 
 
-def stage_or_failure(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
+def _stage_or_failure(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
                      verify: bool) -> StageResult | State:
     """The stage's result, or the Failed state of an expected, non-transient tapeline error."""
     try:
@@ -94,10 +94,10 @@ def stage_or_failure(name: str, config: PipelineConfig, artifacts: Artifacts, up
         return expected_failure(exc)
 
 
-def stage_body(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
+def _stage_body(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],
                verify: bool = False) -> StageResult | State:
     """Run one stage of the graph (the body of every stage task)."""
-    return stage_or_failure(name, config, artifacts, upstream, verify)
+    return _stage_or_failure(name, config, artifacts, upstream, verify)
 
 
 def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -114,7 +114,7 @@ def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:
 
 
 TASKS: dict[str, Task] = {
-    stage.name: task(stage_body, name=stage.name, cache_key_fn=stage_cache_key, persist_result=True)
+    stage.name: task(_stage_body, name=stage.name, cache_key_fn=_stage_cache_key, persist_result=True)
     for stage in GRAPH
 }
 
@@ -126,7 +126,7 @@ def promotion_task(config: PipelineConfig, results: dict[str, StageResult], arti
     return promote_run(config, results, artifacts, run_id)
 
 
-def configured_task(name: str, config: PipelineConfig, refresh: bool) -> Task:
+def _configured_task(name: str, config: PipelineConfig, refresh: bool) -> Task:
     """The stage's task with the retries and time limit of its config section, refreshing its cache when asked."""
     section = getattr(config, name, None)
     retries = getattr(section, "retries", 0)
@@ -137,17 +137,17 @@ def configured_task(name: str, config: PipelineConfig, refresh: bool) -> Task:
     )
 
 
-def run_stage_task(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: dict[str, StageResult],
+def _run_stage_task(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: dict[str, StageResult],
                    verify: bool) -> tuple[StageResult, dict[str, Any]]:
     """Run one stage's task; returns its result and its summary row (fingerprint, cached, seconds, path)."""
     refresh = not output_is_valid(name, config, artifacts, verify)
     started = time.perf_counter()
-    state = configured_task(name, config, refresh)(name=name, config=config, artifacts=artifacts, upstream=upstream,
+    state = _configured_task(name, config, refresh)(name=name, config=config, artifacts=artifacts, upstream=upstream,
                                                    verify=verify, return_state=True)
     try:
         result: StageResult = state.result()
     except ValidationError as exc:
-        report_validation(exc.result)
+        _report_validation(exc.result)
         raise
     except TapelineError:
         raise  # its message is the task's state message already
@@ -155,13 +155,13 @@ def run_stage_task(name: str, config: PipelineConfig, artifacts: Artifacts, upst
         get_run_logger().error("stage %s failed: %s", name, exc)
         raise
     if isinstance(result, ValidateResult):
-        report_validation(result)
+        _report_validation(result)
     cached = state.name == "Cached" or result.cached
     return result, {"fingerprint": result.fingerprint, "cached": cached, "state": state.name,
                     "seconds": round(time.perf_counter() - started, 3), "path": str(result.path)}
 
 
-def report_validation(result: ValidateResult | None) -> None:
+def _report_validation(result: ValidateResult | None) -> None:
     """Publish the validation report; when it failed, say so in the log and as an event."""
     if result is None:
         return
@@ -173,7 +173,7 @@ def report_validation(result: ValidateResult | None) -> None:
         get_run_logger().warning("data validation warnings: %s", result.warnings)
 
 
-def run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promotion) -> dict[str, Any]:
+def _run_summary(run_id: str, stages: dict[str, dict[str, Any]], promotion: Promotion) -> dict[str, Any]:
     """The flow's return value (and `tapeline run --json`)."""
     all_cached = all(s["cached"] for s in stages.values())
     return {
@@ -197,15 +197,15 @@ def training_pipeline(config: PipelineConfig = PipelineConfig(), verify: bool = 
     quiet_expected_failures()
     try:
         if trial is not None:
-            return sweep_trial(trial)
-        return pipeline_run(config, verify)
+            return _sweep_trial(trial)
+        return _pipeline_run(config, verify)
     except TRANSIENT:
         raise
     except TapelineError as exc:
         return expected_failure(exc)
 
 
-def sweep_trial(ticket: TrialTicket) -> dict[str, Any]:
+def _sweep_trial(ticket: TrialTicket) -> dict[str, Any]:
     """A sweep's trial as this flow run: the trial's record says its config (the run's `config` shows it)."""
     store = open_store(ticket.artifacts)
     record = run_trial(store, SweepFiles(store, ticket.sweep), ticket.number, ticket.invocation)
@@ -213,7 +213,7 @@ def sweep_trial(ticket: TrialTicket) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
-def pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
+def _pipeline_run(config: PipelineConfig, verify: bool) -> dict[str, Any]:
     """The flow's work: every stage's task in graph order, the promotion, the registry row, the artifacts."""
     check_before_work(config)  # on the worker: its copy of the user's code must import, before any work
     run_id = str(flow_run.id) if flow_run.id else new_run_id()
@@ -229,12 +229,12 @@ def graph_and_gate(config: PipelineConfig, artifacts: Artifacts, run_id: str, ve
     results: dict[str, StageResult] = {}
     stages: dict[str, dict[str, Any]] = {}
     for stage in GRAPH:
-        results[stage.name], stages[stage.name] = run_stage_task(stage.name, config, artifacts, results, verify)
+        results[stage.name], stages[stage.name] = _run_stage_task(stage.name, config, artifacts, results, verify)
         logger.info("%s: %s (%s)", stage.name, stages[stage.name]["fingerprint"],
                     "cached" if stages[stage.name]["cached"] else "ran")
     promotion = promotion_task(config, results, artifacts, run_id)
     events.promotion_decided(promotion, flow_run.id)
-    summary = run_summary(run_id, stages, promotion)
+    summary = _run_summary(run_id, stages, promotion)
     try:  # bookkeeping never fails a run that trained and exported a model
         record_run(artifacts, registry_row(run_id, config, {**results, "promotion": promotion}, sweep, trial),
                    timeout=config.export.lock_timeout_seconds)

@@ -74,7 +74,7 @@ def model_logits(model_path: Path, images: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- pictures
 
-def plot_learning_curves(history: list[dict[str, float]], best_epoch: int, path: Path) -> None:
+def _plot_learning_curves(history: list[dict[str, float]], best_epoch: int, path: Path) -> None:
     """Train / validation loss and accuracy per epoch, the best epoch marked."""
     import matplotlib
 
@@ -95,7 +95,7 @@ def plot_learning_curves(history: list[dict[str, float]], best_epoch: int, path:
     plt.close(figure)
 
 
-def plot_confusion_matrix(matrix: list[list[int]], class_names: tuple[str, ...], path: Path) -> None:
+def _plot_confusion_matrix(matrix: list[list[int]], class_names: tuple[str, ...], path: Path) -> None:
     """The confusion matrix as a labelled heat map."""
     import matplotlib
 
@@ -129,7 +129,7 @@ def worst_misclassified(labels: np.ndarray, probabilities: np.ndarray, count: in
     return wrong[np.argsort(-confidence, kind="stable")][:count]
 
 
-def plot_worst(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, indices: np.ndarray,
+def _plot_worst(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, indices: np.ndarray,
                class_names: tuple[str, ...], path: Path) -> None:
     """A grid of misclassified test images titled true / predicted (probability)."""
     import matplotlib
@@ -155,7 +155,7 @@ def plot_worst(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray
 
 # ---------------------------------------------------------------- the stage
 
-def write_predictions(path: Path, labels: np.ndarray, probabilities: np.ndarray) -> None:
+def _write_predictions(path: Path, labels: np.ndarray, probabilities: np.ndarray) -> None:
     """predictions.parquet: index, label, predicted class, its probability."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -189,12 +189,12 @@ def build_evaluation(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     metrics["data_fingerprint"], metrics["train_fingerprint"] = data.fingerprint, train.fingerprint
     (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     probabilities = softmax(logits)
-    write_predictions(staging / "predictions.parquet", labels, probabilities)
+    _write_predictions(staging / "predictions.parquet", labels, probabilities)
     history = pq.read_table(train.path / "history.parquet").to_pylist()
-    plot_learning_curves(history, train.best_epoch, staging / "learning_curves.png")
-    plot_confusion_matrix(metrics["confusion_matrix"], names, staging / "confusion_matrix.png")
+    _plot_learning_curves(history, train.best_epoch, staging / "learning_curves.png")
+    _plot_confusion_matrix(metrics["confusion_matrix"], names, staging / "confusion_matrix.png")
     worst = worst_misclassified(labels, probabilities, config.evaluate.worst_examples)
-    plot_worst(raw, labels, probabilities, worst, names, staging / "worst_misclassified.png")
+    _plot_worst(raw, labels, probabilities, worst, names, staging / "worst_misclassified.png")
     log.info("test accuracy %.4f, loss %.4f on %d images", metrics["test_accuracy"], metrics["test_loss"],
              len(labels))
     return {

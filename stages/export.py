@@ -61,7 +61,7 @@ def write_saved_model(model: Any, spec: InputSpec, path: Path) -> None:
     archive.write_out(str(path), verbose=False)
 
 
-def write_tflite(saved_model: Path, path: Path) -> None:
+def _write_tflite(saved_model: Path, path: Path) -> None:
     """Convert the SavedModel's fixed-rank uint8 endpoint to a TFLite flatbuffer."""
     import tensorflow as tf
 
@@ -69,7 +69,7 @@ def write_tflite(saved_model: Path, path: Path) -> None:
     path.write_bytes(converter.convert())
 
 
-def reference_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
+def _reference_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
     """The trained model's probabilities on uint8 images."""
     import tensorflow as tf
 
@@ -87,15 +87,15 @@ def reloaded_probabilities(directory: Path, fmt: str, images: np.ndarray) -> np.
         return serve(images=tf.constant(images))["probabilities"].numpy()
     if fmt == "keras":
         model = keras.models.load_model(directory / KERAS_FILE, compile=False)
-        return reference_probabilities(model, images)
+        return _reference_probabilities(model, images)
     interpreter = tf.lite.Interpreter(model_path=str(directory / TFLITE_FILE))
     return interpreter.get_signature_runner(TFLITE_SIGNATURE)(images=images)["probabilities"]
 
 
-def verify_exports(directory: Path, formats: tuple[str, ...], model: Any, images: np.ndarray,
+def _verify_exports(directory: Path, formats: tuple[str, ...], model: Any, images: np.ndarray,
                    tolerance: float) -> dict[str, float]:
     """Max |probability difference| of each reloaded format against the trained model; fails past tolerance."""
-    expected = reference_probabilities(model, images)
+    expected = _reference_probabilities(model, images)
     differences = {fmt: float(np.abs(reloaded_probabilities(directory, fmt, images) - expected).max())
                    for fmt in formats}
     bad = {fmt: diff for fmt, diff in differences.items() if diff > tolerance}
@@ -109,7 +109,7 @@ def verify_exports(directory: Path, formats: tuple[str, ...], model: Any, images
 
 # ---------------------------------------------------------------- model card
 
-def git_commit() -> str | None:
+def _git_commit() -> str | None:
     """The current git commit, when run from a checkout."""
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
@@ -131,13 +131,13 @@ def model_card(config: PipelineConfig, data: DataResult, train: TrainResult, met
                      "stopped_early": train.stopped_early, "seconds": round(train.train_seconds, 1),
                      "hardware": read_manifest(train.path).get("hardware")},
         "versions": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": _git_commit(),
         "files": files,
         "reload_max_difference": differences,
     }
 
 
-def hardware_lines(hardware: dict[str, Any] | None) -> list[str]:
+def _hardware_lines(hardware: dict[str, Any] | None) -> list[str]:
     """The model card's line on the machine that trained the model and the precision chosen for it."""
     if not hardware or "precision" not in hardware:
         return []
@@ -158,7 +158,7 @@ def render_model_card(card: dict[str, Any]) -> str:
         f"- Test accuracy **{metrics['test_accuracy']:.4f}**, test loss {metrics['test_loss']:.4f}",
         f"- Training: {training['epochs_run']} epochs, best epoch {training['best_epoch']}"
         f"{' (stopped early)' if training['stopped_early'] else ''}, {training['seconds']} s",
-        *hardware_lines(training.get("hardware")),
+        *_hardware_lines(training.get("hardware")),
         f"- Versions: {', '.join(f'{k} {v}' for k, v in card['versions'].items())}",
         f"- Git commit: {card['git_commit'] or 'unknown'}", "",
         "## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
@@ -187,11 +187,11 @@ def build_export(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     if "saved_model" in formats or "tflite" in formats:
         write_saved_model(model, data.input_spec, staging / SAVED_MODEL)
     if "tflite" in formats:
-        write_tflite(staging / SAVED_MODEL, staging / TFLITE_FILE)
+        _write_tflite(staging / SAVED_MODEL, staging / TFLITE_FILE)
     # The .keras file is always kept: champion/challenger comparisons reload it.
     shutil.copy2(train.path / KERAS_FILE, staging / KERAS_FILE)
     images, _ = load_split(data.path, "test")
-    differences = verify_exports(staging, formats, model, images[:VERIFY_IMAGES], config.export.tolerance)
+    differences = _verify_exports(staging, formats, model, images[:VERIFY_IMAGES], config.export.tolerance)
     card = model_card(config, data, train, evaluation.metrics(), describe_files(staging), differences)
     (staging / "model_card.json").write_text(json.dumps(card, indent=2))
     (staging / "model_card.md").write_text(render_model_card(card))

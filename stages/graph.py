@@ -37,7 +37,7 @@ __all__ = ["GRAPH", "STAGES", "STAGE_NAMES", "Artifacts", "Stage", "find_output"
            "run_stage"]
 
 
-def user_model_code(config: PipelineConfig, *_context: Any) -> dict[str, Any] | None:
+def _user_model_code(config: PipelineConfig, *_context: Any) -> dict[str, Any] | None:
     """The code of the user's `model.builder` and of every module of theirs it imports (None for the CNN)."""
     return builder_identity(config.model.builder)
 
@@ -48,7 +48,7 @@ GRAPH = Graph((
                  "dropped_test_duplicates")),
     Stage("validate", ("data",), build_validate, validate_result, covers=("validate",), external=baseline_identity,
           gate=ensure_passed),
-    Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model"), external=user_model_code),
+    Stage("model", ("data",), build_model_dir, model_result, covers=("seed", "model"), external=_user_model_code),
     Stage("train", ("data", "model"), build_train_dir, train_result, covers=("seed", "train"), external=init_identity,
           resumable=True, distributed=True),
     Stage("evaluate", ("data", "train"), build_evaluation, evaluate_result, covers=("evaluate",)),

@@ -38,7 +38,7 @@ def build_cnn(config: ModelConfig, spec: InputSpec) -> Any:
     Flatten, a hidden Dense, optional dropout, and float32 logits (also under mixed precision)."""
     import keras
 
-    check_fits(config, spec)
+    _check_fits(config, spec)
     inputs = keras.Input(shape=spec.shape, name="image")
     x = inputs
     last = len(config.conv_filters) - 1
@@ -59,7 +59,7 @@ def build_cnn(config: ModelConfig, spec: InputSpec) -> Any:
     return keras.Model(inputs, outputs, name="tapeline_cnn")
 
 
-def check_fits(config: ModelConfig, spec: InputSpec) -> None:
+def _check_fits(config: ModelConfig, spec: InputSpec) -> None:
     """Reject a conv stack that shrinks the image below one pixel, naming the key to change."""
     side = min(spec.shape[:2])
     last = len(config.conv_filters) - 1
@@ -93,33 +93,33 @@ def cnn_footprint(config: ModelConfig, shape: tuple[int, int, int], num_classes:
     return parameters, values
 
 
-def training_bytes(parameters: int, values_per_image: int, batch_size: int) -> int:
+def _training_bytes(parameters: int, values_per_image: int, batch_size: int) -> int:
     """Memory to train a model in float32: the parameters' copies and one batch's activations' copies."""
     return FLOAT_BYTES * (PARAMETER_COPIES * parameters + ACTIVATION_COPIES * values_per_image * batch_size)
 
 
-def gib(count: float) -> str:
+def _gib(count: float) -> str:
     """Bytes as GiB with one decimal."""
     return f"{count / 2**30:.1f} GiB"
 
 
-def check_memory(what: str, parameters: int, values_per_image: int, batch_size: int, keys: str,
+def _check_memory(what: str, parameters: int, values_per_image: int, batch_size: int, keys: str,
                  available: int | None = None) -> None:
     """ConfigError naming the keys to lower when training the model would need more memory than the machine has
     available now."""
     available = available if available is not None else available_memory()
-    need = training_bytes(parameters, values_per_image, batch_size)
+    need = _training_bytes(parameters, values_per_image, batch_size)
     if available is None or need <= available:
         return
     raise ConfigError(f"{what} has {parameters:,} parameters and {values_per_image:,} activation values per image: "
-                      f"training it on batches of {batch_size} needs about {gib(need)}, more than the "
-                      f"{gib(available)} this machine has available; lower {keys}")
+                      f"training it on batches of {batch_size} needs about {_gib(need)}, more than the "
+                      f"{_gib(available)} this machine has available; lower {keys}")
 
 
-def check_cnn_memory(config: PipelineConfig, spec: InputSpec, available: int | None = None) -> None:
+def _check_cnn_memory(config: PipelineConfig, spec: InputSpec, available: int | None = None) -> None:
     """The built-in CNN's memory check for this input spec (before anything is built)."""
     parameters, values = cnn_footprint(config.model, spec.shape, spec.num_classes)
-    check_memory(f"model: the built-in CNN for {'x'.join(map(str, spec.shape))} images", parameters, values,
+    _check_memory(f"model: the built-in CNN for {'x'.join(map(str, spec.shape))} images", parameters, values,
                  config.data.batch_size, "data.image_size or data.batch_size (or model.conv_filters, "
                  "model.dense_units)", available)
 
@@ -130,48 +130,48 @@ def check_size_before_work(config: PipelineConfig, available: int | None = None)
     if config.model.builder is not None or config.data.image_size is None:
         return
     classes = tuple(config.data.class_names or ("a", "b"))
-    spec = InputSpec(shape=(*config.data.image_size, input_channels(config)), class_names=classes)
-    check_fits(config.model, spec)
-    check_cnn_memory(config, spec, available)
+    spec = InputSpec(shape=(*config.data.image_size, _input_channels(config)), class_names=classes)
+    _check_fits(config.model, spec)
+    _check_cnn_memory(config, spec, available)
 
 
-def provisional_shape(config: PipelineConfig) -> tuple[tuple[int, int, int], int]:
+def _provisional_shape(config: PipelineConfig) -> tuple[tuple[int, int, int], int]:
     """The input shape and class count the config suggests before any data is read: `data.image_size` (RGB unless
     grayscale) or Fashion-MNIST's 28x28x1; `data.class_names`' length or 10."""
     shape = (28, 28, 1)
     if config.data.image_size is not None:
-        shape = (*config.data.image_size, input_channels(config))
+        shape = (*config.data.image_size, _input_channels(config))
     return shape, len(config.data.class_names or ()) or 10
 
 
-def input_channels(config: PipelineConfig) -> int:
+def _input_channels(config: PipelineConfig) -> int:
     """The channels of the images the config makes: 1 for grayscale and for the IDX sources (Fashion-MNIST, MNIST,
     `idx:`), else 3."""
     if config.data.color_mode == "grayscale":
         return 1
-    if config.data.color_mode == "auto" and is_idx_source(config.data.source):
+    if config.data.color_mode == "auto" and _is_idx_source(config.data.source):
         return 1
     return 3
 
 
-def is_idx_source(source: str) -> bool:
+def _is_idx_source(source: str) -> bool:
     """Whether a source is one of the grayscale IDX datasets (named, or `idx:`)."""
     return source in NAMED_SOURCES or source.startswith("idx:")
 
 
-def known_input(config: PipelineConfig) -> tuple[bool, int | None]:
+def _known_input(config: PipelineConfig) -> tuple[bool, int | None]:
     """(whether the provisional input shape is the data's own, the class count when the config alone fixes it):
     Fashion-MNIST and MNIST are 28x28x1 in 10 classes; `data.image_size` with a known channel count fixes the shape
     of any source; `data.class_names` fixes the class count."""
     named = config.data.source in NAMED_SOURCES
-    channels_known = config.data.color_mode != "auto" or is_idx_source(config.data.source)
+    channels_known = config.data.color_mode != "auto" or _is_idx_source(config.data.source)
     shape_known = (named and config.data.image_size is None) or (config.data.image_size is not None and
                                                                   channels_known)
     classes = len(config.data.class_names) if config.data.class_names else (10 if named else None)
     return shape_known, classes
 
 
-def check_user_model_round_trip(config: PipelineConfig) -> None:
+def _check_user_model_round_trip(config: PipelineConfig) -> None:
     """Before any work, the user's model built for the config's provisional input shape: the model stage's checks
     (a keras.Model; logits, not probabilities; the input shape and the class count where the config alone fixes
     them), and it must load back from a `.keras` file (a custom layer not registered for serialization is one line
@@ -181,8 +181,8 @@ def check_user_model_round_trip(config: PipelineConfig) -> None:
 
     if config.model.builder is None:
         return
-    shape, classes = provisional_shape(config)
-    shape_known, known_classes = known_input(config)
+    shape, classes = _provisional_shape(config)
+    shape_known, known_classes = _known_input(config)
     try:
         model = call_builder(load_builder(config.model.builder), config.model, shape, classes)
     except ConfigError:
@@ -197,29 +197,29 @@ def check_user_model_round_trip(config: PipelineConfig) -> None:
         return  # built for another shape than the guessed one: the model stage judges it on the real one
     with tempfile.TemporaryDirectory(prefix="tapeline-round-trip-") as directory:
         model.save(Path(directory) / MODEL_FILE)
-        check_reloads(Path(directory) / MODEL_FILE, config.model.builder)
+        _check_reloads(Path(directory) / MODEL_FILE, config.model.builder)
 
 
 def check_before_work(config: PipelineConfig) -> None:
     """What is checked before any stage runs: the builder resolves and takes its arguments, its model loads back,
     and training the model fits this machine's memory where the config alone decides it."""
     check_builder(config.model)
-    check_user_model_round_trip(config)
+    _check_user_model_round_trip(config)
     check_size_before_work(config)
 
 
-def check_user_model_memory(model: Any, config: PipelineConfig) -> None:
+def _check_user_model_memory(model: Any, config: PipelineConfig) -> None:
     """A built user model's memory check: its parameter count and its layers' outputs per image."""
     import math
 
     values = sum(math.prod(int(d) for d in layer.output.shape[1:] if d is not None) for layer in model.layers
                  if hasattr(layer, "output") and not isinstance(getattr(layer, "output", None), list | tuple))
-    check_memory(f"model: {config.model.builder}'s model", int(model.count_params()), values,
+    _check_memory(f"model: {config.model.builder}'s model", int(model.count_params()), values,
                  config.data.batch_size, "data.image_size or data.batch_size (or the model's size through "
                  "model.params)")
 
 
-def model_summary(model: Any) -> dict[str, Any]:
+def _model_summary(model: Any) -> dict[str, Any]:
     """Parameter count and a layer table."""
     return {
         "parameters": int(model.count_params()),
@@ -238,15 +238,15 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     config, data = inputs.config, inputs.data
     keras.utils.set_random_seed(config.seed)
     if config.model.builder is None:
-        check_cnn_memory(config, data.input_spec)
+        _check_cnn_memory(config, data.input_spec)
     model = build_model(config.model, data.input_spec)
     if config.model.builder is not None:
-        check_user_model_memory(model, config)
+        _check_user_model_memory(model, config)
     model.save(staging / MODEL_FILE)
     if config.model.builder is not None:  # the CNN's layers are Keras's own
-        check_reloads(staging / MODEL_FILE, config.model.builder)
+        _check_reloads(staging / MODEL_FILE, config.model.builder)
     model.save_weights(staging / WEIGHTS_FILE)
-    summary = model_summary(model)
+    summary = _model_summary(model)
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     lines: list[str] = []
     model.summary(print_fn=lambda line, **_: lines.append(line))
@@ -254,13 +254,13 @@ def build_model_dir(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     log.info("built %s with %d parameters", model.name, summary["parameters"])
     return {
         "stage": "model", "config": config.model.model_dump(mode="json"),
-        "builder": builder_record(config.model.builder, inputs.external), "seed": config.seed,
+        "builder": _builder_record(config.model.builder, inputs.external), "seed": config.seed,
         "input_spec": data.input_spec.model_dump(mode="json"),
         "upstream": {"data": data.fingerprint}, "parameters": summary["parameters"], "versions": package_versions(),
     }
 
 
-def check_reloads(path: Path, builder: str) -> None:
+def _check_reloads(path: Path, builder: str) -> None:
     """The saved user model must load back, as evaluate, export and predict load it: a custom layer Keras cannot
     find by name (not registered for serialization) is one line here, before any training."""
     import keras
@@ -276,7 +276,7 @@ def check_reloads(path: Path, builder: str) -> None:
             "it get_config() when its __init__ takes arguments)") from None
 
 
-def builder_record(reference: str | None, identity: dict[str, Any] | None) -> dict[str, Any] | None:
+def _builder_record(reference: str | None, identity: dict[str, Any] | None) -> dict[str, Any] | None:
     """The builder and the files its code fingerprint covered (module, path relative to its import root,
     hash of the normalized code), as recorded in the model manifest; None for the CNN."""
     if reference is None or identity is None:

@@ -48,7 +48,7 @@ def decide(challenger: float, champion: float | None, config: ExportConfig, floo
                    f"by export.promote_min_delta {config.promote_min_delta}")
 
 
-def split_counts(data: DataResult, split: str) -> list[int]:
+def _split_counts(data: DataResult, split: str) -> list[int]:
     """The class counts of one split of the data output, from its manifest."""
     return list(read_manifest(data.path)["splits"][split]["class_counts"])
 
@@ -84,7 +84,7 @@ def champion_accuracy(config: PipelineConfig, store: Store, champion: dict[str, 
     return float(metrics["test_accuracy"])
 
 
-def decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, train: TrainResult,
+def _decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, train: TrainResult,
                       evaluation: EvaluateResult, export: ExportResult) -> Promotion:
     """Compare with the current production model and switch when better: one decision at a time (a lock
     on a directory; on an object store a conditional switch, re-deciding when another run won)."""
@@ -93,11 +93,11 @@ def decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, tr
             current, etag = read_production(store)
             if current is not None and current["train_fingerprint"] == train.fingerprint:
                 return Promotion(promoted=False, decision=f"already production ({current['version']})",
-                                 model_path=model_location(store, current["version"]),
+                                 model_path=_model_location(store, current["version"]),
                                  test_accuracy=evaluation.test_accuracy, champion_version=current["version"],
                                  champion_accuracy=evaluation.test_accuracy)
             theirs = champion_accuracy(config, store, current, data) if current is not None else None
-            floor = did_not_learn(config, evaluation.test_accuracy, evaluation.test_loss, split_counts(data, "test"),
+            floor = did_not_learn(config, evaluation.test_accuracy, evaluation.test_loss, _split_counts(data, "test"),
                                   "test")
             promoted, decision = decide(evaluation.test_accuracy, theirs, config.export, floor)
             outcome = Promotion(promoted=promoted, decision=decision, model_path=export.location or str(export.path),
@@ -116,13 +116,13 @@ def decide_and_switch(config: PipelineConfig, store: Store, data: DataResult, tr
                 served = publish_serving(store, version, export.formats)
                 if served is not None:
                     log.info("published %s for TF Serving at %s", version, served)
-                return outcome.model_copy(update={"model_path": model_location(store, version)})
+                return outcome.model_copy(update={"model_path": _model_location(store, version)})
             log.info("another run switched production while this one decided; deciding again")
     raise LockTimeoutError(f"promotion: production changed {SWITCH_ATTEMPTS} times while this run decided; "
                            "run the promotion step again (`tapeline stage promotion`)")
 
 
-def model_location(store: Store, version: str) -> str:
+def _model_location(store: Store, version: str) -> str:
     """Where a promoted version lives (a directory or a URL)."""
     if isinstance(store, RemoteStore):
         return store.url("models", version)
@@ -138,7 +138,7 @@ def comparison(promotion: Promotion) -> dict[str, Any]:
                           "model_path": str(promotion.model_path)}}
 
 
-def run_record_files(evaluation: EvaluateResult, export: ExportResult, promotion: Promotion) -> dict[str, bytes]:
+def _run_record_files(evaluation: EvaluateResult, export: ExportResult, promotion: Promotion) -> dict[str, bytes]:
     """metrics.json and model_card.json/.md of one run, with the champion comparison and the decision."""
     extra = comparison(promotion)
     card = {**json.loads((export.path / "model_card.json").read_text()), **extra}
@@ -153,7 +153,7 @@ def run_record_files(evaluation: EvaluateResult, export: ExportResult, promotion
             "model_card.json": json.dumps(card, indent=2).encode(), "model_card.md": markdown.encode()}
 
 
-def write_run_record(store: Store, run_id: str, files: dict[str, bytes]) -> str:
+def _write_run_record(store: Store, run_id: str, files: dict[str, bytes]) -> str:
     """runs/<run_id>/ with `files`: complete before it has its name on disk; each file one PUT on a store."""
     if isinstance(store, RemoteStore):
         for name, data in files.items():
@@ -174,6 +174,6 @@ def promote(config: PipelineConfig, data: DataResult, train: TrainResult, evalua
             export: ExportResult, artifacts: Artifacts, run_id: str) -> Promotion:
     """The promotion step: decide (and switch production) one run at a time, then record the run."""
     store = open_store(artifacts)
-    promotion = decide_and_switch(config, store, data, train, evaluation, export)
-    record = write_run_record(store, run_id, run_record_files(evaluation, export, promotion))
+    promotion = _decide_and_switch(config, store, data, train, evaluation, export)
+    record = _write_run_record(store, run_id, _run_record_files(evaluation, export, promotion))
     return promotion.model_copy(update={"record": record})

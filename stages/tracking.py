@@ -25,7 +25,7 @@ MODEL_FOLDER = "model"
 TRAINED_HERE, TRAIN_KEY = "tapeline.trained_here", "tapeline.train"
 
 
-def run_params(config: PipelineConfig, stages: Mapping[str, StageResult]) -> dict[str, Any]:
+def _run_params(config: PipelineConfig, stages: Mapping[str, StageResult]) -> dict[str, Any]:
     """The config keys the run's stages used (what their fingerprints cover), flat: `train.learning_rate`."""
     from stages.graph import STAGES
 
@@ -36,7 +36,7 @@ def run_params(config: PipelineConfig, stages: Mapping[str, StageResult]) -> dic
     return dict(sorted(params.items()))
 
 
-def run_tags(stages: Mapping[str, StageResult], cached: Mapping[str, bool], run_id: str,
+def _run_tags(stages: Mapping[str, StageResult], cached: Mapping[str, bool], run_id: str,
              flow_run: str | None) -> dict[str, str]:
     """Each stage's fingerprint and whether it was cached; the registry's run id and the Prefect flow run."""
     tags = {"tapeline.run_id": run_id, TRAIN_KEY: stages["train"].fingerprint}
@@ -48,7 +48,7 @@ def run_tags(stages: Mapping[str, StageResult], cached: Mapping[str, bool], run_
     return tags
 
 
-def epoch_metrics(history: Path) -> Iterator[tuple[str, float, int]]:
+def _epoch_metrics(history: Path) -> Iterator[tuple[str, float, int]]:
     """(metric, value, epoch) for every epoch of a train output's history."""
     import pyarrow.parquet as pq
 
@@ -59,7 +59,7 @@ def epoch_metrics(history: Path) -> Iterator[tuple[str, float, int]]:
                 yield key, float(row[key]), int(row["epoch"])
 
 
-def run_artifacts(stages: Mapping[str, StageResult]) -> dict[str, list[Path]]:
+def _run_artifacts(stages: Mapping[str, StageResult]) -> dict[str, list[Path]]:
     """Artifact folder -> files: the model card, the evaluation pictures and metrics, the validation report."""
     export, evaluate = stages["export"].path, stages["evaluate"].path
     files = {"model_card": [export / "model_card.md", export / "model_card.json"],
@@ -77,7 +77,7 @@ def track_run(config: PipelineConfig, stages: Mapping[str, StageResult], cached:
     tracker = open_tracker(config.tracking)
     if tracker is None:
         return None
-    tags = {**run_tags(stages, cached, run_id, flow_run), **(extra_tags or {})}
+    tags = {**_run_tags(stages, cached, run_id, flow_run), **(extra_tags or {})}
     trained_here = not cached.get("train", stages["train"].cached)
     trainer = None if trained_here else tracker.find_run({TRAIN_KEY: stages["train"].fingerprint, TRAINED_HERE: "true"})
     tags[TRAINED_HERE] = str(trained_here).lower()
@@ -92,19 +92,19 @@ def track_run(config: PipelineConfig, stages: Mapping[str, StageResult], cached:
     metrics = [("test_accuracy", promotion.test_accuracy, 0),
                *((("test_loss", float(evaluate.test_loss), 0),) if hasattr(evaluate, "test_loss") else ())]
     if trained_here:
-        metrics += list(epoch_metrics(stages["train"].path / HISTORY))
-    tracker.log(mlflow_run, run_params(config, stages), metrics,
+        metrics += list(_epoch_metrics(stages["train"].path / HISTORY))
+    tracker.log(mlflow_run, _run_params(config, stages), metrics,
                 {"tapeline.promoted": str(promotion.promoted).lower(), "tapeline.decision": promotion.decision})
-    for folder, files in run_artifacts(stages).items():
+    for folder, files in _run_artifacts(stages).items():
         tracker.log_files(mlflow_run, files, folder)
-    register_model(tracker, config, stages, promotion, mlflow_run)
+    _register_model(tracker, config, stages, promotion, mlflow_run)
     tracker.finish(mlflow_run)
     if tracker.failed is None:
         log.info("MLflow run %s (%s, experiment %s)", mlflow_run, tracker.uri, config.tracking.experiment)
     return mlflow_run if tracker.failed is None else None
 
 
-def register_model(tracker: Tracker, config: PipelineConfig, stages: Mapping[str, StageResult],
+def _register_model(tracker: Tracker, config: PipelineConfig, stages: Mapping[str, StageResult],
                    promotion: Promotion, mlflow_run: str) -> str | None:
     """The export as a version of the registered model (once per export), `champion` moved to it when promoted."""
     name = config.tracking.registered_model

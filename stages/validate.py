@@ -63,13 +63,13 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return (kl(p) + kl(q)) / 2
 
 
-def constant_mask(images: np.ndarray) -> np.ndarray:
+def _constant_mask(images: np.ndarray) -> np.ndarray:
     """Which images have every pixel equal."""
     flat = images.reshape(len(images), -1)
     return (flat == flat[:, :1]).all(axis=1) if len(flat) else np.zeros(0, bool)
 
 
-def statistics_rows(splits: Splits, class_names: tuple[str, ...]) -> list[dict[str, Any]]:
+def _statistics_rows(splits: Splits, class_names: tuple[str, ...]) -> list[dict[str, Any]]:
     """Per split and class (and `*` for the whole split): count, pixel mean / std, share of constant images.
 
     From per-image sums of pixels and of their squares, so no float copy of a split is ever made."""
@@ -79,7 +79,7 @@ def statistics_rows(splits: Splits, class_names: tuple[str, ...]) -> list[dict[s
         pixels = flat.shape[1]
         sums = flat.sum(axis=1, dtype=np.int64).astype(np.float64)
         squares = (flat.astype(np.uint16) ** 2).sum(axis=1, dtype=np.int64).astype(np.float64)
-        constant = constant_mask(images)
+        constant = _constant_mask(images)
         for index, name in [(None, "*"), *enumerate(class_names)]:
             mask = np.ones(len(labels), bool) if index is None else labels == index
             count = int(mask.sum())
@@ -129,7 +129,7 @@ def duplicate_counts(keys: dict[str, np.ndarray], labels: dict[str, np.ndarray]
     return counts, examples
 
 
-def block_means(images: np.ndarray) -> np.ndarray:
+def _block_means(images: np.ndarray) -> np.ndarray:
     """Mean grey level of each cell of a 7×7 grid over each image: [n, 49]."""
     n, height, width = images.shape[:3]
     bh, bw = height // HASH_GRID, width // HASH_GRID
@@ -137,7 +137,7 @@ def block_means(images: np.ndarray) -> np.ndarray:
     return grey.reshape(n, HASH_GRID, bh, HASH_GRID, bw).mean(axis=(2, 4)).reshape(n, -1)
 
 
-def hash_codes(blocks: np.ndarray) -> np.ndarray:
+def _hash_codes(blocks: np.ndarray) -> np.ndarray:
     """The average hash of block means: which cells are brighter than the image's mean, packed into bytes."""
     return np.packbits(blocks > blocks.mean(axis=1, keepdims=True), axis=1)
 
@@ -150,17 +150,17 @@ def near_duplicates(train: np.ndarray, test: np.ndarray, max_distance: float) ->
     means, then the 7×7 block means, must differ by less than it on average."""
     if min(train.shape[1:3]) < HASH_GRID or not len(train) or not len(test):
         return []
-    train_blocks, test_blocks = block_means(train), block_means(test)
-    train_codes, test_codes = hash_codes(train_blocks), hash_codes(test_blocks)
+    train_blocks, test_blocks = _block_means(train), _block_means(test)
+    train_codes, test_codes = _hash_codes(train_blocks), _hash_codes(test_blocks)
     train_means, test_means = train_blocks.mean(axis=1), test_blocks.mean(axis=1)
-    usable = ~constant_mask(train)
+    usable = ~_constant_mask(train)
     grouped: dict[bytes, list[int]] = {}
     order = np.argsort(train_means, kind="stable")
     for index in order[usable[order]]:
         grouped.setdefault(train_codes[index].tobytes(), []).append(int(index))
     buckets = {code: np.asarray(members) for code, members in grouped.items()}  # each sorted by image mean
     pairs = []
-    for index in np.flatnonzero(~constant_mask(test)):
+    for index in np.flatnonzero(~_constant_mask(test)):
         members = buckets.get(test_codes[index].tobytes())
         if members is None:
             continue
@@ -183,7 +183,7 @@ def anomaly(kind: str, severity: str, message: str, count: int, examples: list[A
     return {"kind": kind, "severity": severity, "message": message, "count": int(count), "examples": examples or []}
 
 
-def schema_of(manifest: dict[str, Any]) -> dict[str, Any]:
+def _schema_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The schema a data manifest declares: image shape, dtype, channels, label range, class names."""
     shape, names = manifest["input_spec"]["shape"], manifest["input_spec"]["class_names"]
     return {"shape": list(shape), "dtype": manifest.get("encoding", "uint8"), "channels": shape[-1],
@@ -260,7 +260,7 @@ def drift_anomalies(ours: dict[str, np.ndarray], baseline: dict[str, np.ndarray]
     return found, {"label": label, "pixel": pixel}
 
 
-def unreadable_anomalies(manifest: dict[str, Any], config: ValidateConfig) -> list[dict[str, Any]]:
+def _unreadable_anomalies(manifest: dict[str, Any], config: ValidateConfig) -> list[dict[str, Any]]:
     """Image files the data stage skipped: an error past validate.max_unreadable_share of the files, else a
     warning; folders it did not walk: a warning of their own."""
     skipped, tried = manifest.get("skipped") or [], int(manifest.get("image_files") or 0)
@@ -284,7 +284,7 @@ def constant_anomalies(splits: Splits, config: ValidateConfig) -> list[dict[str,
     """Splits whose share of constant images (all pixels equal) exceeds validate.max_constant_share."""
     found = []
     for split, (images, _) in splits.items():
-        constant = constant_mask(images)
+        constant = _constant_mask(images)
         if len(constant) and constant.mean() > config.max_constant_share:
             found.append(anomaly("constant_images", "error", f"{constant.mean():.1%} of {split} images are constant "
                                  f"(validate.max_constant_share {config.max_constant_share:.1%}): a broken export?",
@@ -293,7 +293,7 @@ def constant_anomalies(splits: Splits, config: ValidateConfig) -> list[dict[str,
     return found
 
 
-def near_duplicate_anomalies(splits: Splits, config: ValidateConfig) -> list[dict[str, Any]]:
+def _near_duplicate_anomalies(splits: Splits, config: ValidateConfig) -> list[dict[str, Any]]:
     """Test images that look like a training or validation image (a warning: they may inflate the score)."""
     train_size = len(splits["train"][0])
     seen = np.concatenate([splits["train"][0], splits["validation"][0]])
@@ -309,7 +309,7 @@ def near_duplicate_anomalies(splits: Splits, config: ValidateConfig) -> list[dic
 
 # ---------------------------------------------------------------- pictures
 
-def plot_class_histogram(splits: Splits, baseline: dict[str, np.ndarray] | None, class_names: tuple[str, ...],
+def _plot_class_histogram(splits: Splits, baseline: dict[str, np.ndarray] | None, class_names: tuple[str, ...],
                          path: Path) -> None:
     """Class shares per split, with the baseline's training split."""
     import matplotlib
@@ -333,7 +333,7 @@ def plot_class_histogram(splits: Splits, baseline: dict[str, np.ndarray] | None,
     plt.close(figure)
 
 
-def plot_pixel_histogram(train: np.ndarray, baseline: dict[str, np.ndarray] | None, path: Path) -> None:
+def _plot_pixel_histogram(train: np.ndarray, baseline: dict[str, np.ndarray] | None, path: Path) -> None:
     """The training split's grey-level histogram, with the baseline's (log scale)."""
     import matplotlib
 
@@ -356,7 +356,7 @@ def plot_pixel_histogram(train: np.ndarray, baseline: dict[str, np.ndarray] | No
 
 # ---------------------------------------------------------------- the stage
 
-def load_splits(data_path: Path) -> Splits:
+def _load_splits(data_path: Path) -> Splits:
     """Every split of a data output as uint8 arrays."""
     return {split: load_split(data_path, split) for split in SPLITS}
 
@@ -366,11 +366,11 @@ def baseline_summary(data_path: Path) -> dict[str, Any]:
     manifest = read_manifest(data_path)
     images, labels = load_split(data_path, "train")
     names = manifest["input_spec"]["class_names"]
-    return {"fingerprint": manifest["fingerprint"], "schema": schema_of(manifest),
+    return {"fingerprint": manifest["fingerprint"], "schema": _schema_of(manifest),
             "class_shares": class_shares(labels, len(names)), "pixel_histogram": pixel_histogram(images)}
 
 
-def render_report(report: dict[str, Any]) -> str:
+def _render_report(report: dict[str, Any]) -> str:
     """report.md: the verdict, the anomalies and the duplicate counts."""
     lines = [f"# Data validation: {'passed' if report['passed'] else 'FAILED'}", "",
              f"- Data: `{report['data_fingerprint']}`; baseline: "
@@ -395,33 +395,33 @@ def build_validate(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     config, data = inputs.config.validate, inputs.data
     manifest = read_manifest(data.path)
     names = data.input_spec.class_names
-    splits = load_splits(data.path)
+    splits = _load_splits(data.path)
     baseline = baseline_summary(inputs.fetch("data", inputs.external["data"])) if inputs.external else None
     keys = {split: image_keys(images) for split, (images, _) in splits.items()}
     counts, examples = duplicate_counts(keys, {s: labels for s, (_, labels) in splits.items()})
     ours = {"class_shares": class_shares(splits["train"][1], len(names)),
             "pixel_histogram": pixel_histogram(splits["train"][0])}
     drift_found, drift = drift_anomalies(ours, baseline, config)
-    anomalies = [*schema_anomalies(schema_of(manifest), baseline and baseline["schema"], config),
+    anomalies = [*schema_anomalies(_schema_of(manifest), baseline and baseline["schema"], config),
                  *count_anomalies(splits, names, config), *duplicate_anomalies(counts, examples), *drift_found,
                  *constant_anomalies(splits, config)]
-    anomalies += unreadable_anomalies(manifest, config)
+    anomalies += _unreadable_anomalies(manifest, config)
     dropped = int(manifest.get("dropped_test_duplicates", 0))
     if dropped:
         anomalies.append(anomaly("dropped_test_duplicates", "warning", f"the data stage dropped {dropped} training "
                                  "copies of test images (data.drop_test_duplicates)", dropped))
     if config.near_duplicates:
-        anomalies += near_duplicate_anomalies(splits, config)
+        anomalies += _near_duplicate_anomalies(splits, config)
     passed = not any(a["severity"] == "error" for a in anomalies)
     report = {"passed": passed, "anomalies": anomalies, "duplicates": counts, "drift": drift,
               "data_fingerprint": data.fingerprint, "baseline": baseline and baseline["fingerprint"],
               "records": {s: int(len(labels)) for s, (_, labels) in splits.items()},
-              "dropped_test_duplicates": dropped, "schema": schema_of(manifest)}
+              "dropped_test_duplicates": dropped, "schema": _schema_of(manifest)}
     (staging / REPORT).write_text(json.dumps(report, indent=2))
-    (staging / REPORT_MD).write_text(render_report(report))
-    pq.write_table(pa.Table.from_pylist(statistics_rows(splits, names)), staging / STATISTICS)
-    plot_class_histogram(splits, baseline, names, staging / CLASS_PLOT)
-    plot_pixel_histogram(splits["train"][0], baseline, staging / PIXEL_PLOT)
+    (staging / REPORT_MD).write_text(_render_report(report))
+    pq.write_table(pa.Table.from_pylist(_statistics_rows(splits, names)), staging / STATISTICS)
+    _plot_class_histogram(splits, baseline, names, staging / CLASS_PLOT)
+    _plot_pixel_histogram(splits["train"][0], baseline, staging / PIXEL_PLOT)
     for item in anomalies:
         (log.warning if item["severity"] == "warning" else log.error)("%s: %s", item["kind"], item["message"])
     return {"stage": "validate", "config": config.model_dump(mode="json"), "upstream": {"data": data.fingerprint},

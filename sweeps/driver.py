@@ -111,14 +111,14 @@ def new_invocation() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def build_shared_inputs(config: PipelineConfig, store: Store, verify: bool = False) -> None:
+def _build_shared_inputs(config: PipelineConfig, store: Store, verify: bool = False) -> None:
     """The data and validate outputs every trial reads, built once before any trial starts (the validation gate
     stops the sweep here when the data is bad); with `verify`, a cached one is checked by SHA-256 first."""
     data = run_stage("data", config, store.root, verify=verify)
     run_stage("validate", config, store.root, {"data": data}, verify=verify)
 
 
-def proposed_record(config: PipelineConfig, records: dict[int, TrialRecord], number: int) -> TrialRecord:
+def _proposed_record(config: PipelineConfig, records: dict[int, TrialRecord], number: int) -> TrialRecord:
     """Trial `number`, proposed and validated: running, or failed at once when its config is invalid."""
     params = propose(config.sweep, list(records.values()), number)
     try:
@@ -140,7 +140,7 @@ def died(record: TrialRecord, code: int, log_path: Path, retry: bool) -> TrialRe
     return record.model_copy(update={"state": "failed", "reason": f"the trial's process {how} ({log_path}){last}"})
 
 
-def drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: str, on_trial_end: TrialEnd,
+def _drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: str, on_trial_end: TrialEnd,
           launcher: Launcher) -> list[TrialRecord]:
     """Run the sweep's trials to the planned number; returns every record."""
     sweep = config.sweep
@@ -157,7 +157,7 @@ def drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: s
                     number = queue.pop(0)
                 else:
                     number, next_number = next_number, next_number + 1
-                    records[number] = proposed_record(config, records, number)
+                    records[number] = _proposed_record(config, records, number)
                     files.save(records[number])
                 record = records[number]
                 if record.state == "running":
@@ -197,7 +197,7 @@ def drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: s
     return [records[n] for n in sorted(records)]
 
 
-def best_yaml(record: TrialRecord) -> str:
+def _best_yaml(record: TrialRecord) -> str:
     """The best trial's config as a file `tapeline run --config` takes: only the keys that differ from the
     defaults, no sweep section (that run is all cache hits: it is the trial)."""
     config = PipelineConfig.model_validate(record.config).model_copy(update={"preset": None})
@@ -205,11 +205,11 @@ def best_yaml(record: TrialRecord) -> str:
     return yaml.safe_dump(tree, sort_keys=False)
 
 
-def write_best(files: SweepFiles, best: TrialRecord | None) -> str | None:
+def _write_best(files: SweepFiles, best: TrialRecord | None) -> str | None:
     """best.yaml in the sweep's directory (and, for a bucket, a local copy a `--config` can name)."""
     if best is None:
         return None
-    text = best_yaml(best)
+    text = _best_yaml(best)
     header = f"# the best trial ({best.number}) of sweep {files.name}: tapeline run --config THIS_FILE\n"
     files.write((header + text).encode(), "best.yaml")
     location = files.location("best.yaml")
@@ -223,7 +223,7 @@ def write_best(files: SweepFiles, best: TrialRecord | None) -> str | None:
     return str(local)
 
 
-def trial_log_dir(files: SweepFiles) -> Path:
+def _trial_log_dir(files: SweepFiles) -> Path:
     """Where the trial processes' logs go: `logs/` in the sweep's directory; for a sweep on a bucket, the same place
     in the local read cache (a log is written as the trial runs)."""
     location = files.location("logs")
@@ -236,7 +236,7 @@ def trial_log_dir(files: SweepFiles) -> Path:
 
 def local_launcher(config: PipelineConfig, files: SweepFiles, invocation: str) -> LocalLauncher:
     """Trials as local processes, `sweep.parallel` at a time, their logs in the sweep's directory."""
-    return LocalLauncher(str(files.store.root), files.name, invocation, config.sweep.parallel, trial_log_dir(files))
+    return LocalLauncher(str(files.store.root), files.name, invocation, config.sweep.parallel, _trial_log_dir(files))
 
 
 def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: TrialEnd | None = None,
@@ -256,9 +256,9 @@ def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: Trial
                     name, planned_trials(config), config.sweep.trials)
     with DriverLease(files, config.sweep.lease_seconds):
         files.check_definition(config)
-        build_shared_inputs(config, store, verify)
-        records = drive(config, store, files, invocation, on_trial_end or (lambda _r: None),
+        _build_shared_inputs(config, store, verify)
+        records = _drive(config, store, files, invocation, on_trial_end or (lambda _r: None),
                         launcher(config, files, invocation))
         best = best_trial(config.sweep, records)
-        best_config = write_best(files, best)
+        best_config = _write_best(files, best)
     return SweepOutcome(name, files.location(), invocation, records, best, best_config, planned_trials(config))

@@ -17,17 +17,17 @@ from tapeline.store import Store, open_store
 PICTURES = (("Optimization history", "optimization_history.png"), ("Parameters against the metric", "slices.png"))
 
 
-def param_text(params: dict[str, Any]) -> str:
+def _param_text(params: dict[str, Any]) -> str:
     """`key=value` pairs, floats to four significant digits."""
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={json.dumps(v)}" for k, v in params.items())
 
 
-def value_text(value: float | None) -> str:
+def _value_text(value: float | None) -> str:
     """The metric's value, or a dash when there is none."""
     return "-" if value is None else f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
-def came_from_store(record: TrialRecord, invocation: str) -> bool:
+def _came_from_store(record: TrialRecord, invocation: str) -> bool:
     """Whether this invocation took the trial's outcome from the store without training (a cache hit, or a trial
     an earlier invocation finished)."""
     return record.cached or (record.state in ("complete", "pruned") and record.epochs_trained_in(invocation) == 0)
@@ -35,18 +35,18 @@ def came_from_store(record: TrialRecord, invocation: str) -> bool:
 
 def trial_line(record: TrialRecord, metric: str, invocation: str) -> str:
     """One trial as it ends: number, state, metric, epochs (trained now), cached, parameters, reason."""
-    cached = " cached" if came_from_store(record, invocation) else ""
+    cached = " cached" if _came_from_store(record, invocation) else ""
     reason = f"  ({record.reason})" if record.state == "failed" and record.reason else ""
-    return (f"trial {record.number:>3} {record.state:<8} {metric} {value_text(record.value):>7}  epochs "
+    return (f"trial {record.number:>3} {record.state:<8} {metric} {_value_text(record.value):>7}  epochs "
             f"{record.epochs:>3} (trained {record.epochs_trained_in(invocation)}){cached}  "
-            f"{param_text(record.params)}{reason}")
+            f"{_param_text(record.params)}{reason}")
 
 
 def trial_summary(record: TrialRecord, invocation: str) -> dict[str, Any]:
     """One trial in the `--json` contract."""
     value = record.value if record.value is not None and math.isfinite(record.value) else None
     return {"number": record.number, "params": record.params, "value": value, "state": record.state,
-            "cached": came_from_store(record, invocation), "epochs_trained": record.epochs_trained_in(invocation),
+            "cached": _came_from_store(record, invocation), "epochs_trained": record.epochs_trained_in(invocation),
             "reason": record.reason}
 
 
@@ -54,8 +54,8 @@ def format_table(records: list[TrialRecord], metric: str, invocation: str, best:
     """Every trial as an aligned table, the best marked with `*`."""
     keys = list(records[0].params) if records else []
     header = ["", "trial", "state", metric, "epochs", "trained", "cached", *keys]
-    rows = [["*" if r.number == best else "", str(r.number), r.state, value_text(r.value), str(r.epochs),
-             str(r.epochs_trained_in(invocation)), "yes" if came_from_store(r, invocation) else "no",
+    rows = [["*" if r.number == best else "", str(r.number), r.state, _value_text(r.value), str(r.epochs),
+             str(r.epochs_trained_in(invocation)), "yes" if _came_from_store(r, invocation) else "no",
              *(f"{r.params[k]:.4g}" if isinstance(r.params.get(k), float) else json.dumps(r.params.get(k))
                for k in keys)] for r in records]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -107,7 +107,7 @@ def write_pictures(files: SweepFiles, config: PipelineConfig, records: list[Tria
     return images
 
 
-def train_cached(store: Store, record: TrialRecord) -> bool:
+def _train_cached(store: Store, record: TrialRecord) -> bool:
     """Whether a valid train output for the trial's config is in the store (a rerun takes it, training nothing)."""
     if not record.config:
         return False
@@ -115,9 +115,9 @@ def train_cached(store: Store, record: TrialRecord) -> bool:
     return fp is not None and store.problem("train", fp) is None
 
 
-def plan_row(store: Store, record: TrialRecord) -> dict[str, Any]:
+def _plan_row(store: Store, record: TrialRecord) -> dict[str, Any]:
     """One recorded trial in `tapeline plan`: its state, whether its training is cached, what a rerun does."""
-    cached = train_cached(store, record)
+    cached = _train_cached(store, record)
     if record.state == "running" and not cached:
         next_step = f"resumes from epoch {record.epochs}" if record.epochs else "trains"
     else:
@@ -134,7 +134,7 @@ def sweep_plan(config: PipelineConfig, artifacts: Artifacts) -> dict[str, Any]:
     records = files.trials()
     planned = planned_trials(config)
     return {"name": files.name, "location": files.location(), "planned": planned, "recorded": len(records),
-            "to_propose": max(0, planned - len(records)), "trials": [plan_row(store, r) for r in records]}
+            "to_propose": max(0, planned - len(records)), "trials": [_plan_row(store, r) for r in records]}
 
 
 SHARED_STAGES = ("data", "validate")  # built once before any trial; each trial's other stages are its own
@@ -154,5 +154,5 @@ def format_sweep_plan(section: dict[str, Any]) -> str:
     lines = [f"sweep {section['name']}: {section['recorded']} of {section['planned']} trials recorded, "
              f"{section['to_propose']} to propose ({section['location']})"]
     lines += [f"  trial {t['number']:>3} {t['state']:<8} {'cached' if t['cached'] else 'not cached':<10} "
-              f"rerun: {t['rerun']:<22} {param_text(t['params'])}" for t in section["trials"]]
+              f"rerun: {t['rerun']:<22} {_param_text(t['params'])}" for t in section["trials"]]
     return "\n".join(lines)

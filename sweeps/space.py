@@ -46,7 +46,7 @@ def from_optuna(space: dict[str, dict[str, Any]], params: dict[str, Any]) -> dic
     return {k: json.loads(params[k]) if "choice" in space[k] else params[k] for k in space}
 
 
-def grid_values(key: str, spec: dict[str, Any]) -> list[Any]:
+def _grid_values(key: str, spec: dict[str, Any]) -> list[Any]:
     """The points of one entry on a grid: the choices, or every step of an int range; a float range has none."""
     if "choice" in spec:
         return [choice_label(v) for v in spec["choice"]]
@@ -59,10 +59,10 @@ def grid_values(key: str, spec: dict[str, Any]) -> list[Any]:
 
 def grid(space: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
     """Each entry's grid values (Optuna's labels for choices), by key."""
-    return {key: grid_values(key, spec) for key, spec in space.items()}
+    return {key: _grid_values(key, spec) for key, spec in space.items()}
 
 
-def grid_size(space: dict[str, dict[str, Any]]) -> int:
+def _grid_size(space: dict[str, dict[str, Any]]) -> int:
     """How many points the grid has (capped at GRID_LIMIT + 1)."""
     size = 1
     for values in grid(space).values():
@@ -70,7 +70,7 @@ def grid_size(space: dict[str, dict[str, Any]]) -> int:
     return size
 
 
-def set_key(tree: dict[str, Any], key: str, value: Any) -> None:
+def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted key in a config tree; a key whose parents are not sections is an error naming it."""
     parts = key.split(".")
     node = tree
@@ -83,7 +83,7 @@ def set_key(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def base_tree(base: PipelineConfig) -> dict[str, Any]:
+def _base_tree(base: PipelineConfig) -> dict[str, Any]:
     """The base config as a tree for trials: every key explicit, the preset already applied, no sweep section."""
     tree = base.model_dump(mode="json", exclude={"sweep"})
     tree["preset"] = None
@@ -93,9 +93,9 @@ def base_tree(base: PipelineConfig) -> dict[str, Any]:
 def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
     """The base config with a trial's parameters set, validated by the pipeline's config model; its sweep
     section is the base's (it shapes no stage). ConfigError names the parameters when the result is invalid."""
-    tree = base_tree(base)
+    tree = _base_tree(base)
     for key, value in params.items():
-        set_key(tree, key, value)
+        _set_key(tree, key, value)
     try:
         config = validate_config(tree)
     except ConfigError as exc:
@@ -105,7 +105,7 @@ def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig
     return config.model_copy(update={"sweep": base.sweep})
 
 
-def extremes(spec: dict[str, Any]) -> list[Any]:
+def _extremes(spec: dict[str, Any]) -> list[Any]:
     """The values of an entry that bound what it can propose: both ends of a range, every choice."""
     if "choice" in spec:
         return list(spec["choice"])
@@ -121,15 +121,15 @@ def check_space(base: PipelineConfig) -> None:
         raise ConfigError("sweep.space is empty: give at least one key to search, e.g. --set "
                           "'sweep.space.train.learning_rate={float: [0.0003, 0.01], log: true}'")
     for key, spec in space.items():
-        for value in extremes(spec):
+        for value in _extremes(spec):
             try:
                 trial_config(base, {key: value})
             except ConfigError as exc:
                 detail = str(exc).split(" is not a valid config: ", 1)[-1]
                 raise ConfigError(f"sweep.space.{key}: the value {value!r} is not valid ({detail})") from None
-    if base.sweep.sampler == "grid" and grid_size(space) > GRID_LIMIT:
+    if base.sweep.sampler == "grid" and _grid_size(space) > GRID_LIMIT:
         raise ConfigError(f"sweep.space: the grid has more than {GRID_LIMIT} points; use sweep.sampler=tpe")
-    check_shaping_trials(base)
+    _check_shaping_trials(base)
 
 
 # The keys whose values decide the model and what training holds in memory: each distinct trial config over them
@@ -143,7 +143,7 @@ def shaping_trials(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     two ends). Beyond MAX_CHECKED_TRIALS combinations: each key's values alone, and the corners where every key
     is at its first or at its last value."""
     keys = [k for k in space if k.startswith(SHAPING_KEYS)]
-    values = {key: extremes(space[key]) for key in keys}
+    values = {key: _extremes(space[key]) for key in keys}
     combos = [dict(zip(keys, point, strict=True)) for point in itertools.islice(
         itertools.product(*values.values()), MAX_CHECKED_TRIALS + 1)]
     if len(combos) <= MAX_CHECKED_TRIALS:
@@ -152,7 +152,7 @@ def shaping_trials(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [*singles, {k: v[0] for k, v in values.items()}, {k: v[-1] for k, v in values.items()}]
 
 
-def check_shaping_trials(base: PipelineConfig) -> None:
+def _check_shaping_trials(base: PipelineConfig) -> None:
     """Every trial config that changes the model or its size, checked before any work as `tapeline run` checks one
     (sizes against this machine's memory, the user's model built, checked and loaded back): ConfigError naming the
     trial's values."""
@@ -169,7 +169,7 @@ def check_shaping_trials(base: PipelineConfig) -> None:
 def planned_trials(base: PipelineConfig) -> int:
     """How many trials the sweep has: sweep.trials, at most the grid's size with the grid sampler."""
     sweep = base.sweep
-    return min(sweep.trials, grid_size(sweep.space)) if sweep.sampler == "grid" else sweep.trials
+    return min(sweep.trials, _grid_size(sweep.space)) if sweep.sampler == "grid" else sweep.trials
 
 
 def all_grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

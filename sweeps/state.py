@@ -74,15 +74,15 @@ def sweep_name(config: PipelineConfig) -> str:
     sweep = config.sweep
     if sweep.name is not None:
         return sweep.name
-    return f"sweep-{fingerprint({'base': base_of(config), 'search': search_of(config)})[:12]}"
+    return f"sweep-{fingerprint({'base': _base_of(config), 'search': _search_of(config)})[:12]}"
 
 
-def base_of(config: PipelineConfig) -> dict[str, Any]:
+def _base_of(config: PipelineConfig) -> dict[str, Any]:
     """The base config a sweep searches around (its sweep section and preset name aside)."""
     return config.model_dump(mode="json", exclude={"sweep", "preset"})
 
 
-def search_of(config: PipelineConfig) -> dict[str, Any]:
+def _search_of(config: PipelineConfig) -> dict[str, Any]:
     """The sweep's search settings (`SEARCH_SETTINGS`)."""
     return config.sweep.model_dump(mode="json", include=SEARCH_SETTINGS)
 
@@ -166,7 +166,7 @@ class SweepFiles:
 
     def check_definition(self, config: PipelineConfig) -> None:
         """Write the sweep's definition on its first run; later runs must search the same space on the same base."""
-        mine = {"name": self.name, "space": config.sweep.space, "base": base_of(config), "search": search_of(config)}
+        mine = {"name": self.name, "space": config.sweep.space, "base": _base_of(config), "search": _search_of(config)}
         data = self.read("sweep.json")
         if data is None:
             self.write(json.dumps(mine, indent=2, sort_keys=True).encode(), "sweep.json")
@@ -181,12 +181,12 @@ class SweepFiles:
 
 # ---------------------------------------------------------------- the driver's lease
 
-def this_host() -> str:
+def _this_host() -> str:
     """The name the lease records for this machine."""
     return socket.gethostname()
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     """Whether a process of this machine is alive (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
@@ -200,14 +200,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def lease_holder_alive(lease: dict[str, Any], lease_seconds: float, now: float) -> bool:
+def _lease_holder_alive(lease: dict[str, Any], lease_seconds: float, now: float) -> bool:
     """A lease of this machine is alive while its process is; another machine's while its heartbeat is fresh."""
-    if lease.get("host") == this_host():
-        return pid_alive(int(lease.get("pid", -1)))
+    if lease.get("host") == _this_host():
+        return _pid_alive(int(lease.get("pid", -1)))
     return now - float(lease.get("heartbeat", 0)) < lease_seconds
 
 
-def describe_lease(lease: dict[str, Any]) -> str:
+def _describe_lease(lease: dict[str, Any]) -> str:
     """`pid 123 on host h, since 2026-12-05T17:00:00Z`."""
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(lease.get("started", 0))))
     return f"pid {lease.get('pid')} on {lease.get('host')}, since {since}"
@@ -227,7 +227,7 @@ class DriverLease:
 
     def body(self) -> bytes:
         """This driver's lease object."""
-        return json.dumps({"token": self.token, "host": this_host(), "pid": os.getpid(), "started": self.started,
+        return json.dumps({"token": self.token, "host": _this_host(), "pid": os.getpid(), "started": self.started,
                            "heartbeat": time.time()}).encode()
 
     def current(self) -> tuple[dict[str, Any] | None, str | None]:
@@ -244,9 +244,9 @@ class DriverLease:
     def refuse_if_busy(self, lease: dict[str, Any] | None) -> None:
         """SweepBusyError naming the live driver that holds `lease` (when another one does)."""
         if lease is not None and lease.get("token") != self.token and \
-                lease_holder_alive(lease, self.lease_seconds, time.time()):
+                _lease_holder_alive(lease, self.lease_seconds, time.time()):
             raise SweepBusyError(f"sweep {self.files.name} is being run by another driver "
-                                 f"({describe_lease(lease)}); wait for it to end, or stop it: a dead "
+                                 f"({_describe_lease(lease)}); wait for it to end, or stop it: a dead "
                                  f"driver's sweep is taken over (after sweep.lease_seconds="
                                  f"{self.lease_seconds:g} on another machine)")
 

@@ -21,7 +21,7 @@ def direction(sweep: SweepConfig) -> str:
     return "minimize" if sweep.metric.endswith("loss") else "maximize"
 
 
-def trial_seed(sweep: SweepConfig, number: int) -> int:
+def _trial_seed(sweep: SweepConfig, number: int) -> int:
     """The sampler's seed for proposing trial `number`: the sweep's seed and the number, nothing else."""
     return (sweep.seed * 1_000_003 + number * 7_919) % (2**31 - 1)
 
@@ -32,17 +32,17 @@ def startup_trials(sweep: SweepConfig) -> int:
     return max(2, min(10, sweep.trials // 4))
 
 
-def make_sampler(sweep: SweepConfig, number: int) -> Any:
+def _make_sampler(sweep: SweepConfig, number: int) -> Any:
     """A fresh sampler seeded for trial `number`."""
     import optuna
 
-    seed = trial_seed(sweep, number)
+    seed = _trial_seed(sweep, number)
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(sweep), multivariate=True)
 
 
-def make_pruner(sweep: SweepConfig) -> Any:
+def _make_pruner(sweep: SweepConfig) -> Any:
     """ASHA (Optuna's SuccessiveHalvingPruner: rungs at min_epochs × factor^k), the median rule, or none."""
     import optuna
 
@@ -54,7 +54,7 @@ def make_pruner(sweep: SweepConfig) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def rung_attrs(record: TrialRecord, sweep: SweepConfig) -> dict[str, Any]:
+def _rung_attrs(record: TrialRecord, sweep: SweepConfig) -> dict[str, Any]:
     """ASHA's bookkeeping for a trial that never met the pruner (a cache hit): the value at each rung it reached,
     what Optuna's SuccessiveHalvingPruner records when it is asked after every epoch."""
     attrs, rung = {}, 0
@@ -74,7 +74,7 @@ def frozen(record: TrialRecord, sweep: SweepConfig, dists: dict[str, Any], state
     value = record.value if state == "complete" and record.value is not None and math.isfinite(record.value) else None
     if state == "complete" and value is None:
         optuna_state = TrialState.FAIL
-    derived = rung_attrs(record, sweep) if sweep.pruner == "asha" and state != "running" else {}
+    derived = _rung_attrs(record, sweep) if sweep.pruner == "asha" and state != "running" else {}
     return create_trial(state=optuna_state, value=value, params=to_optuna(sweep.space, record.params),
                         distributions=dists, intermediate_values=dict(record.intermediate),
                         system_attrs=dict(record.system_attrs) or derived, user_attrs={"number": record.number})
@@ -85,8 +85,8 @@ def study_of(sweep: SweepConfig, records: list[TrialRecord], number: int) -> Any
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=direction(sweep), sampler=make_sampler(sweep, number),
-                                pruner=make_pruner(sweep))
+    study = optuna.create_study(direction=direction(sweep), sampler=_make_sampler(sweep, number),
+                                pruner=_make_pruner(sweep))
     dists = distributions(sweep.space)
     for record in sorted(records, key=lambda r: r.number):
         study.add_trial(frozen(record, sweep, dists))
@@ -105,10 +105,10 @@ def propose(sweep: SweepConfig, records: list[TrialRecord], number: int) -> dict
         warnings.simplefilter("ignore")  # Optuna warns that multivariate TPE is experimental
         trial = study.ask(distributions(sweep.space))
     earlier = [r for r in records if r.number < number]
-    return unseen_choices_first(sweep, from_optuna(sweep.space, trial.params), earlier, number)
+    return _unseen_choices_first(sweep, from_optuna(sweep.space, trial.params), earlier, number)
 
 
-def unseen_choices_first(sweep: SweepConfig, params: dict[str, Any], earlier: list[TrialRecord], number: int
+def _unseen_choices_first(sweep: SweepConfig, params: dict[str, Any], earlier: list[TrialRecord], number: int
                          ) -> dict[str, Any]:
     """Each choice's values all drawn before any repeats: where the sampler drew a value an earlier trial (finished
     or not) has while some value of that choice none has, one of those is taken instead (seeded by the trial), so
@@ -117,7 +117,7 @@ def unseen_choices_first(sweep: SweepConfig, params: dict[str, Any], earlier: li
     import random
 
     chosen = dict(params)
-    rng = random.Random(trial_seed(sweep, number))
+    rng = random.Random(_trial_seed(sweep, number))
     for key, spec in sweep.space.items():
         if "choice" not in spec:
             continue

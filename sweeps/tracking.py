@@ -16,18 +16,18 @@ PARENT, SWEEP, TRIAL = "tapeline.sweep_parent", "tapeline.sweep", "tapeline.tria
 RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
-def trial_metrics(record: TrialRecord, metric: str) -> list[tuple[str, float, int]]:
+def _trial_metrics(record: TrialRecord, metric: str) -> list[tuple[str, float, int]]:
     """A trial's metric per epoch (as the pruner saw it) and its final value."""
     rows = [(metric, float(v), int(epoch)) for epoch, v in sorted(record.intermediate.items())]
     return rows + ([("value", float(record.value), 0)] if record.value is not None else [])
 
 
-def trial_params(params: Mapping[str, Any]) -> dict[str, Any]:
+def _trial_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's parameters as MLflow parameters (values as text where they are not scalars)."""
     return {str(k): v if isinstance(v, str | int | float | bool) else str(v) for k, v in params.items()}
 
 
-def trial_tags(record: TrialRecord, sweep: str, parent: str) -> dict[str, str]:
+def _trial_tags(record: TrialRecord, sweep: str, parent: str) -> dict[str, str]:
     """The child run's tags: its parent, the sweep, the trial's number, state and reason, its train output."""
     tags = {"mlflow.parentRunId": parent, SWEEP: sweep, TRIAL: str(record.number), "tapeline.trial_state": record.state,
             "tapeline.cached": str(record.cached).lower()}
@@ -53,10 +53,10 @@ def track_sweep(config: PipelineConfig, sweep: str, records: list[TrialRecord], 
     for record in records:
         if record.state not in RUN_STATUS or str(record.number) in logged:
             continue
-        child = tracker.start_run(f"{sweep} trial {record.number}", trial_tags(record, sweep, parent))
+        child = tracker.start_run(f"{sweep} trial {record.number}", _trial_tags(record, sweep, parent))
         if child is None:
             break
-        tracker.log(child, trial_params(record.params), trial_metrics(record, metric))
+        tracker.log(child, _trial_params(record.params), _trial_metrics(record, metric))
         tracker.finish(child, RUN_STATUS[record.state])
     finished = [r for r in records if r.state in RUN_STATUS]
     tracker.log(parent, {"sweep.sampler": config.sweep.sampler, "sweep.pruner": config.sweep.pruner,

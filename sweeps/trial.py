@@ -33,7 +33,7 @@ def read_history(train_dir: Path) -> list[dict[str, float]]:
     return pq.read_table(train_dir / "history.parquet").to_pylist()
 
 
-def model_epoch(history: list[dict[str, float]], summary: dict[str, Any]) -> dict[str, float]:
+def _model_epoch(history: list[dict[str, float]], summary: dict[str, Any]) -> dict[str, float]:
     """The history row of the epoch whose weights the trained model holds (the best one when restored)."""
     if summary.get("restored_best_weights"):
         return history[int(summary["best_epoch"]) - 1]
@@ -45,14 +45,14 @@ def intermediate_values(history: list[dict[str, float]], metric: str) -> dict[in
     return {int(row["epoch"]): float(row[metric]) for row in history}
 
 
-def validation_counts(store: Store, train: TrainResult) -> list[int]:
+def _validation_counts(store: Store, train: TrainResult) -> list[int]:
     """The class counts of the validation split the trial's model was trained against."""
     data_fp = read_manifest(train.path)["upstream"]["data"]
     data = find_output_by_fingerprint("data", data_fp, store.root)
     return list(read_manifest(data.path)["splits"]["validation"]["class_counts"])
 
 
-def failure_reason(config: PipelineConfig, row: dict[str, float], value: float, counts: list[int]) -> str | None:
+def _failure_reason(config: PipelineConfig, row: dict[str, float], value: float, counts: list[int]) -> str | None:
     """Why a trained trial failed (its metric is not a number, or its model did not learn), None when complete."""
     if not math.isfinite(value):
         return f"{config.sweep.metric} is {value}"
@@ -66,12 +66,12 @@ def completed(store: Store, record: TrialRecord, train: TrainResult, invocation:
     metric = config.sweep.metric
     history = read_history(train.path)
     summary = json.loads((train.path / "best.json").read_text())
-    row = model_epoch(history, summary)
+    row = _model_epoch(history, summary)
     value = float(row[metric])
     trained = dict(record.trained)
     if not train.cached:
         trained[invocation] = trained.get(invocation, 0) + len(history) - record.epochs
-    reason = failure_reason(config, row, value, validation_counts(store, train))
+    reason = _failure_reason(config, row, value, _validation_counts(store, train))
     return record.model_copy(update={
         "state": "complete" if reason is None else "failed", "value": value,
         "intermediate": intermediate_values(history, metric), "train_fingerprint": train.fingerprint,
@@ -80,7 +80,7 @@ def completed(store: Store, record: TrialRecord, train: TrainResult, invocation:
     })
 
 
-def pruning_check(files: SweepFiles, config: PipelineConfig, invocation: str, holder: list[TrialRecord]
+def _pruning_check(files: SweepFiles, config: PipelineConfig, invocation: str, holder: list[TrialRecord]
                   ) -> StopCheck:
     """The train stage's stop check: report the epoch's metric to the record, then ask the pruner. `holder`
     keeps the newest record for the caller."""
@@ -120,7 +120,7 @@ def run_trial(store: Store, files: SweepFiles, number: int, invocation: str) -> 
         for name in UP_TO_TRAIN[:-1]:
             results[name] = run_stage(name, config, store.root, results)
         train = run_stage("train", config, store.root, results,
-                          should_stop=pruning_check(files, config, invocation, holder))
+                          should_stop=_pruning_check(files, config, invocation, holder))
         final = completed(store, holder[-1], train, invocation)  # type: ignore[arg-type]
     except TrainingPaused:
         final = holder[-1]

@@ -62,7 +62,7 @@ class CodeFile:
     sha256: str  # of the normalized code (no comments, docstrings or formatting)
 
 
-def parse_reference(text: str) -> Reference:
+def _parse_reference(text: str) -> Reference:
     """Split `model.builder` into its module and function (no import, no file access)."""
     target, _, function = text.rpartition(":")
     if target.endswith(".py") or "/" in target or os.sep in target:
@@ -74,28 +74,28 @@ def parse_reference(text: str) -> Reference:
 # ---------------------------------------------------------------- finding code without importing it
 
 @cache
-def third_party_roots() -> tuple[Path, ...]:
+def _third_party_roots() -> tuple[Path, ...]:
     """Where Python's own library and installed packages live: modules there are not the user's code."""
     paths = sysconfig.get_paths()
     roots = {Path(paths[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     return tuple(sorted(roots))
 
 
-def is_user_file(path: Path) -> bool:
+def _is_user_file(path: Path) -> bool:
     """A Python source file that is neither Python's library nor inside an installed package."""
     resolved = path.resolve()
     if resolved.suffix != ".py" or any(part in ("site-packages", "dist-packages") for part in resolved.parts):
         return False
-    return not any(resolved.is_relative_to(root) for root in third_party_roots())
+    return not any(resolved.is_relative_to(root) for root in _third_party_roots())
 
 
-def search_path(reference: Reference) -> list[str]:
+def _search_path(reference: Reference) -> list[str]:
     """The directories imports are found in: the builder's own directory, then sys.path ('' = the cwd)."""
     entries = [str(reference.search_root)] if reference.search_root is not None else []
     return [*entries, *(entry or os.getcwd() for entry in sys.path)]
 
 
-def find_module_file(name: str, paths: list[str]) -> tuple[Path, Path] | None:
+def _find_module_file(name: str, paths: list[str]) -> tuple[Path, Path] | None:
     """(source file, the search-path entry it was found under) of module `name` on `paths`, found as the
     import system would, importing nothing; None when it is not a source file there."""
     top, *rest = name.split(".")
@@ -135,7 +135,7 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def normalized_code(path: Path) -> tuple[str, ast.Module]:
+def _normalized_code(path: Path) -> tuple[str, ast.Module]:
     """(the code of a source file without comments, docstrings or formatting, its syntax tree without docstrings)."""
     try:
         tree = without_docstrings(parse_source(path.read_text(encoding="utf-8"), str(path)))
@@ -144,7 +144,7 @@ def normalized_code(path: Path) -> tuple[str, ast.Module]:
     return ast.dump(tree), tree
 
 
-def relative_path(path: Path, entry: Path) -> str:
+def _relative_path(path: Path, entry: Path) -> str:
     """`path` relative to the search-path entry it was found under: the same on every machine."""
     try:
         return path.resolve().relative_to(entry.resolve()).as_posix()
@@ -152,7 +152,7 @@ def relative_path(path: Path, entry: Path) -> str:
         return path.name
 
 
-def builder_source(reference: Reference) -> tuple[Path, Path]:
+def _builder_source(reference: Reference) -> tuple[Path, Path]:
     """(the builder module's source file, its search-path entry), or a ConfigError saying what is missing
     and how to fix it."""
     if reference.file is not None:
@@ -160,7 +160,7 @@ def builder_source(reference: Reference) -> tuple[Path, Path]:
             raise ConfigError(f"{KEY}: {reference.file} does not exist (from {reference.text!r}; a relative path is "
                               f"taken from the working directory {Path.cwd()}); give an existing file")
         return reference.file, reference.file.parent
-    found = find_module_file(reference.module, search_path(reference))
+    found = _find_module_file(reference.module, _search_path(reference))
     if found is None:
         raise ConfigError(f"{KEY}: no module {reference.module!r} on the Python path (from {reference.text!r}); "
                           "install the package, add its directory to PYTHONPATH, or use path/to/file.py:function")
@@ -169,19 +169,19 @@ def builder_source(reference: Reference) -> tuple[Path, Path]:
 
 def builder_code(text: str) -> tuple[CodeFile, ...]:
     """The modules `model.builder`'s code fingerprint covers, each with its normalized code's hash, sorted."""
-    reference = parse_reference(text)
-    paths = search_path(reference)
-    pending: list[tuple[str, tuple[Path, Path]]] = [(reference.module, builder_source(reference))]
+    reference = _parse_reference(text)
+    paths = _search_path(reference)
+    pending: list[tuple[str, tuple[Path, Path]]] = [(reference.module, _builder_source(reference))]
     covered: dict[str, CodeFile] = {}
     while pending:
         module, (path, entry) = pending.pop()
         if module in covered:
             continue
-        dump, tree = normalized_code(path)
-        covered[module] = CodeFile(module, relative_path(path, entry), hashlib.sha256(dump.encode()).hexdigest())
+        dump, tree = _normalized_code(path)
+        covered[module] = CodeFile(module, _relative_path(path, entry), hashlib.sha256(dump.encode()).hexdigest())
         for name in imported_names(tree, module, path.name == "__init__.py"):
-            found = find_module_file(name, paths)
-            if found is not None and is_user_file(found[0]) and name not in covered:
+            found = _find_module_file(name, paths)
+            if found is not None and _is_user_file(found[0]) and name not in covered:
                 pending.append((name, found))
     return tuple(sorted(covered.values(), key=lambda f: f.module))
 
@@ -190,7 +190,7 @@ def builder_identity(text: str | None) -> dict[str, Any] | None:
     """What the model stage's fingerprint takes from the builder: its code, module by module (None: the CNN)."""
     if text is None:
         return None
-    check_defines(parse_reference(text))
+    _check_defines(_parse_reference(text))
     return {"files": [{"module": f.module, "path": f.path, "sha256": f.sha256} for f in builder_code(text)]}
 
 
@@ -208,11 +208,11 @@ def top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
-def check_defines(reference: Reference) -> None:
+def _check_defines(reference: Reference) -> None:
     """ConfigError when the builder's module, read with `ast` and never imported (so `plan` imports neither the
     user's code nor TensorFlow), binds no such name. A module that binds names dynamically (`globals()`,
     `from x import *`) is given the benefit of the doubt: importing it decides."""
-    path = builder_source(reference)[0]
+    path = _builder_source(reference)[0]
     tree = parse_source(path.read_text(encoding="utf-8"), str(path))
     star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in tree.body)
     if not star and "globals" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} \
@@ -224,12 +224,12 @@ def check_defines(reference: Reference) -> None:
 
 def load_builder(text: str) -> Callable[..., Any]:
     """Import `model.builder` and return the function; ConfigError naming what does not resolve."""
-    reference = parse_reference(text)
-    source = builder_source(reference)[0]
+    reference = _parse_reference(text)
+    source = _builder_source(reference)[0]
     onednn_origin()  # the user's module may import TensorFlow
     try:
         if reference.file is not None:
-            module = import_file(source, reference)
+            module = _import_file(source, reference)
         else:
             module = importlib.import_module(reference.module)
     except ConfigError:
@@ -246,7 +246,7 @@ def load_builder(text: str) -> Callable[..., Any]:
     return function
 
 
-def import_file(path: Path, reference: Reference) -> Any:
+def _import_file(path: Path, reference: Reference) -> Any:
     """Import a builder file as its module name, with its directory on sys.path (as Prefect loads a flow file),
     so that it finds its own helpers; imported once per process."""
     name = reference.module
@@ -275,7 +275,7 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def check_params(function: Callable[..., Any], config: ModelConfig) -> None:
+def _check_params(function: Callable[..., Any], config: ModelConfig) -> None:
     """The builder's signature must take input_shape, num_classes and every key of model.params."""
     try:
         signature = inspect.signature(function)
@@ -302,26 +302,26 @@ def call_builder(function: Callable[..., Any], config: ModelConfig, shape: tuple
         return function(input_shape=tuple(shape), num_classes=num_classes, **config.params)
     except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
         raise ConfigError(f"{KEY}: {config.builder} raised {type(exc).__name__}: {one_line(exc)}; fix the builder "
-                          "or model.params" + "".join(f"\n{frame}" for frame in user_frames(exc))) from None
+                          "or model.params" + "".join(f"\n{frame}" for frame in _user_frames(exc))) from None
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def user_frames(exc: BaseException) -> list[str]:
+def _user_frames(exc: BaseException) -> list[str]:
     """The frames of `exc`'s traceback in the user's own files, formatted as Python prints them: the one part of
     a traceback a user wants (never Python's, an installed package's, tapeline's or Prefect's)."""
     import traceback
 
     ours = [PROJECT_ROOT / package for package in ("tapeline", "stages", "flows")]
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
-              if is_user_file(Path(frame.filename)) and not any(Path(frame.filename).resolve().is_relative_to(root)
+              if _is_user_file(Path(frame.filename)) and not any(Path(frame.filename).resolve().is_relative_to(root)
                                                                for root in ours)]
     return [f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}'
             + (f"\n    {frame.line}" if frame.line else "") for frame in frames]
 
 
-def output_activation(model: Any) -> str | None:
+def _output_activation(model: Any) -> str | None:
     """The activation of the layer that makes the model's output ('softmax', 'sigmoid', … or None)."""
     import keras
 
@@ -375,7 +375,7 @@ def check_logits(model: Any, config: ModelConfig, shape: tuple[int, int, int], n
         wanted = num_classes if num_classes is not None else "num_classes"
         raise ConfigError(f"{KEY}: {ref} returned a model whose output is (batch, {got}), not (batch, {wanted}); "
                           f"end with Dense(num_classes) for the {wanted} classes")
-    activation = output_activation(model)
+    activation = _output_activation(model)
     sums_to_one = bool(np.all(output >= 0) and np.allclose(output.sum(axis=1), 1.0, atol=1e-3))
     if activation in PROBABILITY_ACTIVATIONS or sums_to_one:
         what = f"a final {activation} activation" if activation in PROBABILITY_ACTIVATIONS else "rows summing to 1"
@@ -386,7 +386,7 @@ def build_user_model(config: ModelConfig, shape: tuple[int, int, int], num_class
     """The user's model for this input spec, checked (see `check_model`)."""
     assert config.builder is not None
     function = load_builder(config.builder)
-    check_params(function, config)
+    _check_params(function, config)
     model = call_builder(function, config, shape, num_classes)
     check_model(model, config, shape, num_classes)
     return model
@@ -396,7 +396,7 @@ def check_builder(config: ModelConfig) -> None:
     """The checks that need no input spec, run once before any work: the reference resolves to a callable
     and its signature takes model.params."""
     if config.builder is not None:
-        check_params(load_builder(config.builder), config)
+        _check_params(load_builder(config.builder), config)
 
 
 def import_user_code(config: ModelConfig) -> None:

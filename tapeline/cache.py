@@ -165,7 +165,7 @@ def manifest_problem(root: Path, verify: bool = False, check_name: bool = True) 
     return check_files(root, manifest["files"], verify)
 
 
-def load_valid_manifest(root: Path, verify: bool = False) -> dict[str, Any] | None:
+def _load_valid_manifest(root: Path, verify: bool = False) -> dict[str, Any] | None:
     """The manifest of a valid stage output, or None (logging why) when it is not valid."""
     problem = manifest_problem(root, verify)
     if problem is None:
@@ -280,7 +280,7 @@ def cached_build(
     if manifest_problem(final, verify) is None:  # a hit needs no lock, so a read-only store serves it
         return read_manifest(final), True
     with file_lock(stage_root / f".{fp}.lock", lock_timeout, f"building {final}"):
-        manifest = load_valid_manifest(final, verify)
+        manifest = _load_valid_manifest(final, verify)
         if manifest is not None:
             return manifest, True
         if final.exists():

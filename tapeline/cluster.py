@@ -139,13 +139,13 @@ def local_tf_configs(count: int) -> list[str]:
             for i in range(count)]
 
 
-def failed_worker(message: str) -> int | None:
+def _failed_worker(message: str) -> int | None:
     """The worker a TensorFlow collective error blames (`/job:worker/replica:0/task:1` → 1), if any."""
     found = re.search(r"/job:(?:worker|chief)/(?:replica:\d+/)?task:(\d+)", message)
     return int(found.group(1)) if found else None
 
 
-def lost_peer_reason(text: str, timeout: float) -> str:
+def _lost_peer_reason(text: str, timeout: float) -> str:
     """How TensorFlow noticed a peer was gone, in a few words."""
     if "heartbeat" in text:
         return "stopped sending heartbeats"
@@ -164,11 +164,11 @@ def worker_failure(cluster: Cluster, exc: BaseException, timeout: float) -> Trai
     condensed = " ".join(text.split())
     shown = condensed if len(condensed) <= 800 else f"{condensed[:200]} … {condensed[-600:]}"
     log.warning("TensorFlow reported: %s", shown)
-    blamed = failed_worker(text.split("The error could be from")[0])
+    blamed = _failed_worker(text.split("The error could be from")[0])
     who = cluster.name(blamed) if blamed is not None and blamed < cluster.size and blamed != cluster.index \
         else "another worker"
     return TrainingError(
-        f"{who} {lost_peer_reason(text, timeout)}; {cluster.name()} stopped too. Run the same command on every "
+        f"{who} {_lost_peer_reason(text, timeout)}; {cluster.name()} stopped too. Run the same command on every "
         "worker again: each resumes from the chief's last checkpoint"
     )
 
@@ -183,7 +183,7 @@ def forward(stream: TextIO, prefix: str, sink: logging.Logger) -> None:
             sink.info("%s %s", prefix, line)
 
 
-def describe_exit(code: int) -> str:
+def _describe_exit(code: int) -> str:
     """`exit status 2`, or `killed by SIGKILL`."""
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -225,7 +225,7 @@ def launch_local_workers(argv: Sequence[str], count: int, timeout: float, env: M
             thread.join(timeout=5)
     if first_failure is not None:
         index, code = first_failure
-        raise TrainingError(f"worker {index} of {count} failed ({describe_exit(code)}); see its [worker {index}] "
+        raise TrainingError(f"worker {index} of {count} failed ({_describe_exit(code)}); see its [worker {index}] "
                             "lines above. Run the same command again to resume from the chief's last checkpoint")
 
 

@@ -19,7 +19,7 @@ PROJECT_PACKAGES = ("tapeline", "stages", "sweeps", "flows")
 
 
 @cache
-def package_root(package: str) -> Path:
+def _package_root(package: str) -> Path:
     """The directory of a top-level project package (found without importing it)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -30,7 +30,7 @@ def package_root(package: str) -> Path:
 def module_file(name: str) -> Path | None:
     """The source file of project module `name`, or None when `name` is not a module (a function, say)."""
     top, *rest = name.split(".")
-    base = package_root(top).joinpath(*rest)
+    base = _package_root(top).joinpath(*rest)
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -99,22 +99,22 @@ def imported_names(tree: ast.Module, package: str) -> set[str]:
     return found
 
 
-def with_parents(name: str) -> list[str]:
+def _with_parents(name: str) -> list[str]:
     """`a.b.c` -> [`a`, `a.b`, `a.b.c`]: importing a module runs its packages' `__init__` first."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def project_imports(tree: ast.Module, package: str) -> set[str]:
+def _project_imports(tree: ast.Module, package: str) -> set[str]:
     """Project modules (and their packages) a module imports anywhere in its body."""
     found: set[str] = set()
     for name in imported_names(tree, package):
         if name.split(".")[0] in PROJECT_PACKAGES and module_file(name):
-            found.update(n for n in with_parents(name) if module_file(n))
+            found.update(n for n in _with_parents(name) if module_file(n))
     return found
 
 
-def package_of(name: str) -> str:
+def _package_of(name: str) -> str:
     """The package relative imports in module `name` resolve against: itself for a package's `__init__`."""
     path = module_file(name)
     return name if path is not None and path.name == "__init__.py" else name.rpartition(".")[0]
@@ -124,7 +124,7 @@ def package_of(name: str) -> str:
 def normalized_module(name: str) -> tuple[str, frozenset[str]]:
     """(a dump of the module's code without docstrings, the project modules it imports)."""
     tree = parse_source(module_source(name), name)
-    imports = project_imports(tree, package_of(name))
+    imports = _project_imports(tree, _package_of(name))
     return ast.dump(without_docstrings(tree)), frozenset(imports - {name})
 
 

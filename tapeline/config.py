@@ -344,7 +344,7 @@ DISTRIBUTION_FORMS = "{float: [LO, HI], log: BOOL} | {int: [LO, HI], step: N} | 
 HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
-def distribution_problem(spec: Any) -> str | None:
+def _distribution_problem(spec: Any) -> str | None:
     """What is wrong with one `sweep.space` entry, or None: a float or int range (low < high, a positive
     step, `log` only with positive bounds) or a non-empty list of choices."""
     if not isinstance(spec, dict) or len({"float", "int", "choice"} & spec.keys()) != 1:
@@ -372,16 +372,16 @@ def distribution_problem(spec: Any) -> str | None:
     return None
 
 
-def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{train: {learning_rate: {float: …}}}` (nested, as `--set sweep.space.train.learning_rate=…` writes it) as
     `{"train.learning_rate": {float: …}}`: a mapping of mappings without a distribution's key is a level of keys
-    (anything else is an entry, judged by `distribution_problem`)."""
+    (anything else is an entry, judged by `_distribution_problem`)."""
     flat: dict[str, Any] = {}
     for key, spec in space.items():
         name = f"{prefix}{key}"
         if isinstance(spec, dict) and spec and not {"float", "int", "choice"} & spec.keys() and \
                 all(isinstance(v, dict) for v in spec.values()) and name.count(".") < 8:
-            flat.update(flatten_space(spec, f"{name}."))
+            flat.update(_flatten_space(spec, f"{name}."))
         else:
             flat[name] = spec
     return flat
@@ -422,13 +422,13 @@ class SweepConfig(Section):
     @field_validator("space", mode="before")
     @classmethod
     def _flatten(cls, value: Any) -> Any:
-        return flatten_space(value) if isinstance(value, dict) else value
+        return _flatten_space(value) if isinstance(value, dict) else value
 
     @field_validator("space")
     @classmethod
     def _distributions(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key, spec in value.items():
-            if (problem := distribution_problem(spec)) is not None:
+            if (problem := _distribution_problem(spec)) is not None:
                 raise ValueError(f".{key}: {problem} (got {spec!r})")
             if key.startswith("sweep.") or key == "preset":
                 raise ValueError(f".{key}: a sweep cannot search its own settings")
@@ -473,7 +473,7 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _consistent(self) -> PipelineConfig:
-            check_consistency(self)
+            _check_consistency(self)
             return self
 
 
@@ -489,15 +489,15 @@ def expand_preset(tree: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict) and model.get("builder") is not None:
         # A preset's CNN keys describe the built-in CNN; the user's own model takes the rest of the preset.
         preset = {section: keys for section, keys in preset.items() if section != "model"}
-    return merge(preset, tree)
+    return _merge(preset, tree)
 
 
-def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """A nested dict of `base` with `top`'s keys set over it (sections merged key by key)."""
     merged = _deep_copy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+            merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -531,7 +531,7 @@ def output_config(config: PipelineConfig, stage: str, covers: tuple[str, ...]) -
 MAX_CONFIG_DEPTH = 32  # sections, lists and mappings inside one another; a config needs a handful
 
 
-def too_deep(value: Any, path: str, limit: int = MAX_CONFIG_DEPTH) -> str | None:
+def _too_deep(value: Any, path: str, limit: int = MAX_CONFIG_DEPTH) -> str | None:
     """The dotted key of the first value nested deeper than `limit` levels under `path`, or None. Walked with a
     stack, not recursion, so no depth of input can exhaust Python's."""
     pending: list[tuple[Any, str, int]] = [(value, path, 0)]
@@ -546,16 +546,16 @@ def too_deep(value: Any, path: str, limit: int = MAX_CONFIG_DEPTH) -> str | None
     return None
 
 
-def check_depth(value: Any, path: str, what: str) -> None:
+def _check_depth(value: Any, path: str, what: str) -> None:
     """ConfigError naming the key when `value` nests deeper than MAX_CONFIG_DEPTH levels."""
-    where = too_deep(value, path)
+    where = _too_deep(value, path)
     if where is not None:
         name = where.split("[")[0][:120] or "config"
         raise ConfigError(f"{what}: {name} nests values more than {MAX_CONFIG_DEPTH} levels deep; a config value is "
                           "a scalar, a list or a mapping a few levels deep: flatten it")
 
 
-def safe_yaml(text: str) -> Any:
+def _safe_yaml(text: str) -> Any:
     """`yaml.safe_load`, with nesting too deep for the YAML parser itself (about 1,000 levels) a ConfigError."""
     try:
         return yaml.safe_load(text)
@@ -564,7 +564,7 @@ def safe_yaml(text: str) -> Any:
                           "value is a scalar, a list or a mapping a few levels deep: flatten it") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def _parse_override(text: str) -> tuple[list[str], Any]:
     """Split `section.key=value` into a key path and a YAML-parsed value."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -574,20 +574,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {'.'.join(path[:3])}…: a key of {len(path)} parts; config keys are "
                           "section.key (model.params.NAME)")
     try:
-        value = safe_yaml(raw) if raw.strip() else None
+        value = _safe_yaml(raw) if raw.strip() else None
     except ConfigError as exc:
         raise ConfigError(f"override {key.strip()}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
-    check_depth(value, key.strip(), "override")
+    _check_depth(value, key.strip(), "override")
     return path, value
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def _apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of a nested dict with each `a.b=value` override set."""
     result = _deep_copy(tree)
     for text in overrides:
-        path, value = parse_override(text)
+        path, value = _parse_override(text)
         node = result
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
@@ -619,7 +619,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
     try:
-        loaded = safe_yaml(raw.decode("utf-8"))
+        loaded = _safe_yaml(raw.decode("utf-8"))
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -630,23 +630,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-    check_depth(loaded, "", f"config file {path}")
+    _check_depth(loaded, "", f"config file {path}")
     return loaded
 
 
 def validate_config(tree: dict[str, Any]) -> PipelineConfig:
     """Validate a nested dict into a PipelineConfig, raising ConfigError naming each bad key."""
-    check_depth(tree, "", "config")  # a Prefect parameter or a worker's config file comes here directly
+    _check_depth(tree, "", "config")  # a Prefect parameter or a worker's config file comes here directly
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(_format_validation_error(exc)) from None
 
 
 CNN_KEYS = ("conv_filters", "dense_units", "dropout", "batch_norm")
 
 
-def check_consistency(config: PipelineConfig) -> None:
+def _check_consistency(config: PipelineConfig) -> None:
     """Rules that span keys: the global batch must split evenly over the training workers; the CNN's keys and
     model.params belong to one kind of model each."""
     model = config.model
@@ -665,7 +665,7 @@ def check_consistency(config: PipelineConfig) -> None:
                           f"{config.train.workers}; use a multiple of {config.train.workers}")
 
 
-def known_keys(loc: tuple[Any, ...]) -> list[str]:
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys the section holding `loc`'s last part takes (empty where that is no section: model.params)."""
     model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
@@ -677,26 +677,26 @@ def known_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def unknown_key_message(loc: tuple[Any, ...]) -> str:
+def _unknown_key_message(loc: tuple[Any, ...]) -> str:
     """`unknown key`, with the closest valid key when one is close: `unknown key; did you mean train.max_epochs?`."""
-    close = difflib.get_close_matches(str(loc[-1]), known_keys(loc), n=1, cutoff=0.6) if loc else []
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1, cutoff=0.6) if loc else []
     return f"unknown key; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else "unknown key"
 
 
-def problem_line(err: Any) -> str:
+def _problem_line(err: Any) -> str:
     """One validation problem as `key.path: message (got value)`. A validator of a mapping names the entry at
     fault by starting its message with `.ENTRY: ` (and shows the entry's value itself)."""
     key = ".".join(str(p) for p in err["loc"]) or "config"
-    message = unknown_key_message(tuple(err["loc"])) if err["type"] == "extra_forbidden" else \
+    message = _unknown_key_message(tuple(err["loc"])) if err["type"] == "extra_forbidden" else \
         err["msg"].removeprefix("Value error, ")
     if message.startswith("."):
         return f"{key}{message}"
     return f"{key}: {message} (got {err.get('input')!r})"
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def _format_validation_error(exc: ValidationError) -> str:
     """`invalid configuration: PROBLEM` on one line, or one line per problem under it when there are several."""
-    lines = [problem_line(err) for err in exc.errors()]
+    lines = [_problem_line(err) for err in exc.errors()]
     if len(lines) == 1:
         return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)
@@ -709,7 +709,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
     tree = read_config_file(path) if path is not None else {}
     if preset is not None:
         tree = {**tree, "preset": preset}
-    return validate_config(apply_overrides(tree, overrides or []))
+    return validate_config(_apply_overrides(tree, overrides or []))
 
 
 def config_keys() -> list[tuple[str, str, str]]:

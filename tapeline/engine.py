@@ -96,19 +96,19 @@ class Graph:
         return tuple(stage.name for stage in self.stages)
 
 
-def external_inputs(stage: Stage, config: PipelineConfig, store: Store, upstream: Mapping[str, str]) -> Any:
+def _external_inputs(stage: Stage, config: PipelineConfig, store: Store, upstream: Mapping[str, str]) -> Any:
     """What `stage` reads from outside its upstream outputs: the source files' identity, a baseline."""
     return stage.external(config, store, upstream) if stage.external else None
 
 
-def content_digest(stage: Stage, manifest: Mapping[str, Any]) -> str:
+def _content_digest(stage: Stage, manifest: Mapping[str, Any]) -> str:
     """What a stage's dependents read of its output, hashed: every file's name and SHA-256 and the manifest
     keys it `reads` (never timings, versions or run ids). Two builds that wrote the same bytes have one digest."""
     return fingerprint({"files": files_digest(manifest), "reads": {key: manifest.get(key) for key in stage.reads}})
 
 
-def stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[str, str], external: Any) -> str:
-    """The fingerprint of `stage` given its upstream outputs' keys (`key_of`) and its external inputs (early
+def _stage_fingerprint(stage: Stage, config: PipelineConfig, upstream: Mapping[str, str], external: Any) -> str:
+    """The fingerprint of `stage` given its upstream outputs' keys (`_key_of`) and its external inputs (early
     cutoff: an upstream stage that ran again and wrote the same bytes leaves this fingerprint as it was)."""
     return fingerprint({
         "stage": stage.name,
@@ -139,16 +139,16 @@ def graph_keys(graph: Graph, config: PipelineConfig, artifacts: Artifacts) -> Ke
     for stage in graph:
         missing = next((u for u in stage.upstream if u not in keys), None)
         located_fps = {u: fps[u] for u in stage.upstream}
-        external = external_inputs(stage, config, store, located_fps)  # also when waiting: a bad reference is said now
+        external = _external_inputs(stage, config, store, located_fps)  # also when waiting: a bad reference is said now
         if missing is not None:
             fps[stage.name], waits_on[stage.name] = None, waits_on.get(missing, missing)
             continue
-        fp = stage_fingerprint(stage, config, keys, external)
+        fp = _stage_fingerprint(stage, config, keys, external)
         fps[stage.name] = fp
         if not stage.early_cutoff:
             keys[stage.name] = fp
         elif (manifest := store.manifest(stage.name, fp)) is not None:
-            keys[stage.name] = content_digest(stage, manifest)
+            keys[stage.name] = _content_digest(stage, manifest)
     return Keys(fps, keys, waits_on)
 
 
@@ -163,7 +163,7 @@ def known_fingerprint(graph: Graph, name: str, config: PipelineConfig, artifacts
     return fp
 
 
-def located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local: Path, cached: bool,
+def _located(stage: Stage, store: Store, fp: str, manifest: dict[str, Any], local: Path, cached: bool,
             seconds: float) -> StageResult:
     """A stage result read from its manifest: `path` the local copy, `location` the store's."""
     result = stage.result(local, manifest, cached, seconds)
@@ -182,10 +182,10 @@ def find_output_by_fingerprint(graph: Graph, name: str, fp: str, artifacts: Arti
     """The valid output of stage `name` with fingerprint `fp`, fetched locally; MissingUpstreamError when none."""
     store = open_store(artifacts)
     manifest, local = store.fetch(name, fp, verify)
-    return located(graph[name], store, fp, manifest, local, True, 0.0)
+    return _located(graph[name], store, fp, manifest, local, True, 0.0)
 
 
-def usable_locally(result: StageResult, store: Store, verify: bool) -> StageResult:
+def _usable_locally(result: StageResult, store: Store, verify: bool) -> StageResult:
     """An upstream result whose `path` is a valid local copy: a result made on another machine (a Prefect
     cache hit, say) is fetched again from the store by its fingerprint."""
     if manifest_problem(result.path) is None:
@@ -194,11 +194,11 @@ def usable_locally(result: StageResult, store: Store, verify: bool) -> StageResu
     return result.model_copy(update={"path": local})
 
 
-def key_of(graph: Graph, result: StageResult) -> str:
+def _key_of(graph: Graph, result: StageResult) -> str:
     """What a dependent's fingerprint keys on for this upstream output: its content digest (from its local
     manifest) when the stage writes byte-reproducible output (`early_cutoff`), else its fingerprint."""
     stage = graph[result.stage]
-    return content_digest(stage, read_manifest(result.path)) if stage.early_cutoff else result.fingerprint
+    return _content_digest(stage, read_manifest(result.path)) if stage.early_cutoff else result.fingerprint
 
 
 def run_stage(graph: Graph, name: str, config: PipelineConfig, artifacts: Artifacts,
@@ -212,11 +212,11 @@ def run_stage(graph: Graph, name: str, config: PipelineConfig, artifacts: Artifa
     store = open_store(artifacts)
     started = time.perf_counter()
     given = dict(upstream or {})
-    inputs = {u: usable_locally(given[u], store, verify) if u in given
+    inputs = {u: _usable_locally(given[u], store, verify) if u in given
               else find_output(graph, u, config, store.root, verify) for u in stage.upstream}
     upstream_fps = {u: r.fingerprint for u, r in inputs.items()}
-    external = external_inputs(stage, config, store, upstream_fps)
-    fp = stage_fingerprint(stage, config, {u: key_of(graph, r) for u, r in inputs.items()}, external)
+    external = _external_inputs(stage, config, store, upstream_fps)
+    fp = _stage_fingerprint(stage, config, {u: _key_of(graph, r) for u, r in inputs.items()}, external)
 
     def stage_inputs(hooks: EpochCallback | None, stop: StopCheck | None = None) -> StageInputs:
         return StageInputs(config, inputs, hooks, external, lambda s, f: store.fetch(s, f)[1], store, stop)
@@ -225,35 +225,35 @@ def run_stage(graph: Graph, name: str, config: PipelineConfig, artifacts: Artifa
         cluster = current_cluster()
         check_workers(cluster, config.train.workers)
         if cluster is None and config.train.workers > 1:
-            return run_local_workers(stage, config, store, fp, verify, started)
+            return _run_local_workers(stage, config, store, fp, verify, started)
         if cluster is not None and not cluster.is_chief:
-            return run_as_follower(stage, store, fp, stage_inputs(None), cluster, verify, started)
+            return _run_as_follower(stage, store, fp, stage_inputs(None), cluster, verify, started)
 
     def make(staging: Path, save_partial: SavePartial) -> dict[str, Any]:
-        return stage.build(staging, stage_inputs(with_partial_saves(on_epoch_end, save_partial), should_stop))
+        return stage.build(staging, stage_inputs(_with_partial_saves(on_epoch_end, save_partial), should_stop))
 
     manifest, cached, local = store.build(name, fp, make, verify=verify, resumable=stage.resumable)
     seconds = time.perf_counter() - started
     log.info("%s %s %s in %.2f s", name, fp, "reused from cache" if cached else "built", seconds)
-    result = located(stage, store, fp, manifest, local, cached, seconds)
+    result = _located(stage, store, fp, manifest, local, cached, seconds)
     if stage.gate is not None:
         stage.gate(result)
     return result
 
 
-def cached_result(stage: Stage, store: Store, fp: str, verify: bool, started: float) -> StageResult | None:
+def _cached_result(stage: Stage, store: Store, fp: str, verify: bool, started: float) -> StageResult | None:
     """The stage's valid committed output as a cached result, or None when there is none."""
     if store.problem(stage.name, fp, verify) is not None:
         return None
     manifest, local = store.fetch(stage.name, fp, verify)
-    return located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
+    return _located(stage, store, fp, manifest, local, True, time.perf_counter() - started)
 
 
-def run_local_workers(stage: Stage, config: PipelineConfig, store: Store, fp: str, verify: bool,
+def _run_local_workers(stage: Stage, config: PipelineConfig, store: Store, fp: str, verify: bool,
                       started: float) -> StageResult:
     """Train with `train.workers` local processes (TF_CONFIG on loopback ports); the chief commits the output,
     which is then read like any cached one."""
-    cached = cached_result(stage, store, fp, verify, started)
+    cached = _cached_result(stage, store, fp, verify, started)
     if cached is not None:
         return cached
     with tempfile.TemporaryDirectory(prefix="tapeline-workers-") as tmp:
@@ -265,15 +265,15 @@ def run_local_workers(stage: Stage, config: PipelineConfig, store: Store, fp: st
     manifest, local = store.fetch(stage.name, fp, verify)
     seconds = time.perf_counter() - started
     log.info("%s %s built by %d workers in %.2f s", stage.name, fp, config.train.workers, seconds)
-    return located(stage, store, fp, manifest, local, False, seconds)
+    return _located(stage, store, fp, manifest, local, False, seconds)
 
 
-def run_as_follower(stage: Stage, store: Store, fp: str, inputs: StageInputs, cluster: Cluster, verify: bool,
+def _run_as_follower(stage: Stage, store: Store, fp: str, inputs: StageInputs, cluster: Cluster, verify: bool,
                     started: float) -> StageResult:
     """A non-chief worker's share of a distributed stage: train in a private temporary directory, starting
     from the chief's checkpoints, and commit nothing (TensorFlow has every worker save; only the chief's
     copy is kept)."""
-    cached = cached_result(stage, store, fp, verify, started)
+    cached = _cached_result(stage, store, fp, verify, started)
     if cached is not None:
         return cached
     staging = Path(tempfile.mkdtemp(prefix=f"tapeline-{stage.name}-worker{cluster.index}-"))
@@ -289,7 +289,7 @@ def run_as_follower(stage: Stage, store: Store, fp: str, inputs: StageInputs, cl
     return result.model_copy(update={"location": location})
 
 
-def with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePartial) -> EpochCallback:
+def _with_partial_saves(on_epoch_end: EpochCallback | None, save_partial: SavePartial) -> EpochCallback:
     """The epoch callback, preceded by saving the checkpoints written so far to the store."""
 
     def callback(row: dict[str, float], max_epochs: int) -> None:

@@ -44,12 +44,12 @@ def cpu(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
         if colon and key.strip() not in fields:  # the first processor's block
             fields[key.strip()] = value.strip()
     flags = set(fields.get("flags", "").split())
-    return {"model": fields.get("model name", "unknown"), "family": cpuinfo_number(fields.get("cpu family")),
-            "model_number": cpuinfo_number(fields.get("model")), "cores": os.cpu_count(),
+    return {"model": fields.get("model name", "unknown"), "family": _cpuinfo_number(fields.get("cpu family")),
+            "model_number": _cpuinfo_number(fields.get("model")), "cores": os.cpu_count(),
             "isa": [f for f in FEATURES if f in flags]}
 
 
-def cpuinfo_number(value: str | None) -> int | None:
+def _cpuinfo_number(value: str | None) -> int | None:
     """A decimal field of /proc/cpuinfo, or None."""
     return int(value) if value is not None and value.isdigit() else None
 
@@ -161,7 +161,7 @@ def planned_choices(precision: str, builds: Sequence[str] | None = None,
     precision on it (found without TensorFlow, which plan does not import)."""
     device = planned_device(installed_tensorflow_builds() if builds is None else builds,
                             nvidia_gpus() if gpus is None else gpus)
-    onednn = planned_onednn()
+    onednn = _planned_onednn()
     if precision != "auto":
         value, reason = precision, "set explicitly"
     elif device["value"] == "GPU":
@@ -171,7 +171,7 @@ def planned_choices(precision: str, builds: Sequence[str] | None = None,
     return {"device": device, "train.precision": {"value": value, "reason": reason}, "onednn": onednn, "cpu": cpu()}
 
 
-def planned_onednn(environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
+def _planned_onednn(environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
     """Whether training here would run oneDNN kernels, without importing TensorFlow: on when the variable says 1
     (tapeline's choice unless the user set it), off when it says 0, else TensorFlow's choice for this CPU."""
     value = environ.get(ONEDNN_VARIABLE)

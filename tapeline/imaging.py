@@ -23,7 +23,7 @@ WIDE_MODES = ("I", "F")
 COLOUR_MODES = ("RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa")
 
 
-def pillow_pixels(img: Any, where: str) -> np.ndarray:
+def _pillow_pixels(img: Any, where: str) -> np.ndarray:
     """A decoded Pillow image as uint8 [H, W] (grey) or [H, W, 3] (colour), for training data and `predict`.
 
     16-bit images are scaled from 0..65535 (not clipped: a clipped scan turns white), 32-bit integer and
@@ -61,7 +61,7 @@ def open_image(data: bytes | Path, where: str, formats: tuple[str, ...] | None =
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise ImageError(f"{where} is {img.width}x{img.height} pixels, larger than tapeline accepts "
                                  f"({MAX_IMAGE_PIXELS} pixels)")
-            return pillow_pixels(img, where)
+            return _pillow_pixels(img, where)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where} is a decompression bomb ({exc}); refused") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -71,7 +71,7 @@ INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
 
 # ---------------------------------------------------------------- decoding
 
-def resample_filter(interpolation: str) -> Any:
+def _resample_filter(interpolation: str) -> Any:
     """Pillow's resampling filter for `data.interpolation` (area is Pillow's box filter)."""
     from PIL import Image
 
@@ -98,7 +98,7 @@ def resize_pixels(pixels: np.ndarray, size: tuple[int, int] | None, interpolatio
 
     img = Image.fromarray(pixels)
     box = crop_box(img.width, img.height, size) if crop_to_aspect_ratio else None
-    return np.asarray(img.resize((size[1], size[0]), resample_filter(interpolation), box=box))
+    return np.asarray(img.resize((size[1], size[0]), _resample_filter(interpolation), box=box))
 
 
 def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:

@@ -37,7 +37,7 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def write_stderr(text: str) -> None:
+def _write_stderr(text: str) -> None:
     """Write a line to file descriptor 2 directly (safe inside a signal handler and at any point of shutdown)."""
     with contextlib.suppress(OSError):
         os.write(2, (text + "\n").encode())
@@ -49,7 +49,7 @@ class InterruptHandler:
     the exit after `grace` seconds; a second signal forces it at once."""
 
     grace: float = GRACE_SECONDS
-    write: Callable[[str], None] = write_stderr
+    write: Callable[[str], None] = _write_stderr
     force_exit: Callable[[int], None] = os._exit
     received: int | None = None
     announced: bool = False

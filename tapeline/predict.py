@@ -43,10 +43,10 @@ def resolve_model(model: Path | None, artifacts: Path | str) -> tuple[Path, Inpu
     saved_model = model if (model / "saved_model.pb").exists() else model / "saved_model"
     if not (saved_model / "saved_model.pb").exists() or not card_path.exists():
         raise PredictError(f"{model} is not an exported model directory (expected saved_model/ and model_card.json)")
-    return saved_model, card_input_spec(card_path)
+    return saved_model, _card_input_spec(card_path)
 
 
-def card_input_spec(card_path: Path) -> InputSpec:
+def _card_input_spec(card_path: Path) -> InputSpec:
     """The input spec a model card declares; PredictError naming the card when it has none that validates."""
     try:
         with card_path.open("rb") as f:
@@ -69,7 +69,7 @@ def card_resize(saved_model: Path) -> Resize:
     return Resize()
 
 
-def read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path) -> np.ndarray:
     """An image file (IMAGE_FORMATS) or a .npy array as uint8 [H, W, C]; clear errors for what cannot be used."""
     if path.is_dir():
         raise PredictError(f"{path} is a directory; give image files ({IMAGE_FORMATS}) or .npy arrays")
@@ -78,7 +78,7 @@ def read_image(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise PredictError(f"{path} is empty")
     if path.suffix.lower() == ".npy":
-        return read_npy(path)
+        return _read_npy(path)
     try:
         array = open_image(path, str(path))
     except ImageError as exc:
@@ -86,7 +86,7 @@ def read_image(path: Path) -> np.ndarray:
     return array[..., np.newaxis] if array.ndim == 2 else array
 
 
-def read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path) -> np.ndarray:
     """A .npy image: uint8 (or floats in [0, 1]) of shape [H, W] or [H, W, C]."""
     if path.stat().st_size > MAX_NPY_BYTES:
         raise PredictError(f"{path} is larger than {MAX_NPY_BYTES // 2**20} MiB")
@@ -138,7 +138,7 @@ def iter_predictions(paths: list[Path], model: Path | None, artifacts: Path | st
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        out = serve(images=tf.constant(np.stack([fit_to_spec(read_image(p), spec, p, resize) for p in chunk])))
+        out = serve(images=tf.constant(np.stack([fit_to_spec(_read_image(p), spec, p, resize) for p in chunk])))
         probabilities = out["probabilities"].numpy()
         for i, (path, name) in enumerate(zip(chunk, out["class_name"].numpy(), strict=True)):
             yield Prediction(path, name.decode(), float(probabilities[i].max()))

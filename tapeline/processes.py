@@ -18,16 +18,16 @@ PR_SET_PDEATHSIG = 1
 _CHILDREN: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """In the child, before exec: the kernel sends it SIGKILL when the thread that started it dies (Linux), so a
     `kill -9` of the parent leaves no orphan behind."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def tied_to_parent() -> Callable[[], None] | None:
+def _tied_to_parent() -> Callable[[], None] | None:
     """A `preexec_fn` for subprocess.Popen that ties the child's life to this process (None off Linux)."""
-    return die_with_parent if sys.platform == "linux" else None
+    return _die_with_parent if sys.platform == "linux" else None
 
 
 def start_child(argv: Sequence[str], **popen: Any) -> subprocess.Popen:
@@ -35,7 +35,7 @@ def start_child(argv: Sequence[str], **popen: Any) -> subprocess.Popen:
     process group of its own, so that a Ctrl-C at the terminal reaches only this process, which then ends its
     children in order (the Prefect API last, after the flow run's final state is reported); `end_children` ends it
     when the command must exit at once."""
-    process = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=tied_to_parent(),  # noqa: S603, PLW1509
+    process = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=_tied_to_parent(),  # noqa: S603, PLW1509
                                **popen)
     _CHILDREN.add(process)
     return process
@@ -58,7 +58,7 @@ def end_children() -> None:
         end_child(process)
 
 
-def usable_cores() -> int:
+def _usable_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -66,6 +66,6 @@ def usable_cores() -> int:
 def thread_environment(processes: int, cores: int | None = None) -> dict[str, str]:
     """Environment that gives each of `processes` TensorFlow processes its share of the cores (at least one thread
     each), so that several at once do not oversubscribe the machine."""
-    share = max(1, (cores or usable_cores()) // max(1, processes))
+    share = max(1, (cores or _usable_cores()) // max(1, processes))
     return {"TF_NUM_INTRAOP_THREADS": str(share), "TF_NUM_INTEROP_THREADS": str(min(2, share)),
             "OMP_NUM_THREADS": str(share)}

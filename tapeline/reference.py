@@ -52,7 +52,7 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def section_table(name: str, section: type[Section]) -> list[str]:
+def _section_table(name: str, section: type[Section]) -> list[str]:
     """One section's keys as a Markdown table."""
     rows = [f"## `{name}`", "", (section.__doc__ or "").strip().splitlines()[0], "",
             "| key | default | meaning | mark |", "|---|---|---|---|"]
@@ -62,7 +62,7 @@ def section_table(name: str, section: type[Section]) -> list[str]:
     return [*rows, ""]
 
 
-def presets_table() -> list[str]:
+def _presets_table() -> list[str]:
     """Every preset's keys."""
     rows = ["## Presets", "", "`--preset NAME` (or `preset: NAME` in the file, or `--set preset=NAME`) fills in a "
             "named bundle of keys underneath the file's own keys and `--set`, so any explicit key wins. With "
@@ -87,8 +87,8 @@ def configuration_page() -> str:
             lines.append(f"| `{name}` | `{shown(field.default)}` | {cell(field.description or '')} | {mark(field)} |")
     lines.append("")
     for name, section in sections:
-        lines.extend(section_table(name, section))
-    lines.extend(presets_table())
+        lines.extend(_section_table(name, section))
+    lines.extend(_presets_table())
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

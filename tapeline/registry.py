@@ -38,12 +38,12 @@ REGISTRY_COLUMNS = (
 REQUIRED_COLUMNS = REGISTRY_COLUMNS[:15]
 
 
-def models_dir(artifacts: Path) -> Path:
+def _models_dir(artifacts: Path) -> Path:
     """Where promoted model versions live."""
     return artifacts / "models"
 
 
-def read_pointer(path: Path) -> dict[str, Any]:
+def _read_pointer(path: Path) -> dict[str, Any]:
     """production.json as a typed pointer; CacheError naming the file for any other content or kind of file."""
     try:
         with path.open("rb") as f:
@@ -61,13 +61,13 @@ def read_pointer(path: Path) -> dict[str, Any]:
 
 def production(artifacts: Path) -> dict[str, Any] | None:
     """The production pointer ({version, path, train_fingerprint, test_accuracy, ...}) or None."""
-    path = models_dir(artifacts) / POINTER
+    path = _models_dir(artifacts) / POINTER
     if not path.exists() and not path.is_symlink():
         return None
-    pointer = read_pointer(path)
+    pointer = _read_pointer(path)
     target = artifacts / pointer["path"]
-    if not VERSION_PATTERN.match(target.name) or not is_inside(models_dir(artifacts), target):
-        raise CacheError(f"{path} points at {pointer.get('path')!r}, outside {models_dir(artifacts)}; "
+    if not VERSION_PATTERN.match(target.name) or not is_inside(_models_dir(artifacts), target):
+        raise CacheError(f"{path} points at {pointer.get('path')!r}, outside {_models_dir(artifacts)}; "
                          "point it at a version directory models/vNNNN")
     if not target.is_dir():
         raise CacheError(f"{path} points at {pointer['path']}, which is missing; point it at a complete version")
@@ -80,27 +80,27 @@ def production(artifacts: Path) -> dict[str, Any] | None:
     return pointer
 
 
-def next_version(artifacts: Path) -> str:
+def _next_version(artifacts: Path) -> str:
     """`v0001`, `v0002`, …: one past the highest existing version (call under the promotion lock)."""
-    numbers = [int(m.group(1)) for p in models_dir(artifacts).glob("v*") if (m := VERSION_PATTERN.match(p.name))]
+    numbers = [int(m.group(1)) for p in _models_dir(artifacts).glob("v*") if (m := VERSION_PATTERN.match(p.name))]
     return f"v{max(numbers, default=0) + 1:04d}"
 
 
-def publish_version(artifacts: Path, export_dir: Path, record: dict[str, Any]) -> str:
+def _publish_version(artifacts: Path, export_dir: Path, record: dict[str, Any]) -> str:
     """Copy an export into a new version directory (complete before it has its name); returns the version."""
-    version = next_version(artifacts)
-    staging = models_dir(artifacts) / f".staging-{version}"
+    version = _next_version(artifacts)
+    staging = _models_dir(artifacts) / f".staging-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(export_dir, staging)
     (staging / "promotion.json").write_text(json.dumps({**record, "version": version}, indent=2, default=str))
     fsync_tree(staging)
-    staging.rename(models_dir(artifacts) / version)
+    staging.rename(_models_dir(artifacts) / version)
     return version
 
 
-def switch_production(artifacts: Path, pointer: dict[str, Any]) -> None:
+def _switch_production(artifacts: Path, pointer: dict[str, Any]) -> None:
     """Point production at a complete version, atomically."""
-    write_json_atomic(models_dir(artifacts) / POINTER, pointer)
+    write_json_atomic(_models_dir(artifacts) / POINTER, pointer)
 
 
 def append_run(artifacts: Path, row: dict[str, Any]) -> None:
@@ -190,11 +190,11 @@ def read_production(store: Store) -> tuple[dict[str, Any] | None, str | None]:
 def local_version(store: Store, version: str) -> Path:
     """A local directory with a promoted version's files (fetched into the read cache from an object store)."""
     if isinstance(store, LocalStore):
-        return models_dir(store.path) / version
+        return _models_dir(store.path) / version
     return store.fetch(MODELS, version)[1]
 
 
-def remote_versions(store: RemoteStore) -> list[int]:
+def _remote_versions(store: RemoteStore) -> list[int]:
     """Numbers of the versions (claimed or complete) under models/."""
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.key(MODELS), refresh=True)]
@@ -203,12 +203,12 @@ def remote_versions(store: RemoteStore) -> list[int]:
     return [int(m.group(1)) for n in names if (m := VERSION_PATTERN.match(n))]
 
 
-def publish_remote_version(store: RemoteStore, export_fp: str, record: dict[str, Any]) -> str:
+def _publish_remote_version(store: RemoteStore, export_fp: str, record: dict[str, Any]) -> str:
     """Copy a committed export to a new version: claim the number (create-if-absent), copy, commit its manifest."""
     export = store.remote_manifest("export", export_fp)
     if export is None:
         raise CacheError(f"{store.location('export', export_fp)} has no manifest; run the export stage again")
-    number = max(remote_versions(store), default=0) + 1
+    number = max(_remote_versions(store), default=0) + 1
     while True:
         version = f"v{number:04d}"
         claim = json.dumps({**record, "version": version}, indent=2, default=str).encode()
@@ -226,16 +226,16 @@ def publish_remote_version(store: RemoteStore, export_fp: str, record: dict[str,
 def publish(store: Store, export_dir: Path, export_fp: str, record: dict[str, Any]) -> str:
     """Publish an export as the next version; returns the version."""
     if isinstance(store, LocalStore):
-        return publish_version(store.path, export_dir, record)
+        return _publish_version(store.path, export_dir, record)
     assert isinstance(store, RemoteStore)
-    return publish_remote_version(store, export_fp, record)
+    return _publish_remote_version(store, export_fp, record)
 
 
 def switch(store: Store, pointer: dict[str, Any], etag: str | None) -> bool:
     """Point production at a complete version; on an object store only if production is still what was
     read (`etag`; absent when there was none). False when another run switched it first."""
     if isinstance(store, LocalStore):
-        switch_production(store.path, pointer)
+        _switch_production(store.path, pointer)
         return True
     assert isinstance(store, RemoteStore)
     data = json.dumps(pointer, indent=2, sort_keys=True, default=str).encode()
@@ -256,7 +256,7 @@ def record_row(store: Store, row: dict[str, Any]) -> None:
     store.put_bytes(store.key(REGISTRY_OBJECTS, f"{row['run_id']}.parquet"), buffer.getvalue().to_pybytes())
 
 
-def remote_runs(store: RemoteStore) -> list[dict[str, Any]]:
+def _remote_runs(store: RemoteStore) -> list[dict[str, Any]]:
     """Every row object under registry/, unordered; an unreadable one is named, never silently dropped."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -277,7 +277,7 @@ def runs_of(artifacts: Path | str, newest_first: bool = True) -> list[dict[str, 
     if isinstance(store, LocalStore):
         return read_runs(store.path, newest_first)
     assert isinstance(store, RemoteStore)
-    rows = remote_runs(store)
+    rows = _remote_runs(store)
     return sorted(rows, key=lambda r: (r["time"], r["run_id"]), reverse=newest_first)
 
 

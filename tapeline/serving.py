@@ -45,7 +45,7 @@ def files_in_order(names: list[str]) -> list[str]:
     return sorted(names, key=lambda name: (name == GRAPH_FILE, name))
 
 
-def publish_local(store: LocalStore, version: str) -> Path:
+def _publish_local(store: LocalStore, version: str) -> Path:
     """Copy models/<version>/saved_model to serving/<N>/ (complete under a hidden name, then renamed)."""
     base = store.path / SERVING
     final = base / str(serving_number(version))
@@ -87,4 +87,4 @@ def publish_serving(store: Store, version: str, formats: tuple[str, ...]) -> str
     if isinstance(store, RemoteStore):
         return publish_remote(store, version)
     assert isinstance(store, LocalStore)
-    return str(publish_local(store, version))
+    return str(_publish_local(store, version))

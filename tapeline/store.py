@@ -138,7 +138,7 @@ class LocalStore(Store):
 
 # ---------------------------------------------------------------- object store
 
-def is_precondition_failure(exc: BaseException) -> bool:
+def _is_precondition_failure(exc: BaseException) -> bool:
     """Whether a conditional PUT lost (HTTP 412 PreconditionFailed, as s3fs raises it)."""
     if isinstance(exc, FileExistsError):
         return True
@@ -194,7 +194,7 @@ class RemoteStore(Store):
             with guarded(self.root):
                 self.fs.pipe_file(key, data, **options)
         except OSError as exc:
-            if is_precondition_failure(exc):
+            if _is_precondition_failure(exc):
                 return False
             raise
         self.fs.invalidate_cache(key)
@@ -454,7 +454,7 @@ def guarded(url: str) -> Iterator[None]:
         raise StoreError(f"{url}: access denied ({exc}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                          "(or the profile) and the bucket's policy") from None
     except OSError as exc:
-        if is_precondition_failure(exc):
+        if _is_precondition_failure(exc):
             raise
         text = str(exc)
         if any(word in text for word in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
@@ -486,11 +486,11 @@ def remote_filesystem(url: str) -> tuple[Any, str]:
         import s3fs.core
 
         # S3 documents InternalError / ServiceUnavailable as "retry the request"; s3fs retries only throttling.
-        s3fs.core.set_custom_error_handler(is_retryable_s3_error)
+        s3fs.core.set_custom_error_handler(_is_retryable_s3_error)
     return fs, path
 
 
-def is_retryable_s3_error(exc: BaseException) -> bool:
+def _is_retryable_s3_error(exc: BaseException) -> bool:
     """Whether an S3 error response asks the client to try again."""
     text = str(exc)
     return any(code in text for code in ("InternalError", "ServiceUnavailable", "please try again"))

@@ -100,7 +100,7 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def free_weed_port(taken: set[int]) -> int:
+def _free_weed_port(taken: set[int]) -> int:
     """A free port below 55535 whose gRPC twin (port + 10000) is free too."""
     while True:
         with socket.socket() as sock:
@@ -134,7 +134,7 @@ class S3Server:
                 self.process.wait()
 
 
-def answers_writes(server: S3Server) -> bool:
+def _answers_writes(server: S3Server) -> bool:
     """Whether the server stores and returns an object (its S3 port answers before its filer is ready)."""
     import fsspec
 
@@ -157,7 +157,7 @@ def answers_writes(server: S3Server) -> bool:
         return False
 
 
-def weed_binary() -> str:
+def _weed_binary() -> str:
     """The `weed` executable next to this Python."""
     return str(Path(sys.executable).with_name("weed"))
 
@@ -172,9 +172,9 @@ def start_s3_server(directory: Path, timeout: float = 90) -> S3Server:
     }]}))
     ports: set[int] = set()
     for _ in range(4):
-        ports.add(free_weed_port(ports))
+        ports.add(_free_weed_port(ports))
     s3, master, volume, filer = sorted(ports)
-    command = [weed_binary(), "server", f"-dir={directory}", "-s3", f"-s3.port={s3}", f"-s3.config={config}",
+    command = [_weed_binary(), "server", f"-dir={directory}", "-s3", f"-s3.port={s3}", f"-s3.config={config}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", "-metricsPort=0", "-s3.port.lance=0", "-s3.port.iceberg=0", "-s3.iam=false",
                # one collection per bucket, several volumes each: small volumes, and many of them
@@ -184,7 +184,7 @@ def start_s3_server(directory: Path, timeout: float = 90) -> S3Server:
     server = S3Server(process, f"http://127.0.0.1:{s3}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if answers_writes(server):
+        if _answers_writes(server):
             return server
         time.sleep(0.5)
     server.stop()

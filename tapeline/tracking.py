@@ -30,7 +30,7 @@ def tracking_uri(config: TrackingConfig, environ: Mapping[str, str] = os.environ
     return config.mlflow_uri or environ.get("MLFLOW_TRACKING_URI") or None
 
 
-def server_problem(uri: str, timeout: float = 5.0) -> str | None:
+def _server_problem(uri: str, timeout: float = 5.0) -> str | None:
     """Why an http(s) tracking server cannot be used now (its /health does not answer 200), or None."""
     if not uri.startswith(("http://", "https://")):
         return None
@@ -153,7 +153,7 @@ def open_tracker(config: TrackingConfig, environ: Mapping[str, str] = os.environ
         log.warning("MLflow tracking is configured (%s) but MLflow is not installed: pip install 'tapeline[mlflow]'; "
                     "the run goes on untracked", uri)
         return None
-    if (problem := server_problem(uri)) is not None:
+    if (problem := _server_problem(uri)) is not None:
         log.warning("MLflow tracking at %s does not answer (%s); the run goes on untracked", uri, problem)
         return None
     for key, value in CLIENT_SETTINGS.items():

@@ -15,7 +15,7 @@ from stages.data.layout import split_files
 from tapeline.cache import read_manifest
 
 
-def parse_batch(serialized: Any, shape: tuple[int, int, int], normalize: bool) -> tuple[Any, Any]:
+def _parse_batch(serialized: Any, shape: tuple[int, int, int], normalize: bool) -> tuple[Any, Any]:
     """Vectorized parse of a batch of serialized Examples into (images, labels)."""
     import tensorflow as tf
 
@@ -69,19 +69,19 @@ def augment_batch(images: Any, augment: Augment, key: Any) -> Any:
     return images
 
 
-def epoch_seed(seed: int, epoch: Any) -> Any:
+def _epoch_seed(seed: int, epoch: Any) -> Any:
     """The seed of one epoch's shuffle and augmentation (the formula both input pipelines share)."""
     return seed * 100_003 + epoch
 
 
-def with_augmentation(ds: Any, augment: Augment, seed: int, epoch: Any, lane: int = 0, lanes: int = 1) -> Any:
+def _with_augmentation(ds: Any, augment: Augment, seed: int, epoch: Any, lane: int = 0, lanes: int = 1) -> Any:
     """Augment every (images, labels) batch of `ds`, keyed by (seed, epoch, batch index); worker `lane` of
     `lanes` draws its own keys."""
     import tensorflow as tf
 
     if not augment.active:
         return ds
-    base = tf.cast(epoch_seed(seed, epoch), tf.int64)
+    base = tf.cast(_epoch_seed(seed, epoch), tf.int64)
 
     def apply(index: Any, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         return augment_batch(batch[0], augment, tf.stack([base, index * lanes + lane])), batch[1]
@@ -112,7 +112,7 @@ def make_dataset(
     shape = tuple(manifest["input_spec"]["shape"])
     files = split_files(data_path, split)
     if training:
-        shuffle_seed = epoch_seed(seed, epoch)
+        shuffle_seed = _epoch_seed(seed, epoch)
         ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed)
         ds = ds.interleave(
             tf.data.TFRecordDataset, cycle_length=len(files), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
@@ -120,9 +120,9 @@ def make_dataset(
         ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     else:
         ds = tf.data.TFRecordDataset(files)
-    ds = ds.batch(batch_size).map(lambda s: parse_batch(s, shape, normalize), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(lambda s: _parse_batch(s, shape, normalize), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
-        ds = with_augmentation(ds, augment, seed, epoch)
+        ds = _with_augmentation(ds, augment, seed, epoch)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -136,7 +136,7 @@ def make_worker_dataset(data_path: Path, global_batch: int, workers: int, index:
 
     shape = tuple(read_manifest(data_path)["input_spec"]["shape"])
     files = split_files(data_path, "train")
-    shuffle_seed = epoch_seed(seed, epoch)
+    shuffle_seed = _epoch_seed(seed, epoch)
     by_file = len(files) >= workers
     # The same file order on every pass: the shard repeats, and each pass must take the same files.
     ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed,
@@ -148,9 +148,9 @@ def make_worker_dataset(data_path: Path, global_batch: int, workers: int, index:
     if not by_file:
         ds = ds.shard(workers, index)
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False).repeat()
-    ds = ds.batch(global_batch // workers).map(lambda s: parse_batch(s, shape, True),
+    ds = ds.batch(global_batch // workers).map(lambda s: _parse_batch(s, shape, True),
                                                num_parallel_calls=tf.data.AUTOTUNE)
-    return with_augmentation(ds, augment, seed, epoch, index, workers).prefetch(tf.data.AUTOTUNE)
+    return _with_augmentation(ds, augment, seed, epoch, index, workers).prefetch(tf.data.AUTOTUNE)
 
 
 def make_memory_dataset(images: Any, labels: Any, batch_size: int, *, seed: int = 0, epoch: int = 0,
@@ -173,7 +173,7 @@ def make_memory_dataset(images: Any, labels: Any, batch_size: int, *, seed: int 
         key = tf.stack([tf.constant(seed, tf.int64), number])
         order = tf.random.experimental.stateless_shuffle(tf.range(records, dtype=tf.int32), seed=key)
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(gather)
-        return with_augmentation(batches, augment, seed, number)
+        return _with_augmentation(batches, augment, seed, number)
 
     return tf.data.Dataset.range(epoch, epoch + epochs).flat_map(one_epoch).prefetch(2)
 

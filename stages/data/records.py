@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def varint(value: int) -> bytes:
+def _varint(value: int) -> bytes:
     """A non-negative integer in protobuf's base-128 varint encoding."""
     out = bytearray()
     while value > 0x7F:
@@ -18,27 +18,27 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def length_delimited(field: int, payload: bytes) -> bytes:
+def _length_delimited(field: int, payload: bytes) -> bytes:
     """A protobuf length-delimited field (wire type 2)."""
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
-def feature_entry(key: bytes, feature: bytes) -> bytes:
+def _feature_entry(key: bytes, feature: bytes) -> bytes:
     """One entry of tf.train.Features' `feature` map: {key, value: Feature}."""
-    return length_delimited(1, length_delimited(1, key) + length_delimited(2, feature))
+    return _length_delimited(1, _length_delimited(1, key) + _length_delimited(2, feature))
 
 
-def label_entry(label: int) -> bytes:
+def _label_entry(label: int) -> bytes:
     """The `label` entry: an int64 in a packed Int64List."""
-    return feature_entry(b"label", length_delimited(3, length_delimited(1, varint(int(label)))))
+    return _feature_entry(b"label", _length_delimited(3, _length_delimited(1, _varint(int(label)))))
 
 
 def serialize_example(image: np.ndarray, label: int) -> bytes:
     """One image as a serialized tf.train.Example: `image` raw uint8 bytes (a BytesList) and `label` an int64 (an
     Int64List). Encoded here rather than through tf.train.Example, which costs more than the rest of the write
     for small images; equal to it field for field (a test parses one with TensorFlow)."""
-    image_feature = length_delimited(1, length_delimited(1, image.tobytes()))  # Feature.bytes_list
-    return length_delimited(1, feature_entry(b"image", image_feature) + label_entry(label))
+    image_feature = _length_delimited(1, _length_delimited(1, image.tobytes()))  # Feature.bytes_list
+    return _length_delimited(1, _feature_entry(b"image", image_feature) + _label_entry(label))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,7 +46,7 @@ def example_frame(image_bytes: int, label: int) -> tuple[bytes, bytes]:
     """The bytes of `serialize_example` before and after the image's own bytes: they depend only on the image's
     size and the label, so each record is written as frame[0] + pixels + frame[1]."""
     full = serialize_example(np.zeros(image_bytes, np.uint8), label)
-    after = len(label_entry(label))
+    after = len(_label_entry(label))
     return full[:len(full) - after - image_bytes], full[len(full) - after:]
 
 

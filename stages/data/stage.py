@@ -28,17 +28,17 @@ GATHER_BYTES = 16 << 20  # what writing holds beyond the per-file bookkeeping
 log = logging.getLogger("tapeline.data")
 
 
-def image_options(config: DataConfig) -> tuple[tuple[str, ...] | None, ImageOptions]:
+def _image_options(config: DataConfig) -> tuple[tuple[str, ...] | None, ImageOptions]:
     """The class names and decoding options of an `images:` source."""
     return config.class_names, ImageOptions(image_size=config.image_size, color_mode=config.color_mode,
                                             interpolation=config.interpolation,
                                             crop_to_aspect_ratio=config.crop_to_aspect_ratio)
 
 
-def data_sources(config: DataConfig) -> list[Source]:
+def _data_sources(config: DataConfig) -> list[Source]:
     """The main source, then the optional extra Parquet data (a directory or bucket prefix with no Parquet file
     yet adds nothing)."""
-    sources = [resolve_source(config.source, config.tfds_data_dir, image_options(config))]
+    sources = [resolve_source(config.source, config.tfds_data_dir, _image_options(config))]
     if config.extra and not (extra := ParquetSource(config.extra)).is_empty():
         sources.append(extra)
     return sources
@@ -47,7 +47,7 @@ def data_sources(config: DataConfig) -> list[Source]:
 def source_identity(config: PipelineConfig, *_context: Any) -> list[dict[str, Any]]:
     """What the data fingerprint knows of the sources: checksums of their files, or a dataset name and version
     (the store and upstream fingerprints the graph also offers are not needed)."""
-    return [source.identity() for source in data_sources(config.data)]
+    return [source.identity() for source in _data_sources(config.data)]
 
 
 # ---------------------------------------------------------------- pools and selections
@@ -158,14 +158,14 @@ def whole(pool: Pool) -> Selection:
     return Selection(((pool, np.arange(len(pool))),))
 
 
-def concatenated(*selections: Selection) -> Selection:
+def _concatenated(*selections: Selection) -> Selection:
     """The selections one after another."""
     return Selection(tuple(segment for s in selections for segment in s.segments if len(segment[1])))
 
 
 # ---------------------------------------------------------------- splitting
 
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) sorted indices; each class gives round(fraction * n) (at least 1 when it has 2+)."""
     rng = np.random.default_rng(seed)
     held = []
@@ -181,13 +181,13 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return kept_idx, held_idx
 
 
-def grouped_holdout(keys: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+def _grouped_holdout(keys: np.ndarray, labels: np.ndarray, fraction: float, seed: int
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """`stratified_holdout` over distinct images (equal `image_keys`): every copy of an image lands in the same
+    """`_stratified_holdout` over distinct images (equal `image_keys`): every copy of an image lands in the same
     split. Each group is drawn by its first copy (its label), so data without duplicates splits exactly as before."""
     _, first, group = np.unique(keys, return_index=True, return_inverse=True)
     representatives = np.sort(first)
-    _, held = stratified_holdout(labels[representatives], fraction, seed)
+    _, held = _stratified_holdout(labels[representatives], fraction, seed)
     held_groups = np.zeros(len(first), bool)
     held_groups[group[representatives[held]]] = True
     held_mask = held_groups[group.reshape(-1)]
@@ -201,7 +201,7 @@ def limited(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
-def split_sources(raws: list[RawData], config: DataConfig, seed: int) -> tuple[dict[str, Selection], int]:
+def _split_sources(raws: list[RawData], config: DataConfig, seed: int) -> tuple[dict[str, Selection], int]:
     """(train / validation / test selections, training copies of test images dropped): test from the source (or
     carved), limit, then a stratified validation; carving is group-aware, so copies never straddle splits. Only
     indices are computed here: the images stay where the sources hold them until the shards are written."""
@@ -209,9 +209,9 @@ def split_sources(raws: list[RawData], config: DataConfig, seed: int) -> tuple[d
     dropped = 0
     train = whole(Pool.of([(r.train_images, r.train_labels) for r in raws], config.source))
     if main.test_images is None:
-        keep, held = grouped_holdout(train.keys, train.labels, config.test_fraction, seed + 1)
+        keep, held = _grouped_holdout(train.keys, train.labels, config.test_fraction, seed + 1)
         extra_test = whole(Pool.of([(r.test_images, r.test_labels) for r in raws[1:]], config.source))
-        test = concatenated(train.subset(held), extra_test)
+        test = _concatenated(train.subset(held), extra_test)
         train = train.subset(keep)
     else:
         test = whole(Pool.of([(r.test_images, r.test_labels) for r in raws], config.source))
@@ -231,7 +231,7 @@ def split_sources(raws: list[RawData], config: DataConfig, seed: int) -> tuple[d
         return {"train": train.subset(order),
                 "validation": whole(Pool.of([(main.validation_images, main.validation_labels)], config.source)),
                 "test": test}, dropped
-    keep, val = grouped_holdout(train.keys, train.labels, config.validation_fraction, seed)
+    keep, val = _grouped_holdout(train.keys, train.labels, config.validation_fraction, seed)
     if len(val) == 0 or len(keep) == 0:
         raise DataSourceError(
             f"{config.source}: {len(train)} training examples leave an empty train or validation split; "
@@ -260,7 +260,7 @@ def write_shards(directory: Path, split: str, selection: Selection, shards: int)
     return names
 
 
-def unreadable_files(raws: list[RawData]) -> dict[str, Any]:
+def _unreadable_files(raws: list[RawData]) -> dict[str, Any]:
     """What the manifest says of files a source skipped: `skipped` [{path, reason}] image files, `image_files` (how
     many were tried), `unwalked` [{path, reason}] folders and links that were not walked (link loops, unreadable
     directories: never counted as images); nothing for sources without files of their own."""
@@ -280,7 +280,7 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     """Load the sources, split, write every split's shards; returns the manifest body."""
     config = inputs.config
     started = time.perf_counter()
-    sources = data_sources(config.data)
+    sources = _data_sources(config.data)
     # The graph computed the identity for the fingerprint already (for an image folder: a walk of every file).
     identity = inputs.external if inputs.external is not None else [s.identity() for s in sources]
     raws = [s.load_listed(known) if isinstance(s, ImageFolderSource) else s.load()
@@ -288,7 +288,7 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
     names = max((r.class_names for r in raws), key=len)
     loaded = time.perf_counter()
     try:
-        splits, dropped = split_sources(raws, config.data, config.seed)
+        splits, dropped = _split_sources(raws, config.data, config.seed)
         shard_files = {split: write_shards(staging, split, selection, config.data.shards)
                        for split, selection in splits.items()}
         labels = {split: selection.labels for split, selection in splits.items()}
@@ -305,7 +305,7 @@ def build_data(staging: Path, inputs: StageInputs) -> dict[str, Any]:
         "input_spec": {"shape": shape, "class_names": list(names)},
         "encoding": ENCODING,
         "dropped_test_duplicates": dropped,
-        **unreadable_files(raws),
+        **_unreadable_files(raws),
         "normalization": "float32 = uint8 / 255, in the reader after batching",
         "splits": {
             split: {

@@ -25,7 +25,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def idx_rows(directory: Path) -> dict[str, tuple[Any, int | None]]:
+def _idx_rows(directory: Path) -> dict[str, tuple[Any, int | None]]:
     """key -> (uint8 [H, W, C] image, label or None) of every IDX images file in `directory` (labels when its
     labels file is there)."""
     if not directory.is_dir():
@@ -51,7 +51,7 @@ def idx_rows(directory: Path) -> dict[str, tuple[Any, int | None]]:
     return rows
 
 
-def parquet_rows(pattern: str) -> dict[str, tuple[Any, int | None]]:
+def _parquet_rows(pattern: str) -> dict[str, tuple[Any, int | None]]:
     """key -> (the row's image cell, label or None) of every Parquet file a path names; the cells are decoded
     when scored."""
     import pyarrow.parquet as pq
@@ -82,7 +82,7 @@ def source_rows(source: str) -> dict[str, tuple[Any, int | None]]:
             if "://" in location:
                 raise ScoreError(f"score: {source}: idx: and parquet: sources are scored from disk; copy them "
                                  "here, or write their images as files under images:")
-            _ROWS[source] = idx_rows(Path(location)) if source.startswith("idx:") else parquet_rows(location)
+            _ROWS[source] = _idx_rows(Path(location)) if source.startswith("idx:") else _parquet_rows(location)
         return _ROWS[source]
 
 

@@ -57,10 +57,10 @@ def training_baseline(store: Store, model: ScoringModel) -> dict[str, Any] | Non
     data_fp = ((train or {}).get("upstream") or {}).get("data")
     if data_fp is None or (store.manifest(BASELINES, data_fp) is None and store.manifest("data", data_fp) is None):
         return None
-    return stored_baseline(store, data_fp)
+    return _stored_baseline(store, data_fp)
 
 
-def stored_baseline(store: Store, data_fp: str) -> dict[str, Any]:
+def _stored_baseline(store: Store, data_fp: str) -> dict[str, Any]:
     """The class shares and grey-level histogram of a data output's training split, computed once (reading every
     training image) and kept in the store beside the scores (`scores/baselines/<data fingerprint>/`)."""
 
@@ -118,11 +118,11 @@ def drift_figures(stats: dict[str, Any], baseline: dict[str, Any] | None, model:
 def drift_report(figures: dict[str, Any], stats: dict[str, Any], baseline: dict[str, Any] | None,
                  model: ScoringModel, source: str) -> dict[str, bytes]:
     """The report's files: `drift.md` and `drift.png`."""
-    return {"drift.md": drift_markdown(figures, model, source).encode(),
-            "drift.png": drift_picture(stats, baseline, model.spec.class_names)}
+    return {"drift.md": _drift_markdown(figures, model, source).encode(),
+            "drift.png": _drift_picture(stats, baseline, model.spec.class_names)}
 
 
-def drift_markdown(figures: dict[str, Any], model: ScoringModel, source: str) -> str:
+def _drift_markdown(figures: dict[str, Any], model: ScoringModel, source: str) -> str:
     """The drift report as Markdown."""
     def shown(value: Any, digits: int = 4) -> str:
         return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -142,7 +142,7 @@ def drift_markdown(figures: dict[str, Any], model: ScoringModel, source: str) ->
     return "\n".join(lines) + "\n"
 
 
-def drift_picture(stats: dict[str, Any], baseline: dict[str, Any] | None, class_names: Sequence[str]) -> bytes:
+def _drift_picture(stats: dict[str, Any], baseline: dict[str, Any] | None, class_names: Sequence[str]) -> bytes:
     """Grey levels and predicted class shares of the batch beside the training data's, as a PNG."""
     import matplotlib
 

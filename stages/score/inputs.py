@@ -57,7 +57,7 @@ class SourceListing:
         return any(i.label is not None for i in self.inputs)
 
 
-def source_root(source: str) -> str:
+def _source_root(source: str) -> str:
     """The folder or bucket prefix of an `images:` source; ScoreError for any other kind."""
     if not source.startswith(SCHEME) or not source[len(SCHEME):].strip():
         raise ScoreError(f"score: SOURCE {source!r} is not images:DIR (a folder of {IMAGE_FORMATS} files, flat or in "
@@ -75,7 +75,7 @@ def label_of(relative: str, class_names: Sequence[str]) -> int | None:
     return None
 
 
-def list_array_source(source: str, class_names: Sequence[str]) -> SourceListing:
+def _list_array_source(source: str, class_names: Sequence[str]) -> SourceListing:
     """The rows of an `idx:` or `parquet:` source now (read again: a file may have changed since)."""
     forget(source)
     rows = source_rows(source)
@@ -88,8 +88,8 @@ def list_array_source(source: str, class_names: Sequence[str]) -> SourceListing:
 def list_source(source: str, class_names: Sequence[str]) -> SourceListing:
     """The inputs of a source now; ScoreError naming the source when it does not exist or holds no image."""
     if source.startswith(ARRAY_SCHEMES):
-        return list_array_source(source, class_names)
-    root = source_root(source)
+        return _list_array_source(source, class_names)
+    root = _source_root(source)
     try:
         listing = list_files(root)
     except DataSourceError as exc:
@@ -109,11 +109,11 @@ def fitted_images(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resi
     """(index into `inputs`, the image fitted to the model's input as `tapeline predict` fits it, None) or
     (index, None, why it was skipped) for each input, in order."""
     if root.startswith(ARRAY_SCHEMES):
-        return fitted_rows(root, inputs, spec, resize)
-    return fitted_files(root, inputs, spec, resize)
+        return _fitted_rows(root, inputs, spec, resize)
+    return _fitted_files(root, inputs, spec, resize)
 
 
-def fitted_rows(source: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
+def _fitted_rows(source: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
     """`fitted_images` for the rows of an `idx:` or `parquet:` source."""
     for index, member in enumerate(inputs):
         try:
@@ -122,7 +122,7 @@ def fitted_rows(source: str, inputs: Sequence[ScoreInput], spec: InputSpec, resi
             yield index, None, str(exc)[:300]
 
 
-def fitted_files(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
+def _fitted_files(root: str, inputs: Sequence[ScoreInput], spec: InputSpec, resize: Resize) -> Fitted:
     """`fitted_images` for the files of an `images:` folder or bucket prefix (read a window at a time)."""
     files = tuple(ImageFile(i.key, i.size, i.digest) for i in inputs)
     for window in read_sources(root, files):

@@ -29,7 +29,7 @@ def scores_stage(version: str, kind: str) -> str:
     return f"scores/{version}/{kind}"
 
 
-def shard_fingerprint(model: ScoringModel, members: Sequence[ScoreInput]) -> str:
+def _shard_fingerprint(model: ScoringModel, members: Sequence[ScoreInput]) -> str:
     """A shard's fingerprint: the model's export, its members' keys and digests, the scoring code."""
     return fingerprint({"model": model.export_fingerprint, "members": sorted((m.key, m.digest) for m in members),
                         "code": code_fingerprint("stages.score.shards")})[:16]
@@ -70,7 +70,7 @@ def to_score(listing: SourceListing, done: dict[tuple[str, str], str]) -> list[S
     return [i for i in listing.inputs if (i.key, i.digest) not in done]
 
 
-def score_rows(model: ScoringModel, root: str, members: Sequence[ScoreInput], batch_size: int
+def _score_rows(model: ScoringModel, root: str, members: Sequence[ScoreInput], batch_size: int
                ) -> tuple[dict[str, list[Any]], list[dict[str, str]], np.ndarray]:
     """Score the members: (columns of the rows, the skipped inputs {path, reason}, the grey-level counts of the
     fitted images)."""
@@ -112,7 +112,7 @@ def score_rows(model: ScoringModel, root: str, members: Sequence[ScoreInput], ba
     return columns, skipped, counts
 
 
-def write_rows(path: Path, columns: dict[str, list[Any]]) -> None:
+def _write_rows(path: Path, columns: dict[str, list[Any]]) -> None:
     """The rows as a Parquet file (probabilities as a list column)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -130,11 +130,11 @@ def score_shard(ref: ModelRef, root: str, members: list[ScoreInput], batch_size:
     here, a Dask worker elsewhere): the model is resolved and loaded there, once per process."""
     model = resolve(ref)
     store = open_store(ref.artifacts)
-    fp = shard_fingerprint(model, members)
+    fp = _shard_fingerprint(model, members)
 
     def make(staging: Path, _save_partial: Any) -> dict[str, Any]:
-        columns, skipped, counts = score_rows(model, root, members, batch_size)
-        write_rows(staging / ROWS, columns)
+        columns, skipped, counts = _score_rows(model, root, members, batch_size)
+        _write_rows(staging / ROWS, columns)
         return {"stage": "score-shard", "model_version": ref.label, "model": model.export_fingerprint,
                 "members": [[m.key, m.digest] for m in members], "rows": len(columns["key"]), "skipped": skipped,
                 "pixel_counts": counts.tolist()}
@@ -150,7 +150,7 @@ def snapshot_fingerprint(model: ScoringModel, listing: SourceListing) -> str:
                         "code": code_fingerprint("stages.score.shards")})[:16]
 
 
-def gather_rows(store: Store, version: str, listing: SourceListing, shards: Sequence[str]) -> Any:
+def _gather_rows(store: Store, version: str, listing: SourceListing, shards: Sequence[str]) -> Any:
     """The rows of every current input, read from the shards that hold them (a changed file's old row left out)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -172,7 +172,7 @@ def gather_rows(store: Store, version: str, listing: SourceListing, shards: Sequ
     return table.set_column(table.schema.get_field_index("key"), "path", pc.cast(table["key"], pa.string()))
 
 
-def shard_skips(store: Store, version: str, shards: Sequence[str]) -> list[dict[str, str]]:
+def _shard_skips(store: Store, version: str, shards: Sequence[str]) -> list[dict[str, str]]:
     """The inputs the given shards skipped (unreadable), with their paths and reasons."""
     skipped: list[dict[str, str]] = []
     for shard in shards:
@@ -180,7 +180,7 @@ def shard_skips(store: Store, version: str, shards: Sequence[str]) -> list[dict[
     return skipped
 
 
-def current_shards(listing: SourceListing, done: dict[tuple[str, str], str]) -> list[str]:
+def _current_shards(listing: SourceListing, done: dict[tuple[str, str], str]) -> list[str]:
     """The shards that hold the source's current inputs, sorted."""
     return sorted({done[k] for i in listing.inputs if (k := (i.key, i.digest)) in done})
 
@@ -194,15 +194,15 @@ def write_snapshot(store: Store, model: ScoringModel, listing: SourceListing, do
 
     version = model.ref.label
     stage = scores_stage(version, OUTPUTS)
-    shards = current_shards(listing, done)
+    shards = _current_shards(listing, done)
 
     def make(staging: Path, _save_partial: Any) -> dict[str, Any]:
-        table = gather_rows(store, version, listing, shards)
+        table = _gather_rows(store, version, listing, shards)
         if table is not None:
             pq.write_table(table, staging / PREDICTIONS)
         for name, data in report.items():
             (staging / name).write_bytes(data)
-        skipped = [*listing.skipped, *shard_skips(store, version, shards)]
+        skipped = [*listing.skipped, *_shard_skips(store, version, shards)]
         return {"stage": "score", "source": source, "model_version": version, "model": model.export_fingerprint,
                 "images": 0 if table is None else table.num_rows, "skipped": skipped, "drift": drift,
                 "shards": shards}

@@ -15,7 +15,7 @@ from tapeline.errors import TrainingError
 log = logging.getLogger("tapeline.train")
 
 
-def seed_generator_states(model: Any) -> list[Any]:
+def _seed_generator_states(model: Any) -> list[Any]:
     """The RNG state variables of the model's layers (dropout), which Keras does not checkpoint itself."""
     return [v.value for v in model.variables if "seed_generator" in v.path]
 
@@ -43,7 +43,7 @@ class Checkpointer:
         self.best_weights = [tf.Variable(w, trainable=False) for w in model.get_weights()]
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, state=self.state, best_weights=self.best_weights,
-            rng=seed_generator_states(model),
+            rng=_seed_generator_states(model),
         )
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=keep)
 

@@ -15,7 +15,7 @@ import numpy as np
 Weights = list[np.ndarray]
 
 
-def resolve_mode(monitor: str, mode: str) -> str:
+def _resolve_mode(monitor: str, mode: str) -> str:
     """`auto` is `min` for losses and `max` for accuracies, as Keras decides for these metrics."""
     if mode != "auto":
         return mode
@@ -47,7 +47,7 @@ class EarlyStopping:
         """`value` beats `reference` by more than |min_delta|; compared in float32, as Keras's ops do."""
         if reference is None:
             return True
-        if resolve_mode(self.monitor, self.mode) == "min":
+        if _resolve_mode(self.monitor, self.mode) == "min":
             return bool(np.float32(value + abs(self.min_delta)) < np.float32(reference))
         return bool(np.float32(value - abs(self.min_delta)) > np.float32(reference))
 
@@ -108,7 +108,7 @@ class ReduceLROnPlateau:
         current = logs.get(self.monitor)
         if current is None or self.patience == 0:
             return learning_rate
-        minimize = resolve_mode(self.monitor, self.mode) == "min"
+        minimize = _resolve_mode(self.monitor, self.mode) == "min"
         improved = self.best is None or (
             current < self.best - self.min_delta if minimize else current > self.best + self.min_delta
         )

@@ -25,7 +25,7 @@ def make_strategy(config: TrainConfig, cluster: Cluster | None = None) -> Any:
     if cluster is not None or config.strategy == "multi_worker":
         if cluster is not None:
             check_port_free(cluster)
-            configure_coordination(cluster, config.worker_timeout_seconds)
+            _configure_coordination(cluster, config.worker_timeout_seconds)
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=config.worker_timeout_seconds)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     gpus = tf.config.list_logical_devices("GPU")
@@ -36,7 +36,7 @@ def make_strategy(config: TrainConfig, cluster: Cluster | None = None) -> Any:
     return tf.distribute.MirroredStrategy(devices)
 
 
-def configure_coordination(cluster: Cluster, timeout: float) -> None:
+def _configure_coordination(cluster: Cluster, timeout: float) -> None:
     """Have TensorFlow's coordination service give up on a worker that never joins after `timeout` seconds
     (its default is an hour) and on one silent for min(timeout, 10 s). The strategy would configure the
     service itself with the defaults; this goes through the runtime's private API, so failing is harmless."""
@@ -54,7 +54,7 @@ def configure_coordination(cluster: Cluster, timeout: float) -> None:
         )
 
 
-def tensorflow_gpus() -> list[dict[str, Any]]:
+def _tensorflow_gpus() -> list[dict[str, Any]]:
     """The GPUs TensorFlow sees, [{name, capability}] (what decides the device and `auto` precision)."""
     import tensorflow as tf
 
@@ -67,7 +67,7 @@ def tensorflow_gpus() -> list[dict[str, Any]]:
     return gpus
 
 
-def training_device(gpus: list[dict[str, Any]]) -> str:
+def _training_device(gpus: list[dict[str, Any]]) -> str:
     """The device that trains, as the run log and the train manifest name it."""
     if gpus:
         first = gpus[0]
@@ -79,14 +79,14 @@ def training_device(gpus: list[dict[str, Any]]) -> str:
 def precision_decision(name: str, gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`train.precision` resolved for this machine (the GPUs TensorFlow sees, or a given list), with the reason,
     the device that trains and the CPU (model, cores, ISA features), as the train manifest and model card record."""
-    gpus = tensorflow_gpus() if gpus is None else gpus
+    gpus = _tensorflow_gpus() if gpus is None else gpus
     if name != "auto":
         resolved, reason = name, "set explicitly"
     elif gpus:
         resolved, reason = gpu_precision(gpus[0]["name"], gpus[0]["capability"])
     else:
         resolved, reason = cpu_precision()
-    return {"requested": name, "resolved": resolved, "reason": reason, "device": training_device(gpus), "cpu": cpu()}
+    return {"requested": name, "resolved": resolved, "reason": reason, "device": _training_device(gpus), "cpu": cpu()}
 
 
 def resolve_precision(name: str, gpus: list[dict[str, Any]] | None = None) -> str:

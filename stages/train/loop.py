@@ -14,9 +14,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # for the reader and the type checker; TensorFlow is imported inside the functions that use it
+    import keras
+    import tensorflow as tf
 
 from stages.data.readers import (
     Augment,
@@ -85,7 +89,7 @@ def make_early_stopping(config: TrainConfig) -> EarlyStopping:
     )
 
 
-def make_lr_schedule(config: TrainConfig) -> ReduceLROnPlateau:
+def _make_lr_schedule(config: TrainConfig) -> ReduceLROnPlateau:
     """ReduceLROnPlateau on the early-stopping monitor, from the train config."""
     return ReduceLROnPlateau(monitor=config.monitor, mode=config.mode, factor=config.reduce_lr_factor,
                              patience=config.reduce_lr_patience, min_lr=config.min_learning_rate)
@@ -93,12 +97,12 @@ def make_lr_schedule(config: TrainConfig) -> ReduceLROnPlateau:
 
 # ---------------------------------------------------------------- the loop
 
-def steps_for(records: int, batch_size: int) -> int:
+def _steps_for(records: int, batch_size: int) -> int:
     """Batches in an epoch, the last partial one included."""
     return math.ceil(records / batch_size)
 
 
-def progress_bar(steps: int) -> Any | None:
+def _progress_bar(steps: int) -> Any | None:
     """A Keras progress bar on an interactive terminal, else None (logs get one line per epoch)."""
     if not sys.stdout.isatty():
         return None
@@ -110,7 +114,7 @@ def progress_bar(steps: int) -> Any | None:
 VALIDATION_BATCH = 1024
 
 
-def release_beside(holder: list[Any]) -> None:
+def _release_beside(holder: list[Any]) -> None:
     """Drop the references in `holder` (the caller's last ones) on a short-lived thread: tearing down a tf.data
     iterator waits for its reader threads, which held the training thread for up to 7 s between epochs
     (seen with py-spy under the v1 preset). Not a daemon, so the process still waits for it at exit."""
@@ -128,14 +132,14 @@ class Trainer:
 
     config: PipelineConfig
     data: DataResult
-    strategy: Any
-    model: Any
-    optimizer: Any
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
     steps: StepFunctions
     train_metrics: EpochMetrics
     val_metrics: EpochMetrics
     checkpointer: Checkpointer
-    train_in_memory: tuple[Any, Any] | None
+    train_in_memory: tuple[tf.Tensor, tf.Tensor] | None  # uint8 images, labels
     precision: str = "float32"
     cluster: Cluster | None = None
     memory_iterator: Any = field(default=None, repr=False)
@@ -145,7 +149,7 @@ class Trainer:
 
     def replace_stream_iterator(self, new: Any) -> Any:
         """Make `new` the current training iterator and drop the previous one beside training."""
-        release_beside([self.stream_iterator])
+        _release_beside([self.stream_iterator])
         self.stream_iterator = new
         return new
 
@@ -155,7 +159,7 @@ class Trainer:
         teardown ran here)."""
         held = [self.memory_iterator, self.validation_iterator, self.stream_iterator]
         self.memory_iterator = self.validation_iterator = self.stream_iterator = None
-        release_beside(held)
+        _release_beside(held)
 
     def training_batches(self, epoch: int) -> Any:
         """An iterator over the training split for `epoch` (in memory: one iterator for all epochs)."""
@@ -198,13 +202,13 @@ class Trainer:
             self.validation_iterator = iter(
                 self.strategy.distribute_datasets_from_function(whole_split) if self.cluster is not None
                 else self.strategy.experimental_distribute_dataset(whole_split()))
-        return self.validation_iterator, steps_for(self.data.records["validation"], VALIDATION_BATCH)
+        return self.validation_iterator, _steps_for(self.data.records["validation"], VALIDATION_BATCH)
 
     def check_finite(self, epoch: int) -> None:
         """Raise TrainingError naming the epoch and step of the first non-finite loss."""
         step = int(self.steps.nonfinite_step.numpy())
         if step >= 0:
-            per_epoch = steps_for(self.data.records["train"], self.config.data.batch_size)
+            per_epoch = _steps_for(self.data.records["train"], self.config.data.batch_size)
             raise TrainingError(
                 f"non-finite loss at epoch {epoch + 1}, step {step - epoch * per_epoch + 1} "
                 f"(global step {step + 1}); the last good checkpoint is "
@@ -216,9 +220,9 @@ class Trainer:
         """One pass over the training split, `steps_per_execution` batches per call; (loss, acc, seconds)."""
         import tensorflow as tf
 
-        total = steps_for(self.data.records["train"], self.config.data.batch_size)
+        total = _steps_for(self.data.records["train"], self.config.data.batch_size)
         chunk = self.config.train.steps_per_execution
-        bar = progress_bar(total)
+        bar = _progress_bar(total)
         started = time.perf_counter()
         iterator = self.training_batches(epoch)
         self.train_metrics.reset_state()
@@ -248,7 +252,7 @@ class Trainer:
         return float(np.asarray(self.optimizer.learning_rate))
 
 
-def uses_memory_pipeline(config: TrainConfig, data: DataResult, replicas: int) -> bool:
+def _uses_memory_pipeline(config: TrainConfig, data: DataResult, replicas: int) -> bool:
     """Whether the training split is held in memory (see `train.input_pipeline`)."""
     if config.input_pipeline != "auto":
         if config.input_pipeline == "memory" and config.workers > 1:
@@ -259,7 +263,7 @@ def uses_memory_pipeline(config: TrainConfig, data: DataResult, replicas: int) -
     return replicas == 1 and split_bytes <= MEMORY_BUDGET_BYTES
 
 
-def memory_split(data: DataResult) -> tuple[Any, Any]:
+def _memory_split(data: DataResult) -> tuple[tf.Tensor, tf.Tensor]:
     """The uint8 training split as tensors, read once from the TFRecord cache."""
     import tensorflow as tf
 
@@ -280,20 +284,21 @@ def build_trainer(config: PipelineConfig, data: DataResult, model_result: ModelR
         model.load_weights(model_result.path / WEIGHTS_FILE)
         if init is not None:
             warm_start(model, init[0], init[1], data.input_spec)
-        optimizer = make_optimizer(config.train, steps_for(data.records["train"], config.data.batch_size), precision)
+        optimizer = make_optimizer(config.train, _steps_for(data.records["train"], config.data.batch_size), precision)
         optimizer.build(model.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     train_metrics, val_metrics = EpochMetrics("train"), EpochMetrics("val")
     steps = make_step_functions(model, optimizer, loss_fn, train_metrics, val_metrics, strategy,
                                 jit_compile=config.train.jit_compile)
     checkpointer = Checkpointer(checkpoints, model, optimizer, config.train.checkpoints_to_keep)
-    in_memory = memory_split(data) if uses_memory_pipeline(config.train, data, strategy.num_replicas_in_sync) else None
+    replicas = strategy.num_replicas_in_sync
+    in_memory = _memory_split(data) if _uses_memory_pipeline(config.train, data, replicas) else None
     return Trainer(config, data, strategy, model, optimizer, steps, train_metrics, val_metrics, checkpointer,
                    in_memory, precision, cluster if cluster is not None and cluster.size > 1 else None)
 
 
 @contextlib.contextmanager
-def peers_checked(cluster: Cluster | None, timeout: float) -> Iterator[None]:
+def _peers_checked(cluster: Cluster | None, timeout: float) -> Iterator[None]:
     """On a cluster, turn TensorFlow's errors about a dead or silent peer into one TrainingError naming it."""
     import tensorflow as tf
 
@@ -333,7 +338,7 @@ class EpochSideWork:
         self.executor.shutdown(wait=True)
 
 
-def report_epoch(writer: Any, row: dict[str, float], on_epoch_end: EpochCallback | None, max_epochs: int) -> None:
+def _report_epoch(writer: Any, row: dict[str, float], on_epoch_end: EpochCallback | None, max_epochs: int) -> None:
     """TensorBoard scalars of the epoch, then the epoch callback."""
     import tensorflow as tf
 
@@ -353,7 +358,7 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
     import tensorflow as tf
 
     config = trainer.config.train
-    schedule = make_lr_schedule(config)
+    schedule = _make_lr_schedule(config)
     early_stopping.on_train_begin()
     state = trainer.checkpointer.restore_latest(early_stopping, schedule) or TrainingState(0, [], None, 0.0)
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
@@ -362,7 +367,7 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
     side_work = EpochSideWork()
     try:
         while epoch < last and not stopped:
-            with peers_checked(trainer.cluster, config.worker_timeout_seconds):
+            with _peers_checked(trainer.cluster, config.worker_timeout_seconds):
                 loss, accuracy, seconds = trainer.train_epoch(epoch)
                 val_loss, val_accuracy = trainer.validate()
             row = {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
@@ -375,10 +380,10 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
             state = TrainingState(epoch, [*state.history, row], early_stopping.state(),
                                   state.wall_seconds + seconds, schedule.state())
             side_work.wait()
-            with peers_checked(trainer.cluster, config.worker_timeout_seconds):
+            with _peers_checked(trainer.cluster, config.worker_timeout_seconds):
                 trainer.checkpointer.save(state, early_stopping)
             log.info(epoch_log_line(row))
-            side_work.submit(partial(report_epoch, writer, row, on_epoch_end, config.max_epochs))
+            side_work.submit(partial(_report_epoch, writer, row, on_epoch_end, config.max_epochs))
             if should_stop is not None and not stopped and epoch < last:
                 side_work.wait()
                 if should_stop(state.history):

@@ -6,10 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the reader and the type checker; TensorFlow is imported inside the functions that use it
+    import keras
+    import tensorflow as tf
 
 
-def replica_train_step(model: Any, optimizer: Any, loss_fn: Any, images: Any, labels: Any) -> tuple[Any, Any, Any]:
+def _replica_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn: keras.losses.Loss,
+                        images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One training step on one replica: forward under the tape, loss, gradients, apply (the tutorial's step).
 
     Returns the batch's (summed loss, correct predictions, examples) for the epoch metrics."""
@@ -26,7 +31,8 @@ def replica_train_step(model: Any, optimizer: Any, loss_fn: Any, images: Any, la
     return batch_statistics(per_example, logits, labels)
 
 
-def replica_eval_step(model: Any, loss_fn: Any, images: Any, labels: Any) -> tuple[Any, Any, Any]:
+def _replica_eval_step(model: keras.Model, loss_fn: keras.losses.Loss, images: tf.Tensor, labels: tf.Tensor
+                       ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One validation step on one replica: (summed loss, correct predictions, examples) of the batch."""
     import tensorflow as tf
 
@@ -72,12 +78,13 @@ class EpochMetrics:
 class StepFunctions:
     """Compiled multi-step functions: each runs `steps` batches from an iterator in one call."""
 
-    train: Any
-    evaluate: Any
-    nonfinite_step: Any
+    train: Callable[[Any, tf.Tensor], None]  # (iterator, steps)
+    evaluate: Callable[[Any, tf.Tensor], None]
+    nonfinite_step: tf.Variable
 
 
-def batch_statistics(per_example_loss: Any, logits: Any, labels: Any) -> tuple[Any, Any, Any]:
+def batch_statistics(per_example_loss: tf.Tensor, logits: tf.Tensor, labels: tf.Tensor
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(summed loss, correct predictions, examples) of one batch on one replica."""
     import tensorflow as tf
 
@@ -90,12 +97,12 @@ def batch_statistics(per_example_loss: Any, logits: Any, labels: Any) -> tuple[A
 
 
 def make_step_functions(
-    model: Any,
-    optimizer: Any,
-    loss_fn: Any,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss_fn: keras.losses.Loss,
     train_metrics: EpochMetrics,
     val_metrics: EpochMetrics,
-    strategy: Any,
+    strategy: tf.distribute.Strategy,
     *,
     jit_compile: bool = False,
 ) -> StepFunctions:
@@ -107,9 +114,9 @@ def make_step_functions(
     import tensorflow as tf
 
     nonfinite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="nonfinite_step")
-    train_on_replica = tf.function(partial(replica_train_step, model, optimizer, loss_fn), jit_compile=jit_compile,
+    train_on_replica = tf.function(partial(_replica_train_step, model, optimizer, loss_fn), jit_compile=jit_compile,
                                    autograph=False)
-    eval_on_replica = partial(replica_eval_step, model, loss_fn)
+    eval_on_replica = partial(_replica_eval_step, model, loss_fn)
 
     def reduced(per_replica: tuple[Any, Any, Any]) -> list[Any]:
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]

@@ -23,7 +23,7 @@ KEY = "train.init_from"
 FIX = "use --set train.init_from=none to train from scratch"
 
 
-def split_location(text: str) -> tuple[str | Path, str, str]:
+def _split_location(text: str) -> tuple[str | Path, str, str]:
     """(store root, stage, fingerprint) of an exported model's directory path or URL."""
     if is_remote(text):
         root, stage, fp = text.rstrip("/").rsplit("/", 2)
@@ -35,7 +35,7 @@ def split_location(text: str) -> tuple[str | Path, str, str]:
 STORE_PLACES = ("models", "serving", "export")
 
 
-def init_location(text: str, store: Store) -> str:
+def _init_location(text: str, store: Store) -> str:
     """Where `train.init_from` points: a URL or an absolute path as given; `models/vNNNN`, `serving/N` or
     `export/<fingerprint>` inside the artifacts (a directory or a bucket), as `tapeline runs` and the docs name
     them; any other relative path from the current directory."""
@@ -56,10 +56,10 @@ def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, 
         if pointer is None:
             return None
         return {"from": "production", "version": pointer["version"], "train_fingerprint": pointer["train_fingerprint"]}
-    location = init_location(wanted, store)
-    root, stage, fp = split_location(location)
+    location = _init_location(wanted, store)
+    root, stage, fp = _split_location(location)
     version = registry_version(stage, fp)
-    manifest = version_manifest(open_store(root), version) if version else open_store(root).manifest(stage, fp)
+    manifest = _version_manifest(open_store(root), version) if version else open_store(root).manifest(stage, fp)
     train_fp = ((manifest or {}).get("upstream") or {}).get("train")
     if manifest is None or not isinstance(train_fp, str):
         tried = "" if location == wanted else f" (looked in the artifacts: {location})"
@@ -69,7 +69,7 @@ def init_identity(config: PipelineConfig, store: Store, _upstream: Mapping[str, 
     return {"from": wanted, "train_fingerprint": train_fp, **({"version": version} if version else {})}
 
 
-def version_manifest(store: Store, version: str) -> dict[str, Any] | None:
+def _version_manifest(store: Store, version: str) -> dict[str, Any] | None:
     """A promoted version's manifest (the export's, copied with it) when the version is complete, else None. A
     version directory keeps its export's manifest, whose fingerprint is the export's, not `vNNNN`."""
     try:
@@ -81,11 +81,11 @@ def version_manifest(store: Store, version: str) -> dict[str, Any] | None:
     return read_manifest(directory)
 
 
-def init_model_dir(identity: Mapping[str, Any], store: Store) -> Path:
+def _init_model_dir(identity: Mapping[str, Any], store: Store) -> Path:
     """A local directory with the starting model's model.keras and model_card.json (fetched when remote)."""
     if identity["from"] == "production":
         return local_version(store, identity["version"])
-    root, stage, fp = split_location(init_location(identity["from"], store))
+    root, stage, fp = _split_location(_init_location(identity["from"], store))
     if "version" in identity:
         return local_version(open_store(root), identity["version"])
     return open_store(root).fetch(stage, fp)[1]
@@ -100,7 +100,7 @@ def describe(identity: Mapping[str, Any] | None, wanted: str) -> str:
     return f"warm-started from {where} (train fingerprint {identity['train_fingerprint']})"
 
 
-def incompatibility(card_spec: Mapping[str, Any], spec: InputSpec, theirs: list[tuple[str, tuple[int, ...]]],
+def _incompatibility(card_spec: Mapping[str, Any], spec: InputSpec, theirs: list[tuple[str, tuple[int, ...]]],
                     ours: list[tuple[str, tuple[int, ...]]]) -> str | None:
     """What differs between the starting model and this run's (input shape, class names, architecture), or None."""
     if tuple(card_spec.get("shape", ())) != spec.shape:
@@ -124,7 +124,7 @@ def warm_start(model: Any, identity: Mapping[str, Any], store: Store, spec: Inpu
 
     import keras
 
-    directory = init_model_dir(identity, store)
+    directory = _init_model_dir(identity, store)
     where = f"{KEY}={identity['from']}" + (f" ({identity['version']})" if "version" in identity else "")
     try:
         card_spec = json.loads((directory / "model_card.json").read_text())["input_spec"]
@@ -133,7 +133,7 @@ def warm_start(model: Any, identity: Mapping[str, Any], store: Store, spec: Inpu
         raise ConfigError(f"{where}: cannot load its model ({type(exc).__name__}: {exc}); {FIX}") from None
     theirs = [(w.path, tuple(w.shape)) for w in source.weights]
     ours = [(w.path, tuple(w.shape)) for w in model.weights]
-    problem = incompatibility(card_spec, spec, theirs, ours)
+    problem = _incompatibility(card_spec, spec, theirs, ours)
     if problem is not None:
         raise ConfigError(f"{where} does not fit this run: {problem}; {FIX}")
     model.set_weights(source.get_weights())

@@ -26,7 +26,7 @@ MAX_IDX_DATA_BYTES = 2 * 1024**3  # 45x Fashion-MNIST's training images
 
 # ---------------------------------------------------------------- IDX
 
-def idx_header(data: bytes, where: str) -> tuple[int, list[int], np.dtype]:
+def _idx_header(data: bytes, where: str) -> tuple[int, list[int], np.dtype]:
     """(header length, dims, dtype) of an IDX buffer's header: magic (0, 0, dtype, ndim), big-endian dims."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES or not 1 <= data[3] <= 4:
         raise DataSourceError(
@@ -49,7 +49,7 @@ def read_idx_bytes(path: Path) -> bytes:
         with (gzip.open(path, "rb") if compressed else path.open("rb")) as f:
             head = f.read(4)
             head += f.read(4 * head[3]) if len(head) == 4 and 1 <= head[3] <= 4 else b""
-            header, dims, dtype = idx_header(head, str(path))
+            header, dims, dtype = _idx_header(head, str(path))
             declared = math.prod(dims) * dtype.itemsize
             if declared > MAX_IDX_DATA_BYTES:
                 raise DataSourceError(f"{path}: header declares dims {dims} ({declared / 1e9:.1f} GB of data), more "
@@ -66,7 +66,7 @@ def read_idx_bytes(path: Path) -> bytes:
 
 def parse_idx(data: bytes, where: str) -> np.ndarray:
     """Parse an IDX buffer: magic (0, 0, dtype, ndim), big-endian dims, then the values."""
-    header, dims, dtype = idx_header(data, where)
+    header, dims, dtype = _idx_header(data, where)
     expected = math.prod(dims) * dtype.itemsize
     # Compare sizes before allocating anything: a lying header must not cost memory.
     if len(data) - header != expected:
@@ -86,7 +86,7 @@ def find_idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def idx_paths(directory: Path) -> dict[str, Path]:
+def _idx_paths(directory: Path) -> dict[str, Path]:
     """The four MNIST-format files in `directory`, or an error listing the missing ones."""
     if not directory.is_dir():
         raise DataSourceError(f"idx source {directory} is not a directory")
@@ -123,11 +123,11 @@ class IdxSource:
 
     def identity(self) -> dict[str, Any]:
         """Checksums of the four files."""
-        return {"kind": "idx", "files": {p.name: source_sha256(p) for p in idx_paths(self.directory).values()}}
+        return {"kind": "idx", "files": {p.name: source_sha256(p) for p in _idx_paths(self.directory).values()}}
 
     def load(self) -> RawData:
         """Parse the four files."""
-        paths = idx_paths(self.directory)
+        paths = _idx_paths(self.directory)
         train_x, train_y = load_idx_pair(paths["train_images"], paths["train_labels"])
         test_x, test_y = load_idx_pair(paths["test_images"], paths["test_labels"])
         if train_x.shape[1:] != test_x.shape[1:]:

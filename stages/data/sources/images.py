@@ -85,12 +85,12 @@ class ImageOptions:
 
 # ---------------------------------------------------------------- listing
 
-def is_visible(relative: str) -> bool:
+def _is_visible(relative: str) -> bool:
     """No part of the path starts with a dot (hidden files and folders are skipped)."""
     return not any(part.startswith(".") for part in relative.split("/"))
 
 
-def has_image_extension(relative: str) -> bool:
+def _has_image_extension(relative: str) -> bool:
     """Whether the file name ends in one of IMAGE_EXTENSIONS, in any case."""
     name = relative.rpartition("/")[2]
     dot = name.rfind(".")
@@ -110,7 +110,7 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def stat_and_hash(paths: list[str]) -> list[tuple[int, int, int, str]]:
+def _stat_and_hash(paths: list[str]) -> list[tuple[int, int, int, str]]:
     """(size, mtime_ns, inode, SHA-256) of each file, the hash remembered by this process (or, forked, by its
     parent) while size, mtime and inode are unchanged: a decoding process's share of a listing."""
     out = []
@@ -126,12 +126,12 @@ def stat_and_hash(paths: list[str]) -> list[tuple[int, int, int, str]]:
     return out
 
 
-def stats_and_hashes(paths: list[str]) -> list[tuple[int, int, int, str]]:
-    """`stat_and_hash` of every path on every core (the stat calls and reading dominate a walk of small files);
+def _stats_and_hashes(paths: list[str]) -> list[tuple[int, int, int, str]]:
+    """`_stat_and_hash` of every path on every core (the stat calls and reading dominate a walk of small files);
     the hashes are remembered here for the next listing."""
     if len(_hashes) + len(paths) > MAX_REMEMBERED_HASHES:
         _hashes.clear()
-    found = on_every_core(stat_and_hash, paths, HASH_CHUNK)
+    found = _on_every_core(_stat_and_hash, paths, HASH_CHUNK)
     _hashes.update(((path, size, mtime, inode), sha)
                    for path, (size, mtime, inode, sha) in zip(paths, found, strict=True) if size >= 0)
     return found
@@ -142,17 +142,17 @@ def forget_hashes() -> None:
     _hashes.clear()
 
 
-def on_every_core(function: Any, items: list[Any], chunk: int) -> list[Any]:
+def _on_every_core(function: Any, items: list[Any], chunk: int) -> list[Any]:
     """`function` (list -> list of results) over `items` in chunks on every core, results in order; in this
     process when there are few."""
     workers = os.cpu_count() or 1
     if workers == 1 or len(items) < IN_PROCESS_BELOW:
         return function(items)
-    with ProcessPoolExecutor(workers, mp_context=fork_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_fork_context()) as pool:
         return [result for part in pool.map(function, chunks(items, chunk)) for result in part]
 
 
-def fork_context() -> Any:
+def _fork_context() -> Any:
     """fork where there is one: it starts at once and re-imports no __main__; the children run only Pillow,
     hashlib and numpy, never the TensorFlow threads the parent may hold (PyTorch's DataLoader does the same)."""
     return get_context(FORK if FORK in get_all_start_methods() else None)
@@ -165,7 +165,7 @@ def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
     trailing slash). What cannot be walked is appended to `problems` as {path, reason, kind}, never raised: a
     dangling link (kind `file` when its name is an image's), a link back into a folder already walked (a loop, or a
     second way to one folder: each real folder is walked once), an unreadable directory (kind `folder`)."""
-    seen = seen if seen is not None else {directory_key(directory)}
+    seen = seen if seen is not None else {_directory_key(directory)}
     try:
         with os.scandir(directory) as scanned:
             entries = sorted(scanned, key=lambda e: e.name)
@@ -181,9 +181,9 @@ def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
         name = f"{relative}{entry.name}"
         if entry.is_symlink() and not os.path.exists(entry.path):
             problems.append({"path": entry.path, "reason": f"dangling link to {os.readlink(entry.path)}",
-                             "kind": FILE if has_image_extension(name) else FOLDER})
+                             "kind": FILE if _has_image_extension(name) else FOLDER})
         elif entry.is_dir(follow_symlinks=True):
-            key = directory_key(entry.path)
+            key = _directory_key(entry.path)
             if key in seen:
                 problems.append({"path": entry.path, "reason": f"link to {os.path.realpath(entry.path)}, a folder "
                                  "walked already (a loop, or a second way to it): not followed", "kind": FOLDER})
@@ -196,13 +196,13 @@ def walk(directory: str, problems: list[dict[str, str]], relative: str = "",
             yield name, entry.path
 
 
-def directory_key(path: str) -> tuple[int, int]:
+def _directory_key(path: str) -> tuple[int, int]:
     """(device, inode) of a directory, links followed: what makes two paths one folder."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
 
-def list_local(root: Path) -> Listing:
+def _list_local(root: Path) -> Listing:
     """Every visible image file under `root`, sorted, with its size and content SHA-256; and what could not be
     listed (links, unreadable directories and files), each {path (the real one), reason}."""
     if not root.is_dir():
@@ -211,11 +211,11 @@ def list_local(root: Path) -> Listing:
     folders: list[str] = []
     try:
         found = [(relative, path) for relative, path in walk(str(root), problems, folders=folders)
-                 if has_image_extension(relative)]
+                 if _has_image_extension(relative)]
     except OSError as exc:
         raise DataSourceError(f"data.source images:{root}: cannot read the folder ({exc.strerror}); give a readable "
                               "directory") from None
-    described = stats_and_hashes([path for _, path in found])
+    described = _stats_and_hashes([path for _, path in found])
     problems += [{"path": os.path.realpath(path), "reason": sha, "kind": FILE}
                  for (_, path), (size, _, _, sha) in zip(found, described, strict=True) if size == UNREADABLE]
     files = [ImageFile(relative, size, sha)
@@ -223,7 +223,7 @@ def list_local(root: Path) -> Listing:
     return Listing(files, tuple(problems), tuple(folders))
 
 
-def list_remote(url: str) -> list[ImageFile]:
+def _list_remote(url: str) -> list[ImageFile]:
     """Every visible image object under a bucket prefix, from one listing: key, size and ETag."""
     from tapeline.store import list_objects, object_version
 
@@ -232,7 +232,7 @@ def list_remote(url: str) -> list[ImageFile]:
     found = []
     for key, info in entries.items():
         relative = key[len(prefix):] if key.startswith(prefix) else key
-        if is_visible(relative) and has_image_extension(relative):
+        if _is_visible(relative) and _has_image_extension(relative):
             found.append(ImageFile(relative, int(info.get("size") or 0), object_version(info)))
     if not found and not entries:
         raise DataSourceError(f"data.source images:{url}: nothing under this prefix; check the bucket and prefix")
@@ -252,15 +252,15 @@ def list_files(root: str) -> Listing:
     """The listing of a directory or a bucket prefix."""
     from tapeline.store import is_remote
 
-    return Listing(list_remote(root)) if is_remote(root) else list_local(Path(local_root(root)))
+    return Listing(_list_remote(root)) if is_remote(root) else _list_local(Path(_local_root(root)))
 
 
-def local_root(root: str) -> str:
+def _local_root(root: str) -> str:
     """A directory from `DIR` or `file://DIR`."""
     return root[len("file://"):] if root.startswith("file://") else os.path.expanduser(root)
 
 
-def identity_digest(listing: Listing) -> str:
+def _identity_digest(listing: Listing) -> str:
     """A hash of the listing: changes when a file is added, removed or changed, or when what could not be read
     changes (a link mended, a permission fixed), not otherwise."""
     digest = hashlib.sha256()
@@ -273,7 +273,7 @@ def identity_digest(listing: Listing) -> str:
     return digest.hexdigest()
 
 
-def empty_class_folders(folders: tuple[str, ...], files: list[ImageFile], by_split: bool) -> set[str]:
+def _empty_class_folders(folders: tuple[str, ...], files: list[ImageFile], by_split: bool) -> set[str]:
     """Class folders without a single image file: classes too (of zero images, as a folder whose files are all
     unreadable becomes), so that the validate gate reports them rather than the class silently disappearing."""
     depth = 2 if by_split else 1
@@ -301,10 +301,10 @@ def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | 
         raise DataSourceError(f"{where}: no image files in class folders; expected DIR/<class>/*.png or "
                               "DIR/train/<class>/*.png (extensions .png .jpg .jpeg .bmp .gif)")
     classes = [parts[i][depth - 1] for i in kept]
-    empty = empty_class_folders(folders, files, by_split)
+    empty = _empty_class_folders(folders, files, by_split)
     if empty:
         log.warning("%s: class folder(s) %s hold no image files", where, ", ".join(sorted(empty)))
-    names = check_class_names(where, sorted(set(classes) | empty), class_names)
+    names = _check_class_names(where, sorted(set(classes) | empty), class_names)
     index = {name: i for i, name in enumerate(names)}
     if by_split:
         train_classes = {c for i, c in zip(kept, classes, strict=True) if parts[i][0] == "train"}
@@ -318,7 +318,7 @@ def layout_of(root: str, files: list[ImageFile], class_names: tuple[str, ...] | 
     )
 
 
-def check_class_names(where: str, folders: list[str], class_names: tuple[str, ...] | None) -> tuple[str, ...]:
+def _check_class_names(where: str, folders: list[str], class_names: tuple[str, ...] | None) -> tuple[str, ...]:
     """The class order: sorted folder names, or `data.class_names`, which must name every folder exactly."""
     if class_names is None:
         if len(folders) < 2:
@@ -374,14 +374,14 @@ def spool_writer(directory: str) -> Any:
     return _spool_writers[directory]
 
 
-def close_spool_writer(directory: str) -> None:
+def _close_spool_writer(directory: str) -> None:
     """Close this process's spool file in `directory`, if it has one."""
     writer = _spool_writers.pop(directory, None)
     if writer is not None:
         writer.close()
 
 
-def decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> Chunk:
+def _decode_chunk(chunk: list[Job], options: ImageOptions, directory: str) -> Chunk:
     """Decode a chunk of (index, bytes or local path, relative path) and append the pixels to this process's spool
     file in `directory`. Runs in a worker process; never raises for a bad file, and sends back no pixels, only
     their places and keys (for duplicates and leakage: hashed here, on every core)."""
@@ -424,7 +424,7 @@ def file_location(root: str, relative: str) -> str:
 
     if is_remote(root):
         return f"{root.rstrip('/')}/{relative}"
-    return os.path.realpath(os.path.join(local_root(root), relative))
+    return os.path.realpath(os.path.join(_local_root(root), relative))
 
 
 def chunks(items: Any, size: int) -> Iterator[Any]:
@@ -439,7 +439,7 @@ def read_sources(root: str, files: tuple[ImageFile, ...]) -> Iterator[list[Job]]
     from tapeline.store import guarded, is_remote, remote_filesystem
 
     if not is_remote(root):
-        base = f"{Path(local_root(root))}/"  # a string join: pathlib costs more than decoding a small PNG's header
+        base = f"{Path(_local_root(root))}/"  # a string join: pathlib costs more than decoding a small PNG's header
         yield [(i, base + f.relative, f.relative) for i, f in enumerate(files)]
         return
     fs, prefix = remote_filesystem(root)
@@ -462,7 +462,7 @@ class Spool:
         self._names: list[str] = []
         self._fds: list[int] = []
         self._chunks: list[tuple[int, np.ndarray, np.ndarray]] = []  # (spool file index, Chunk.places, Chunk.keys)
-        self._release = weakref.finalize(self, release_spool, self._fds, self._directory)
+        self._release = weakref.finalize(self, _release_spool, self._fds, self._directory)
         self.rows = np.zeros(0, np.int64)  # per spooled image: its index in the listing
         self.place = np.zeros((0, 2), np.int64)
         self.shapes = np.zeros((0, 4), np.int32)  # h, w, c (1 for [H, W]), ndim
@@ -516,7 +516,7 @@ class Spool:
         self._release()
 
 
-def release_spool(fds: list[int], directory: tempfile.TemporaryDirectory) -> None:
+def _release_spool(fds: list[int], directory: tempfile.TemporaryDirectory) -> None:
     """Close a spool's files and remove its directory."""
     while fds:
         os.close(fds.pop())
@@ -573,14 +573,14 @@ def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, w
         if workers == 1 or len(files) < IN_PROCESS_BELOW:  # starting processes costs more than it saves
             try:
                 for window in read_sources(root, files):
-                    spool.add(decode_chunk(window, options, spool.directory), files, skipped)
+                    spool.add(_decode_chunk(window, options, spool.directory), files, skipped)
             finally:
-                close_spool_writer(spool.directory)
+                _close_spool_writer(spool.directory)
         else:
-            with ProcessPoolExecutor(workers, mp_context=fork_context()) as pool:
+            with ProcessPoolExecutor(workers, mp_context=_fork_context()) as pool:
                 for window in read_sources(root, files):
                     jobs = list(chunks(window, DECODE_CHUNK))
-                    for chunk in pool.map(decode_chunk, jobs, [options] * len(jobs), [spool.directory] * len(jobs)):
+                    for chunk in pool.map(_decode_chunk, jobs, [options] * len(jobs), [spool.directory] * len(jobs)):
                         spool.add(chunk, files, skipped)
         spool.seal()
     except OSError as exc:
@@ -597,12 +597,12 @@ def decode_all(root: str, files: tuple[ImageFile, ...], options: ImageOptions, w
     return spool, skipped
 
 
-def channels_of(spool: Spool, color_mode: str) -> int:
+def _channels_of(spool: Spool, color_mode: str) -> int:
     """1 or 3: the colour mode's channels (auto: RGB when any image has colour)."""
     return 3 if color_mode == "rgb" or (color_mode == "auto" and bool((spool.shapes[:, 3] == 3).any())) else 1
 
 
-def common_size(spool: Spool, image_size: tuple[int, int] | None, where: str) -> tuple[int, int]:
+def _common_size(spool: Spool, image_size: tuple[int, int] | None, where: str) -> tuple[int, int]:
     """The images' one size: `data.image_size`, or the size they all share (DataSourceError otherwise)."""
     if image_size is not None:
         return tuple(image_size)
@@ -627,7 +627,7 @@ class ImageFolderSource:
     def identity(self) -> dict[str, Any]:
         """The listing's digest: (path, size, SHA-256) per file on disk, (key, size, ETag) in a bucket."""
         listing = list_files(self.root)
-        digest = identity_digest(listing)
+        digest = _identity_digest(listing)
         _listings[self.root] = (digest, listing)
         return {"kind": "images", "files": len(listing.files), "digest": digest}
 
@@ -658,11 +658,11 @@ class ImageFolderSource:
             raise DataSourceError(f"data.source {where}: none of the {len(layout.files)} files is a readable image "
                                   f"(e.g. {example['path']}: {example['reason']})")
         try:
-            size = common_size(spool, self.options.image_size, f"data.source {where}")
+            size = _common_size(spool, self.options.image_size, f"data.source {where}")
         except DataSourceError:
             spool.close()
             raise
-        channels = channels_of(spool, self.options.color_mode)
+        channels = _channels_of(spool, self.options.color_mode)
         labels = np.asarray(layout.labels, np.int64)[spool.rows]
         splits = np.asarray([s or "train" for s in layout.splits])[spool.rows]
 

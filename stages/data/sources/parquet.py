@@ -105,7 +105,7 @@ def read_parquet_file(path: Path | str, data: bytes | None = None) -> tuple[list
     return images, labels, splits
 
 
-def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
+def _stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
     """Stack equally sized images, naming the first that differs."""
     if not images:
         return np.zeros((0, 1, 1, 1), np.uint8)
@@ -118,7 +118,7 @@ def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
     return np.stack(images)
 
 
-def load_parquet(files: list[tuple[str, bytes | None]], where: str
+def _load_parquet(files: list[tuple[str, bytes | None]], where: str
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, test images, test labels) from Parquet files: (path, None) on disk, (URL,
     bytes) from a bucket."""
@@ -128,14 +128,14 @@ def load_parquet(files: list[tuple[str, bytes | None]], where: str
         for img, lab, split in zip(images, labels, splits, strict=True):
             parts[split][0].append(img)
             parts[split][1].append(lab)
-    train_x = stack_images(parts["train"][0], where)
-    test_x = stack_images(parts["test"][0], where)
+    train_x = _stack_images(parts["train"][0], where)
+    test_x = _stack_images(parts["test"][0], where)
     if len(parts["train"][0]) and len(parts["test"][0]) and train_x.shape[1:] != test_x.shape[1:]:
         raise DataSourceError(f"{where}: train images are {train_x.shape[1:]}, test images {test_x.shape[1:]}")
     return train_x, np.asarray(parts["train"][1], np.int64), test_x, np.asarray(parts["test"][1], np.int64)
 
 
-def remote_parquet_files(url: str) -> dict[str, str]:
+def _remote_parquet_files(url: str) -> dict[str, str]:
     """{URL: ETag} of the *.parquet objects under a bucket prefix (or matching a glob), from one listing."""
     scheme = url.split("://", 1)[0]
     _, found = list_objects(url)
@@ -153,7 +153,7 @@ class ParquetSource:
     def identity(self) -> dict[str, Any]:
         """Checksums of every matched file; for a bucket, each object's ETag from one listing."""
         if is_remote(self.pattern):
-            return {"kind": "parquet", "objects": remote_parquet_files(self.pattern)}
+            return {"kind": "parquet", "objects": _remote_parquet_files(self.pattern)}
         return {"kind": "parquet", "files": {str(p): source_sha256(p) for p in parquet_files(self.pattern)}}
 
     def files(self) -> list[tuple[str, bytes | None]]:
@@ -162,7 +162,7 @@ class ParquetSource:
             return [(str(p), None) for p in parquet_files(self.pattern)]
         from tapeline.store import guarded, remote_filesystem
 
-        urls = list(remote_parquet_files(self.pattern))
+        urls = list(_remote_parquet_files(self.pattern))
         if not urls:
             raise DataSourceError(f"parquet:{self.pattern}: no Parquet objects found under this prefix")
         fs, _ = remote_filesystem(self.pattern)
@@ -172,13 +172,13 @@ class ParquetSource:
     def is_empty(self) -> bool:
         """Whether the pattern names no Parquet file at all (an empty drop folder or prefix adds nothing)."""
         if is_remote(self.pattern):
-            return not remote_parquet_files(self.pattern)
+            return not _remote_parquet_files(self.pattern)
         path = Path(self.pattern)
         return path.is_dir() and not any(path.rglob("*.parquet"))
 
     def load(self) -> RawData:
         """Read and decode every row."""
-        train_x, train_y, test_x, test_y = load_parquet(self.files(), f"parquet:{self.pattern}")
+        train_x, train_y, test_x, test_y = _load_parquet(self.files(), f"parquet:{self.pattern}")
         if not len(train_y):
             raise DataSourceError(f"parquet:{self.pattern}: no training rows")
         names = class_names_for([train_y, test_y], None, f"parquet:{self.pattern}")

@@ -12,7 +12,7 @@ from tapeline.errors import DataSourceError, DownloadError
 
 # ---------------------------------------------------------------- TFDS
 
-def tfds_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     """A supervised TFDS split as (images, labels) numpy arrays, read in large batches."""
     import tensorflow_datasets as tfds
 
@@ -49,8 +49,8 @@ class TfdsSource:
             (train, test), info = tfds.load(
                 self._name(), split=["train", "test"], as_supervised=True, data_dir=self.data_dir, with_info=True
             )
-            train_x, train_y = tfds_arrays(train)
-            test_x, test_y = tfds_arrays(test)
+            train_x, train_y = _tfds_arrays(train)
+            test_x, test_y = _tfds_arrays(test)
         except Exception as exc:  # noqa: BLE001
             raise DownloadError(
                 f"tfds:{self.spec}: cannot load ({type(exc).__name__}: {exc}); prepare it with "
