@@ -14,6 +14,9 @@ from tapeline.config import SweepConfig
 FINISHED = ("complete", "pruned", "failed")
 
 
+STUDY_NAME = "tapeline-sweep"  # Hyperband puts a trial in a bracket by a hash of the study's name and its number
+
+
 def direction(sweep: SweepConfig) -> str:
     """`maximize` or `minimize` (auto: accuracies up, losses down)."""
     if sweep.direction != "auto":
@@ -43,9 +46,13 @@ def _make_sampler(sweep: SweepConfig, number: int) -> Any:
 
 
 def _make_pruner(sweep: SweepConfig) -> Any:
-    """ASHA (Optuna's SuccessiveHalvingPruner: rungs at min_epochs × factor^k), the median rule, or none."""
+    """ASHA (Optuna's SuccessiveHalvingPruner: rungs at min_epochs × factor^k), Hyperband (brackets of ASHA that
+    start pruning at min_epochs × factor^b, so a slow starter gets a bracket that judges it late; the longest
+    schedule is taken from the first complete trial), the median rule, or none."""
     import optuna
 
+    if sweep.pruner == "hyperband":
+        return _record_hyperband(sweep)
     if sweep.pruner == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.min_epochs,
                                                      reduction_factor=sweep.reduction_factor)
@@ -54,18 +61,55 @@ def _make_pruner(sweep: SweepConfig) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def _rung_attrs(record: TrialRecord, sweep: SweepConfig) -> dict[str, Any]:
+def _record_hyperband(sweep: SweepConfig) -> Any:
+    """Optuna's HyperbandPruner placing a trial in a bracket by its sweep number (the records' `number` user
+    attribute), not by its index in the study: a study is rebuilt from the records for each decision, and a
+    trial's index there changes as trials finish, its number never."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    class RecordHyperband(optuna.pruners.HyperbandPruner):
+        def _get_bracket_id(self, study: Any, trial: Any) -> int:
+            number = trial.user_attrs.get("number", trial.number)
+            return super()._get_bracket_id(study, SimpleNamespace(number=number))
+
+    return RecordHyperband(min_resource=sweep.min_epochs, max_resource="auto",
+                           reduction_factor=sweep.reduction_factor)
+
+
+def _rung_attrs(intermediate: dict[int, float], sweep: SweepConfig, first_rate: int = 0) -> dict[str, Any]:
     """ASHA's bookkeeping for a trial that never met the pruner (a cache hit): the value at each rung it reached,
-    what Optuna's SuccessiveHalvingPruner records when it is asked after every epoch."""
+    what Optuna's SuccessiveHalvingPruner records when it is asked after every epoch (rungs at min_epochs ×
+    factor^(first_rate + k); a Hyperband bracket b starts at rate b)."""
     attrs, rung = {}, 0
-    while (step := sweep.min_epochs * sweep.reduction_factor ** rung) in record.intermediate:
-        attrs[f"completed_rung_{rung}"] = record.intermediate[step]
+    while (step := sweep.min_epochs * sweep.reduction_factor ** (first_rate + rung)) in intermediate:
+        attrs[f"completed_rung_{rung}"] = intermediate[step]
         rung += 1
     return attrs
 
 
-def frozen(record: TrialRecord, sweep: SweepConfig, dists: dict[str, Any], state: str | None = None) -> Any:
-    """A record as an Optuna FrozenTrial to add to a study."""
+def _hyperband_brackets(sweep: SweepConfig, records: list[TrialRecord]) -> dict[int, int]:
+    """Each record's Hyperband bracket, as the pruner will place it in a study of these records. Optuna keeps no
+    bracket per trial (it hashes the study's name and the trial's number, once the longest schedule is known), so
+    a scratch study and the pruner's private helpers tell it: a cache hit needs the rungs of its own bracket."""
+    import optuna
+
+    scratch = optuna.create_study(study_name=STUDY_NAME, direction=direction(sweep), pruner=_make_pruner(sweep))
+    dists = distributions(sweep.space)
+    for record in records:
+        scratch.add_trial(frozen(record, sweep, dists))
+    pruner = scratch.pruner
+    pruner._try_initialization(scratch)
+    if not pruner._pruners:
+        return {}
+    return {trial.user_attrs["number"]: pruner._get_bracket_id(scratch, trial) for trial in scratch.trials}
+
+
+def frozen(record: TrialRecord, sweep: SweepConfig, dists: dict[str, Any], state: str | None = None,
+           bracket: int | None = None) -> Any:
+    """A record as an Optuna FrozenTrial to add to a study (with the rungs of its Hyperband `bracket` when it
+    never met the pruner)."""
     from optuna.trial import TrialState, create_trial
 
     state = state or record.state
@@ -74,7 +118,9 @@ def frozen(record: TrialRecord, sweep: SweepConfig, dists: dict[str, Any], state
     value = record.value if state == "complete" and record.value is not None and math.isfinite(record.value) else None
     if state == "complete" and value is None:
         optuna_state = TrialState.FAIL
-    derived = _rung_attrs(record, sweep) if sweep.pruner == "asha" and state != "running" else {}
+    derived = {}
+    if state != "running" and (sweep.pruner == "asha" or bracket is not None):
+        derived = _rung_attrs(record.intermediate, sweep, bracket or 0)
     return create_trial(state=optuna_state, value=value, params=to_optuna(sweep.space, record.params),
                         distributions=dists, intermediate_values=dict(record.intermediate),
                         system_attrs=dict(record.system_attrs) or derived, user_attrs={"number": record.number})
@@ -85,11 +131,13 @@ def study_of(sweep: SweepConfig, records: list[TrialRecord], number: int) -> Any
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=direction(sweep), sampler=_make_sampler(sweep, number),
-                                pruner=_make_pruner(sweep))
+    study = optuna.create_study(study_name=STUDY_NAME, direction=direction(sweep),
+                                sampler=_make_sampler(sweep, number), pruner=_make_pruner(sweep))
     dists = distributions(sweep.space)
-    for record in sorted(records, key=lambda r: r.number):
-        study.add_trial(frozen(record, sweep, dists))
+    ordered = sorted(records, key=lambda r: r.number)
+    brackets = _hyperband_brackets(sweep, ordered) if sweep.pruner == "hyperband" else {}
+    for record in ordered:
+        study.add_trial(frozen(record, sweep, dists, bracket=brackets.get(record.number)))
     return study
 
 

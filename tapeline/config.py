@@ -402,12 +402,13 @@ class SweepConfig(Section):
         "tpe", description="Optuna sampler; grid needs every space entry to be a choice or an int range")
     seed: int = runtime(0, ge=0, description="the sampler's seed: a proposal depends on it, the trial number and "
                         "the finished trials only")
-    pruner: Literal["asha", "median", "none"] = runtime(
-        "asha", description="stop poor trials early: asha (successive halving at rungs), median, none")
+    pruner: Literal["asha", "hyperband", "median", "none"] = runtime(
+        "asha", description="stop poor trials early: asha (successive halving at rungs), hyperband (brackets of "
+        "successive halving, some judging late), median, none")
     min_epochs: int = runtime(1, ge=1, le=100_000, description="pruning: the first rung (epochs a trial always "
                               "gets)")
-    reduction_factor: int = runtime(3, ge=2, le=100, description="asha: rungs at min_epochs × factor^k; the top "
-                                    "1/factor of a rung goes on")
+    reduction_factor: int = runtime(3, ge=2, le=100, description="asha and hyperband: rungs at min_epochs × "
+                                    "factor^k; the top 1/factor of a rung goes on")
     name: str | None = runtime(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="the sweep's "
                                "directory under sweeps/; default: a hash of the space, the search settings and the "
                                "base config")

@@ -13,6 +13,7 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -333,3 +334,28 @@ def test_the_winner_goes_through_the_gate_and_the_json_contract(harness, idx_dir
     sweep_dir = artifacts / "sweeps" / summary["sweep"]
     assert (sweep_dir / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
     assert (sweep_dir / "slices.png").stat().st_size > 1000
+
+
+def test_hyperband_judges_a_trial_in_its_own_bracket_the_same_way_every_time() -> None:
+    from sweeps.study import prune_decision, study_of
+
+    sweep = load_config(None, ["sweep.space.train.learning_rate={float: [0.0001, 0.1], log: true}",
+                               "sweep.pruner=hyperband", "sweep.min_epochs=1", "sweep.reduction_factor=3"]).sweep
+    done = [TrialRecord(number=n, params={"train.learning_rate": 0.001 * (n + 1)}, config={}, state="complete",
+                        value=0.8 + 0.01 * n, intermediate={e: 0.7 + 0.01 * n + 0.01 * e for e in range(1, 10)})
+            for n in range(9)]
+    study = study_of(sweep, done, 9)
+    pruner = study.pruner
+    pruner._try_initialization(study)  # the longest schedule, 9 epochs, from the complete trials: 3 brackets
+    assert pruner._n_brackets == 3
+
+    def bracket(number: int) -> int:
+        return pruner._get_bracket_id(study, SimpleNamespace(number=number, user_attrs={"number": number}))
+
+    numbers = range(9, 200)
+    eager = next(n for n in numbers if bracket(n) == 0)  # the bracket whose first rung is at epoch 1
+    late = next(n for n in numbers if bracket(n) == 2)  # the bracket that judges only at epoch 9
+    for number, expected in ((eager, True), (late, False)):
+        poor = TrialRecord(number=number, params={"train.learning_rate": 0.1}, config={}, intermediate={1: 0.1})
+        decisions = {prune_decision(sweep, done, poor)[0] for _ in range(3)}
+        assert decisions == {expected}, (number, decisions)
