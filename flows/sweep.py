@@ -19,6 +19,7 @@ from stages.pipeline import new_run_id
 from sweeps.driver import SweepOutcome, local_launcher, new_invocation, run_sweep
 from sweeps.report import PICTURES, format_table, table_rows, trial_line, trial_summary, write_pictures
 from sweeps.state import SweepFiles, TrialRecord
+from sweeps.tensorboard import write_sweep_tensorboard
 from sweeps.tracking import track_sweep
 from tapeline.config import PipelineConfig, validate_config
 from tapeline.errors import TapelineError
@@ -83,10 +84,14 @@ def _sweep_summary(outcome: SweepOutcome, gate: dict[str, Any] | None, metric: s
 
 
 def _publish_sweep(config: PipelineConfig, outcome: SweepOutcome) -> None:
-    """The trials table and the pictures as Prefect artifacts (the PNGs also in the sweep's directory)."""
+    """The trials table and the pictures as Prefect artifacts (the PNGs also in the sweep's directory); the
+    sweep's HParams and curves for TensorBoard in its `tensorboard/` folder."""
     create_table_artifact(table_rows(outcome.records, outcome.invocation), key="sweep-trials",
                           description=f"sweep {outcome.name}: every trial")
-    images = write_pictures(SweepFiles(open_store(artifacts_dir()), outcome.name), config, outcome.records)
+    store = open_store(artifacts_dir())
+    files = SweepFiles(store, outcome.name)
+    images = write_pictures(files, config, outcome.records)
+    write_sweep_tensorboard(files, store, config, outcome.records)
     if images:
         create_markdown_artifact("\n".join(png_data_markdown(title, images[name]) for title, name in PICTURES),
                                  key="sweep-pictures", description=f"sweep {outcome.name}: history and parameters")

@@ -20,7 +20,7 @@ import yaml
 
 from stages.graph import run_stage
 from sweeps.space import check_space, planned_trials, trial_config
-from sweeps.state import DriverLease, SweepFiles, TrialRecord, sweep_name
+from sweeps.state import DriverLease, SweepFiles, TrialClaim, TrialRecord, sweep_name
 from sweeps.study import best_trial, propose
 from sweeps.trial import cached_outcome
 from tapeline.config import PipelineConfig
@@ -29,6 +29,7 @@ from tapeline.processes import end_child, start_child, thread_environment
 from tapeline.store import Store, open_store
 
 log = logging.getLogger("tapeline.sweep")
+WAIT_POLL_SECONDS = 2.0  # how often a driver looks at trials another process trains
 TrialEnd = Callable[[TrialRecord], None]
 
 
@@ -150,8 +151,25 @@ def _drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: 
     next_number = max(records, default=-1) + 1
     running: dict[int, Any] = {}
     starts: dict[int, int] = {}
+    waiting: set[int] = set()  # trials another live process holds (a work pool's, another driver's): not ours
+
+    def claimed_elsewhere(number: int) -> bool:
+        return not TrialClaim(files, number, sweep.lease_seconds).is_free()
+
+    def take_back_finished() -> None:
+        for number in sorted(waiting):
+            record = files.trial(number) or records[number]
+            if record.state != "running":
+                waiting.discard(number)
+                records[number] = record
+                on_trial_end(record)
+            elif not claimed_elsewhere(number):  # its holder died: resume it here
+                waiting.discard(number)
+                queue.insert(0, number)
+
     try:
         while True:
+            take_back_finished()
             while len(running) < sweep.parallel and (queue or next_number < planned):
                 if queue:
                     number = queue.pop(0)
@@ -160,6 +178,10 @@ def _drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: 
                     records[number] = _proposed_record(config, records, number)
                     files.save(records[number])
                 record = records[number]
+                if record.state == "running" and claimed_elsewhere(number):
+                    log.info("trial %d is being trained by another process; waiting for its outcome", number)
+                    waiting.add(number)
+                    continue
                 if record.state == "running":
                     found = cached_outcome(store, record, invocation)
                     if found is None and not any(records[n].config == record.config for n in running):
@@ -176,10 +198,16 @@ def _drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: 
             if not running:
                 if queue:
                     continue
+                if waiting:
+                    time.sleep(WAIT_POLL_SECONDS)
+                    continue
                 break
             number, code = launcher.wait_any(running)
             ended = running.pop(number)
             record = files.trial(number) or records[number]
+            if record.state == "running" and claimed_elsewhere(number):  # its process found the claim held
+                waiting.add(number)
+                continue
             if record.state == "running":
                 record = died(record, code, ended.log_path, starts[number] <= sweep.trial_retries)
                 if record.state == "running":

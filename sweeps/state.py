@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -32,6 +33,10 @@ TrialState = Literal["running", "complete", "pruned", "failed"]
 
 class SweepBusyError(TapelineError):
     """Another driver is working on this sweep."""
+
+
+class TrialClaimedError(TapelineError):
+    """Another live process trains this trial (its claim is held)."""
 
 
 class TrialRecord(BaseModel):
@@ -119,12 +124,16 @@ class SweepFiles:
         write_bytes_atomic(path, data)
 
     def remove(self, *parts: str) -> None:
-        """Delete an object (absent is fine)."""
+        """Delete an object, or a folder with everything in it (absent is fine)."""
         if isinstance(self.store, RemoteStore):
             self.store.remove(self.store.key(SWEEPS, self.name, *parts))
+            return
+        path = Path(self.location(*parts))
+        if path.is_dir():
+            shutil.rmtree(path)
         else:
             with contextlib.suppress(FileNotFoundError):
-                Path(self.location(*parts)).unlink()
+                path.unlink()
 
     def names(self, *parts: str) -> list[str]:
         """The objects directly under `parts`, sorted."""
@@ -213,59 +222,71 @@ def _describe_lease(lease: dict[str, Any]) -> str:
     return f"pid {lease.get('pid')} on {lease.get('host')}, since {since}"
 
 
-class DriverLease:
-    """The one driver of a sweep: `driver.json` names it and is refreshed by a heartbeat thread; a second driver
-    is refused while the first is alive, and takes over a dead one's sweep."""
+class Lease:
+    """One holder of an object of the sweep's store (`parts`): the object names it (token, host, pid, heartbeat)
+    and a heartbeat thread refreshes it; a second holder is refused while the first is alive (on this machine:
+    while its process is; on another: while its heartbeat is fresher than `lease_seconds`) and takes a dead one's
+    place. Taken by a conditional PUT on a bucket, under a file lock on a directory."""
 
-    def __init__(self, files: SweepFiles, lease_seconds: float) -> None:
+    def __init__(self, files: SweepFiles, lease_seconds: float, parts: tuple[str, ...]) -> None:
         self.files = files
         self.lease_seconds = lease_seconds
+        self.parts = parts
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
+    def busy(self, holder: str) -> TapelineError:
+        """The error for a live other holder (described by `holder`)."""
+        return SweepBusyError(f"{'/'.join(self.parts)} of sweep {self.files.name} is held by {holder}")
+
     def body(self) -> bytes:
-        """This driver's lease object."""
+        """This holder's lease object."""
         return json.dumps({"token": self.token, "host": _this_host(), "pid": os.getpid(), "started": self.started,
                            "heartbeat": time.time()}).encode()
 
     def current(self) -> tuple[dict[str, Any] | None, str | None]:
         """(lease, ETag or None) as stored now."""
         if isinstance(self.files.store, RemoteStore):
-            data, etag = self.files.store.read_with_etag(self.files.store.key(SWEEPS, self.files.name, "driver.json"))
+            data, etag = self.files.store.read_with_etag(self.files.store.key(SWEEPS, self.files.name, *self.parts))
         else:
-            data, etag = self.files.read("driver.json"), None
+            data, etag = self.files.read(*self.parts), None
         try:
             return (json.loads(data) if data else None), etag
         except json.JSONDecodeError:
             return None, etag
 
+    def held_by_other(self, lease: dict[str, Any] | None) -> bool:
+        """Whether `lease` is another holder's and that holder is alive."""
+        return lease is not None and lease.get("token") != self.token and \
+            _lease_holder_alive(lease, self.lease_seconds, time.time())
+
     def refuse_if_busy(self, lease: dict[str, Any] | None) -> None:
-        """SweepBusyError naming the live driver that holds `lease` (when another one does)."""
-        if lease is not None and lease.get("token") != self.token and \
-                _lease_holder_alive(lease, self.lease_seconds, time.time()):
-            raise SweepBusyError(f"sweep {self.files.name} is being run by another driver "
-                                 f"({_describe_lease(lease)}); wait for it to end, or stop it: a dead "
-                                 f"driver's sweep is taken over (after sweep.lease_seconds="
-                                 f"{self.lease_seconds:g} on another machine)")
+        """The busy error naming the live holder of `lease` (when another one holds it)."""
+        if lease is not None and self.held_by_other(lease):
+            raise self.busy(_describe_lease(lease))
 
     def check_free(self) -> None:
-        """Before any work (a Prefect API, a flow run): SweepBusyError when a live driver holds the sweep. The claim
-        itself, later, decides a race between two drivers starting at once."""
+        """Before any work: the busy error when a live holder holds it. The claim itself, later, decides a race
+        between two starting at once."""
         self.refuse_if_busy(self.current()[0])
 
+    def is_free(self) -> bool:
+        """Whether nobody alive holds it now (a hint: only `claim` decides)."""
+        return not self.held_by_other(self.current()[0])
+
     def claim(self) -> None:
-        """Take the lease, or SweepBusyError naming the live driver."""
+        """Take the lease, or the busy error naming the live holder."""
         with self.exclusive():
             lease, etag = self.current()
             self.refuse_if_busy(lease)
             if isinstance(self.files.store, RemoteStore):
-                key = self.files.store.key(SWEEPS, self.files.name, "driver.json")
+                key = self.files.store.key(SWEEPS, self.files.name, *self.parts)
                 if not self.files.store.put_bytes(key, self.body(), create=etag is None, if_match=etag):
-                    raise SweepBusyError(f"sweep {self.files.name}: another driver took it at the same moment")
+                    raise self.busy("another holder that took it at the same moment")
             else:
-                self.files.write(self.body(), "driver.json")
+                self.files.write(self.body(), *self.parts)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -273,9 +294,9 @@ class DriverLease:
         if isinstance(self.files.store, LocalStore):
             from tapeline.cache import file_lock
 
-            path = Path(self.files.location(".driver.lock"))
+            path = Path(self.files.location(*self.parts[:-1], f".{self.parts[-1]}.lock"))
             path.parent.mkdir(parents=True, exist_ok=True)
-            with file_lock(path, 30, f"claiming sweep {self.files.name}"):
+            with file_lock(path, 30, f"claiming {'/'.join(self.parts)} of sweep {self.files.name}"):
                 yield
         else:
             yield
@@ -286,11 +307,11 @@ class DriverLease:
             lease, _ = self.current()
             if lease is not None and lease.get("token") == self.token:
                 with contextlib.suppress(OSError, TapelineError):
-                    self.files.write(self.body(), "driver.json")
+                    self.files.write(self.body(), *self.parts)
 
-    def __enter__(self) -> DriverLease:
+    def __enter__(self) -> Lease:
         self.claim()
-        self.thread = threading.Thread(target=self.beat, name="sweep-lease", daemon=True)
+        self.thread = threading.Thread(target=self.beat, name=f"sweep-lease-{'-'.join(self.parts)}", daemon=True)
         self.thread.start()
         return self
 
@@ -300,4 +321,34 @@ class DriverLease:
             self.thread.join(timeout=5)
         lease, _ = self.current()
         if lease is not None and lease.get("token") == self.token:
-            self.files.remove("driver.json")
+            self.files.remove(*self.parts)
+
+
+class DriverLease(Lease):
+    """The one driver of a sweep: `driver.json`; a second driver is refused while the first is alive, and takes
+    over a dead one's sweep."""
+
+    def __init__(self, files: SweepFiles, lease_seconds: float) -> None:
+        super().__init__(files, lease_seconds, ("driver.json",))
+
+    def busy(self, holder: str) -> TapelineError:
+        """SweepBusyError naming the live driver."""
+        if holder.startswith("another holder"):
+            return SweepBusyError(f"sweep {self.files.name}: another driver took it at the same moment")
+        return SweepBusyError(f"sweep {self.files.name} is being run by another driver ({holder}); wait for it to "
+                              f"end, or stop it: a dead driver's sweep is taken over (after sweep.lease_seconds="
+                              f"{self.lease_seconds:g} on another machine)")
+
+
+class TrialClaim(Lease):
+    """The one copy of a trial that trains: `claims/<number>.json`, held by the trial's process (a local one or a
+    work pool's flow run) for as long as it trains. A second driver, or a driver restarted while the trial still
+    runs on a worker, finds it held and waits for its outcome instead of training it again."""
+
+    def __init__(self, files: SweepFiles, number: int, lease_seconds: float) -> None:
+        super().__init__(files, lease_seconds, ("claims", f"{number:05d}.json"))
+        self.number = number
+
+    def busy(self, holder: str) -> TapelineError:
+        """TrialClaimedError naming the live holder."""
+        return TrialClaimedError(f"trial {self.number} of sweep {self.files.name} is being trained by {holder}")

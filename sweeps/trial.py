@@ -14,7 +14,7 @@ from typing import Any
 
 from stages.floor import did_not_learn
 from stages.graph import find_output_by_fingerprint, known_fingerprint, run_stage
-from sweeps.state import SweepFiles, TrialRecord
+from sweeps.state import SweepFiles, TrialClaim, TrialClaimedError, TrialRecord
 from sweeps.study import prune_decision
 from tapeline.cache import read_manifest
 from tapeline.config import PipelineConfig, validate_config
@@ -24,6 +24,7 @@ from tapeline.store import Store, open_store
 
 log = logging.getLogger("tapeline.sweep")
 UP_TO_TRAIN = ("data", "validate", "model", "train")
+CLAIMED = 75  # the trial process's exit status when another live copy holds the trial (EX_TEMPFAIL)
 
 
 def read_history(train_dir: Path) -> list[dict[str, float]]:
@@ -112,6 +113,16 @@ def run_trial(store: Store, files: SweepFiles, number: int, invocation: str) -> 
     if record is None:
         raise TapelineError(f"sweep {files.name} has no trial {number}")
     config = validate_config(record.config)
+    with TrialClaim(files, number, config.sweep.lease_seconds):  # TrialClaimedError: another copy trains it
+        record = files.trial(number) or record  # as the last holder left it
+        if record.state != "running":
+            return record  # finished by the copy that held it before
+        return _train_trial(store, files, record, config, invocation)
+
+
+def _train_trial(store: Store, files: SweepFiles, record: TrialRecord, config: PipelineConfig,
+                 invocation: str) -> TrialRecord:
+    """The claimed trial's stages up to train; its final record, saved."""
     started = time.perf_counter()
     holder = [record.model_copy(update={"attempts": record.attempts + 1})]
     files.save(holder[-1])
@@ -150,7 +161,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trial %(name)s %(levelname)s %(message)s")
     artifacts, name, number, invocation = argv
     store = open_store(artifacts)
-    record = run_trial(store, SweepFiles(store, name), int(number), invocation)
+    try:
+        record = run_trial(store, SweepFiles(store, name), int(number), invocation)
+    except TrialClaimedError as exc:
+        log.info("%s; leaving it to that process", exc)
+        return CLAIMED
     log.info("trial %d %s", record.number, record.state)
     return 0
 

@@ -359,3 +359,67 @@ def test_hyperband_judges_a_trial_in_its_own_bracket_the_same_way_every_time() -
         poor = TrialRecord(number=number, params={"train.learning_rate": 0.1}, config={}, intermediate={1: 0.1})
         decisions = {prune_decision(sweep, done, poor)[0] for _ in range(3)}
         assert decisions == {expected}, (number, decisions)
+
+
+# --- one copy of a trial trains ------------------------------------------------------------------------------------
+
+
+def claimed_trial(artifacts: str, idx_dir: Path) -> tuple[PipelineConfig, SweepFiles]:
+    """A sweep of one trial whose record exists (as if another driver had proposed it)."""
+    base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8]}", "sweep.trials=1", "sweep.pruner=none")
+    files = SweepFiles(open_store(artifacts), sweep_name(base))
+    config = trial_config(base, {"model.dense_units": 8})
+    files.save(TrialRecord(number=0, params={"model.dense_units": 8}, config=config.model_dump(mode="json")))
+    return base, files
+
+
+def check_claim_refuses_a_second_copy(artifacts: str, idx_dir: Path) -> None:
+    from sweeps.state import TrialClaim, TrialClaimedError
+    from sweeps.trial import run_trial
+
+    _, files = claimed_trial(artifacts, idx_dir)
+    with TrialClaim(files, 0, 60):
+        with pytest.raises(TrialClaimedError, match=r"^trial 0 of sweep .* is being trained by pid \d+ on "):
+            run_trial(files.store, files, 0, "second")
+        assert files.trial(0).attempts == 0 and not TrialClaim(files, 0, 60).is_free()
+    assert TrialClaim(files, 0, 60).is_free()  # released when its holder ends
+    stale = {"token": "x", "host": "another-machine", "pid": 1, "started": 0.0, "heartbeat": time.time() - 120}
+    files.write(json.dumps(stale).encode(), "claims", "00000.json")
+    claim = TrialClaim(files, 0, 60)
+    assert claim.is_free()  # another machine's holder, silent past sweep.lease_seconds: taken over
+    with claim:
+        assert json.loads(files.read("claims", "00000.json"))["token"] == claim.token
+
+
+def test_a_claimed_trial_is_refused_to_a_second_copy_on_a_directory(idx_dir: Path, tmp_path: Path) -> None:
+    check_claim_refuses_a_second_copy(str(tmp_path / "artifacts"), idx_dir)
+
+
+@pytest.mark.slow
+def test_a_claimed_trial_is_refused_to_a_second_copy_on_a_bucket(s3_url: str, idx_dir: Path) -> None:
+    check_claim_refuses_a_second_copy(s3_url, idx_dir)
+
+
+@pytest.mark.slow
+def test_a_driver_waits_for_a_trial_another_process_trains_and_trains_nothing(idx_dir: Path, tmp_path: Path) -> None:
+    import threading
+
+    from sweeps.state import TrialClaim
+
+    artifacts = tmp_path / "artifacts"
+    base, files = claimed_trial(str(artifacts), idx_dir)
+    claim = TrialClaim(files, 0, 60)
+    claim.__enter__()  # a work pool's flow run, say, trains trial 0 now
+
+    def finish_elsewhere() -> None:
+        time.sleep(4)
+        files.save(files.trial(0).model_copy(update={"state": "complete", "value": 0.5, "epochs": 2}))
+        claim.__exit__(None, None, None)
+
+    other = threading.Thread(target=finish_elsewhere)
+    other.start()
+    outcome = run_sweep(base, artifacts)
+    other.join()
+    [record] = outcome.records
+    assert (record.state, record.value, record.epochs_trained_in(outcome.invocation)) == ("complete", 0.5, 0)
+    assert not (artifacts / "train").exists()  # nothing trained here: the holder's outcome is the trial's
