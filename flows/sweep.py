@@ -91,7 +91,10 @@ def _publish_sweep(config: PipelineConfig, outcome: SweepOutcome) -> None:
     store = open_store(artifacts_dir())
     files = SweepFiles(store, outcome.name)
     images = write_pictures(files, config, outcome.records)
-    write_sweep_tensorboard(files, store, config, outcome.records)
+    try:  # bookkeeping: a store that refuses these files must not fail a sweep whose trials are done
+        write_sweep_tensorboard(files, store, config, outcome.records)
+    except (OSError, TapelineError) as exc:
+        get_run_logger().warning("the sweep's TensorBoard files were not written: %s", exc)
     if images:
         create_markdown_artifact("\n".join(png_data_markdown(title, images[name]) for title, name in PICTURES),
                                  key="sweep-pictures", description=f"sweep {outcome.name}: history and parameters")

@@ -89,8 +89,7 @@ def track_run(config: PipelineConfig, stages: Mapping[str, StageResult], cached:
     if mlflow_run is None:
         return None
     evaluate = stages["evaluate"]
-    metrics = [("test_accuracy", promotion.test_accuracy, 0),
-               *((("test_loss", float(evaluate.test_loss), 0),) if hasattr(evaluate, "test_loss") else ())]
+    metrics = [("test_accuracy", promotion.test_accuracy, 0), ("test_loss", float(evaluate.test_loss), 0)]
     if trained_here:
         metrics += list(_epoch_metrics(stages["train"].path / HISTORY))
     tracker.log(mlflow_run, _run_params(config, stages), metrics,

@@ -19,10 +19,16 @@ log = logging.getLogger("tapeline.tracking")
 T = TypeVar("T")
 CHAMPION = "champion"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
-BATCH = 500  # metrics per log_batch call (MLflow takes at most 1000)
+BATCH = 500  # metrics or tags per log_batch call (MLflow takes at most 1000)
+MAX_PARAMS = 100  # parameters per log_batch call (MLflow's limit)
 # The client retries a refused request for minutes by default; a tracking server must never hold training up.
 CLIENT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """`items` in consecutive pieces of at most `size`."""
+    return [items[start:start + size] for start in range(0, len(items), size)]
 
 
 def tracking_uri(config: TrackingConfig, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -80,21 +86,20 @@ class Tracker:
                                                                       tags=dict(tags)))
         return None if run is None else run.info.run_id
 
-    def log(self, run_id: str, params: Mapping[str, Any] = {}, metrics: Iterable[tuple[str, float, int]] = (),  # noqa: B006
-            tags: Mapping[str, str] = {}) -> None:  # noqa: B006 - read only
-        """Parameters, metrics (key, value, step) and tags, in batches."""
+    def log(self, run_id: str, params: Mapping[str, Any] | None = None,
+            metrics: Iterable[tuple[str, float, int]] = (), tags: Mapping[str, str] | None = None) -> None:
+        """Parameters, metrics (key, value, step) and tags, in batches of the sizes MLflow takes."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        all_params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
-        all_metrics = [Metric(k, float(v), now, int(step)) for k, v, step in metrics]
-        all_tags = [RunTag(k, str(v)) for k, v in tags.items()]
-        for start in range(0, max(len(all_params), len(all_metrics), len(all_tags), 1), BATCH):
-            self.call("log", lambda s=start: self.client.log_batch(
-                run_id, metrics=all_metrics[s:s + BATCH], params=all_params[s:s + 100] if s == 0 else [],
-                tags=all_tags[s:s + BATCH]))
-        for start in range(100, len(all_params), 100):  # MLflow takes at most 100 parameters per batch
-            self.call("log params", lambda s=start: self.client.log_batch(run_id, params=all_params[s:s + 100]))
+        batches = [{"params": [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in chunk]}
+                   for chunk in chunks(list((params or {}).items()), MAX_PARAMS)]
+        batches += [{"metrics": [Metric(k, float(v), now, int(step)) for k, v, step in chunk]}
+                    for chunk in chunks(list(metrics), BATCH)]
+        batches += [{"tags": [RunTag(k, str(v)) for k, v in chunk]} for chunk in chunks(list((tags or {}).items()),
+                                                                                      BATCH)]
+        for batch in batches:
+            self.call("log", lambda b=batch: self.client.log_batch(run_id, **b))
 
     def log_files(self, run_id: str, files: Sequence[Path], folder: str) -> None:
         """Files (and directories, whole) as the run's artifacts under `folder`."""
