@@ -21,9 +21,10 @@ CHAMPION = "champion"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 BATCH = 500  # metrics or tags per log_batch call (MLflow takes at most 1000)
 MAX_PARAMS = 100  # parameters per log_batch call (MLflow's limit)
-# The client retries a refused request for minutes by default; a tracking server must never hold training up.
+# The client retries a refused request for minutes by default (a tracking server must never hold training up),
+# and prints a "View run" line on stdout, where `--json` promises one object on the last line.
 CLIENT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
