@@ -66,6 +66,9 @@ class PoolLauncher:
                 client.set_flow_run_state(trial.flow_run_id, Cancelling(), force=True)
 
 
+    def close(self) -> None:
+        """Nothing outlives its flow run here."""
+
 def pool_launcher(config: Any, files: SweepFiles, invocation: str) -> PoolLauncher:
     """Trials as flow runs of `sweep.deployment`."""
     return PoolLauncher(config.sweep.deployment, files, invocation)

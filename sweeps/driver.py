@@ -5,14 +5,17 @@ epoch checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +47,9 @@ class Launcher(Protocol):
 
     def stop_all(self, running: dict[int, Any]) -> None:
         """Stop every running trial (the driver is failing)."""
+
+    def close(self) -> None:
+        """The sweep's trials are done: let go of what is left (idle workers)."""
 
 
 LauncherFactory = Callable[[PipelineConfig, "SweepFiles", str], Launcher]
@@ -105,6 +111,107 @@ class LocalLauncher:
         """Stop every running trial (the driver is failing): each resumes from its checkpoint next time."""
         for trial in running.values():
             end_child(trial.process)
+
+    def close(self) -> None:
+        """Nothing outlives its trial here."""
+
+
+@dataclass
+class Worker:
+    """A warm worker process, the lines it has answered (read by a thread), the trial it runs."""
+
+    process: subprocess.Popen
+    answers: queue.Queue[str | None]
+    busy: int | None = None
+
+
+@dataclass
+class WarmTrial:
+    """A trial running in a warm worker."""
+
+    number: int
+    worker: Worker
+    log_path: Path
+
+
+def _pump(stream: Any, answers: queue.Queue[str | None]) -> None:
+    """Every line a worker writes, then None at its end."""
+    for line in stream:
+        answers.put(line.strip())
+    answers.put(None)
+
+
+@dataclass
+class WarmLauncher:
+    """Trials in warm worker processes (`python -m sweeps.worker`), `sweep.parallel` of them, each running trials
+    one after another with TensorFlow imported once; a worker leaves after `trials_per_worker` trials or when its
+    memory has grown past `max_growth_mib`, and the next trial gets a fresh one."""
+
+    artifacts: str
+    name: str
+    invocation: str
+    parallel: int
+    log_dir: Path
+    trials_per_worker: int
+    max_growth_mib: float
+    workers: list[Worker] = field(default_factory=list)
+
+    def _spawn(self) -> Worker:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **thread_environment(self.parallel), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with (self.log_dir / "workers.log").open("ab") as log:
+            process = start_child(
+                [sys.executable, "-m", "sweeps.worker", self.artifacts, self.name, self.invocation,
+                 str(self.trials_per_worker), str(self.max_growth_mib), str(self.log_dir)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True, bufsize=1)
+        answers: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(process.stdout, answers), name="sweep-worker-answers",
+                         daemon=True).start()
+        worker = Worker(process, answers)
+        self.workers.append(worker)
+        return worker
+
+    def start(self, number: int) -> WarmTrial:
+        """Give trial `number` to an idle live worker, or to a fresh one."""
+        self.workers = [w for w in self.workers if w.process.poll() is None]
+        worker = next((w for w in self.workers if w.busy is None), None) or self._spawn()
+        worker.busy = number
+        assert worker.process.stdin is not None
+        worker.process.stdin.write(f"{number}\n")
+        worker.process.stdin.flush()
+        return WarmTrial(number, worker, self.log_dir / f"trial-{number:05d}.log")
+
+    def wait_any(self, running: dict[int, WarmTrial]) -> tuple[int, int]:
+        """(trial number, status) of the first of `running` whose worker answered, or died (its exit status)."""
+        while True:
+            for number, trial in running.items():
+                worker = trial.worker
+                with contextlib.suppress(queue.Empty):
+                    answer = worker.answers.get(timeout=0.05 if worker.process.poll() is None else 5)
+                    worker.busy = None
+                    if answer is not None:
+                        return number, int(answer.split()[1])
+                    worker.process.wait()
+                    return number, worker.process.returncode or 1  # it ended before it answered
+
+    def stop_all(self, running: dict[int, WarmTrial]) -> None:
+        """Stop every worker (the driver is failing): each trial resumes from its checkpoint next time."""
+        for worker in self.workers:
+            end_child(worker.process)
+        self.workers = []
+
+    def close(self) -> None:
+        """Close the idle workers' input: they leave; kill any that lingers."""
+        for worker in self.workers:
+            with contextlib.suppress(OSError, ValueError):
+                assert worker.process.stdin is not None
+                worker.process.stdin.close()
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                end_child(worker.process)
+        self.workers = []
 
 
 def new_invocation() -> str:
@@ -222,6 +329,7 @@ def _drive(config: PipelineConfig, store: Store, files: SweepFiles, invocation: 
     except BaseException:
         launcher.stop_all(running)
         raise
+    launcher.close()
     return [records[n] for n in sorted(records)]
 
 
@@ -262,9 +370,14 @@ def _trial_log_dir(files: SweepFiles) -> Path:
     return cache_dir() / "sweeps" / files.name / "logs"
 
 
-def local_launcher(config: PipelineConfig, files: SweepFiles, invocation: str) -> LocalLauncher:
-    """Trials as local processes, `sweep.parallel` at a time, their logs in the sweep's directory."""
-    return LocalLauncher(str(files.store.root), files.name, invocation, config.sweep.parallel, _trial_log_dir(files))
+def local_launcher(config: PipelineConfig, files: SweepFiles, invocation: str) -> Launcher:
+    """Trials on this machine, `sweep.parallel` at a time, their logs in the sweep's directory: in warm workers
+    (`sweep.trials_per_worker` > 1), or a process each."""
+    sweep = config.sweep
+    if sweep.trials_per_worker > 1:
+        return WarmLauncher(str(files.store.root), files.name, invocation, sweep.parallel, _trial_log_dir(files),
+                            sweep.trials_per_worker, sweep.worker_max_growth_mib)
+    return LocalLauncher(str(files.store.root), files.name, invocation, sweep.parallel, _trial_log_dir(files))
 
 
 def run_sweep(config: PipelineConfig, artifacts: str | Path, on_trial_end: TrialEnd | None = None,

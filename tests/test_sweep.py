@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -423,3 +424,75 @@ def test_a_driver_waits_for_a_trial_another_process_trains_and_trains_nothing(id
     [record] = outcome.records
     assert (record.state, record.value, record.epochs_trained_in(outcome.invocation)) == ("complete", 0.5, 0)
     assert not (artifacts / "train").exists()  # nothing trained here: the holder's outcome is the trial's
+
+
+# --- warm workers ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_warm_workers_train_each_trial_as_a_run_alone_would(idx_dir: Path, tmp_path: Path) -> None:
+    from stages.pipeline import run_data, run_model, run_train
+
+    base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8, 12, 16]}", "sweep.sampler=grid",
+                        "sweep.trials=3", "sweep.pruner=none", "sweep.trials_per_worker=2")
+    outcome = run_sweep(base, tmp_path / "artifacts")
+    assert [r.state for r in outcome.records] == ["complete"] * 3
+    logs = tmp_path / "artifacts" / "sweeps" / outcome.name / "logs"
+    assert (logs / "workers.log").exists() and len(list(logs.glob("trial-*.log"))) == 3
+    for record in outcome.records:  # the same config trained alone, in this process, in a store of its own
+        config = trial_config(base, record.params)
+        alone = tmp_path / f"alone-{record.number}"
+        data = run_data(config, alone)
+        trained = run_train(config, data, run_model(config, data, alone), alone)
+        swept = read_history(open_store(tmp_path / "artifacts").fetch("train", record.train_fingerprint)[1])
+        assert [(r["loss"], r["val_accuracy"]) for r in read_history(trained.path)] == \
+            [(r["loss"], r["val_accuracy"]) for r in swept], record.params
+
+
+def worker_pids(artifacts: Path) -> list[int]:
+    """The warm workers working on `artifacts` (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"sweeps.worker" in cmdline and str(artifacts).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_past_its_memory_bound_is_replaced_and_a_killed_one_is_a_resumed_trial(
+        idx_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    artifacts = tmp_path / "artifacts"
+    base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8, 12]}", "sweep.sampler=grid",
+                        "sweep.trials=2", "sweep.pruner=none", "sweep.trials_per_worker=10",
+                        "sweep.worker_max_growth_mib=0.001", "train.max_epochs=4", "train.patience=10")
+    files = SweepFiles(open_store(artifacts), sweep_name(base))
+    outcome: list = []
+    driver = threading.Thread(target=lambda: outcome.append(run_sweep(base, artifacts)))
+    driver.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ((trial := files.trial(0)) and trial.epochs >= 1 and
+                                               trial.state == "running"):
+        time.sleep(0.05)
+    [pid] = worker_pids(artifacts)
+    os.kill(pid, signal.SIGKILL)  # mid-trial, an epoch checkpointed
+    driver.join(timeout=600)
+    [result] = outcome
+    assert [r.state for r in result.records] == ["complete", "complete"]
+    assert result.records[0].attempts == 2  # the killed worker's attempt, then a fresh worker's
+    leaving = (artifacts / "sweeps" / result.name / "logs" / "workers.log").read_text().count("worker leaves after 1")
+    assert leaving == 2  # each worker grew past 0.001 MiB on its first trial and left: a fresh one per trial
+    assert worker_pids(artifacts) == []  # none left behind
+    from stages.pipeline import run_data, run_model, run_train
+
+    config = trial_config(base, result.records[0].params)  # the resumed trial ends as one run alone does
+    data = run_data(config, tmp_path / "alone")
+    alone = run_train(config, data, run_model(config, data, tmp_path / "alone"), tmp_path / "alone")
+    swept = open_store(artifacts).fetch("train", result.records[0].train_fingerprint)[1]
+    assert [r["val_loss"] for r in read_history(alone.path)] == [r["val_loss"] for r in read_history(swept)]
