@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "warm_workers.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tapeline-bench-warm-") as tmp:
-        process = sweep(Path(tmp) / "process", args.process_trials, 1, args.limit)
+        process = sweep(Path(tmp) / "process", args.process_trials, 1, args.limit) if args.process_trials else None
         warm = sweep(Path(tmp) / "warm", args.trials, args.trials, args.limit)
     memory = warm["rss_mib_after_trials"]
     growth = round(memory[args.trials] / memory[2] - 1, 4) if {2, args.trials} <= memory.keys() else None

@@ -212,7 +212,7 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(idx_dir: 
     assert f"sweep {outcome.name}: the grid has 2 configurations, fewer than sweep.trials=20; the sweep runs each " \
            "once" in caplog.text
     logs = tmp_path / "artifacts" / "sweeps" / outcome.name / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == ["trial-00000.log", "trial-00001.log"]
+    assert sorted(p.name for p in logs.iterdir()) == ["trial-00000.log", "trial-00001.log", "workers.log"]
     assert set(Path(tempfile.gettempdir()).glob("tapeline-sweep-*")) == before  # nothing left in /tmp
 
 

@@ -50,14 +50,14 @@ def wait_for(files: SweepFiles, condition, process: subprocess.Popen, timeout: f
 
 
 def trial_pids(artifacts: Path) -> list[int]:
-    """The trial processes working on `artifacts` (from /proc)."""
+    """The trial processes and warm workers working on `artifacts` (from /proc)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"sweeps.trial" in cmdline and str(artifacts).encode() in cmdline:
+        if (b"sweeps.trial" in cmdline or b"sweeps.worker" in cmdline) and str(artifacts).encode() in cmdline:
             pids.append(int(entry.name))
     return pids
 
