@@ -17,6 +17,7 @@ from stages.score.inputs import ScoreInput, label_of
 from stages.score.model import ModelRef, ScoringModel
 from stages.score.shards import shard_groups, to_score
 from tapeline.config import load_config
+from tapeline.errors import ScoreError
 from tapeline.results import InputSpec
 from tapeline.testing import png_bytes, synthetic_images, tiny_config
 
@@ -263,3 +264,29 @@ def test_a_model_loaded_in_the_background_is_the_one_shards_use(production: Path
     missing = production / "no-such-model"
     scoring.load_in_background(missing).join()  # a failed load leaves nothing behind; the shard reports it
     assert str(missing) not in scoring._LOADED
+
+
+@pytest.mark.slow
+def test_a_parquet_source_on_a_bucket_is_listed_row_by_row(s3_url: str) -> None:
+    import fsspec
+    import pyarrow as pa
+
+    from stages.score.inputs import fitted_images, list_source
+    from tapeline.predict import Resize
+
+    images, labels = synthetic_images(12, seed=9)
+    fs = fsspec.filesystem("s3")
+    drop = f"{s3_url}/drop"
+    for name, part in (("a.parquet", slice(0, 7)), ("more/b.parquet", slice(7, 12))):
+        with fs.open(f"{drop}/{name}", "wb") as out:
+            pq.write_table(pa.table({"image": [png_bytes(i) for i in images[part]],
+                                     "label": [int(v) for v in labels[part]]}), out)
+    listing = list_source(f"parquet:{drop}", CLASSES)
+    assert [i.key for i in listing.inputs] == [f"a.parquet#{n}" for n in range(7)] + \
+        [f"more/b.parquet#{n}" for n in range(5)]
+    assert [i.label for i in listing.inputs] == [int(v) for v in labels]
+    spec = InputSpec(shape=(28, 28, 1), class_names=CLASSES)
+    fitted = list(fitted_images(listing.root, listing.inputs, spec, Resize()))
+    assert all(np.array_equal(image[..., 0], images[i]) for i, image, _ in fitted)
+    with pytest.raises(ScoreError, match="idx: sources are read from disk"):
+        list_source(f"idx:{s3_url}/idx", CLASSES)

@@ -1,6 +1,7 @@
-"""Scoring sources that hold their images in files of many (`idx:DIR`, `parquet:PATH` on disk): one input per row,
-keyed `<file>#<row>` and versioned by the SHA-256 of the row's own bytes, so a file rewritten with one new row
-scores that row alone. A process reads such a source once and keeps its rows for every shard it scores."""
+"""Scoring sources that hold their images in files of many (`idx:DIR` on disk, `parquet:PATH` on disk or a bucket
+prefix): one input per row, keyed `<file>#<row>` and versioned by the SHA-256 of the row's own bytes, so a file
+rewritten with one new row scores that row alone. A process reads such a source once and keeps its rows for every
+shard it scores."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from stages.data.sources.idx import IDX_FILES, find_idx_file, load_idx_pair, parse_idx, read_idx_bytes
-from stages.data.sources.parquet import decode_image_cell, parquet_files, row_shape
+from stages.data.sources.parquet import ParquetSource, decode_image_cell, row_shape
 from tapeline.errors import DataSourceError, ScoreError
 
 ARRAY_SCHEMES = ("idx:", "parquet:")
@@ -51,26 +52,36 @@ def _idx_rows(directory: Path) -> dict[str, tuple[Any, int | None]]:
     return rows
 
 
+def _row_file_name(pattern: str, where: str, files: int) -> str:
+    """A Parquet file's name in its rows' keys: relative to the directory or prefix the source names."""
+    if "://" in where:
+        prefix = pattern.rstrip("/") + "/"
+        return where[len(prefix):] if where.startswith(prefix) else where.rsplit("/", 1)[-1]
+    path = Path(where)
+    base = Path(pattern).parent if files == 1 else Path(pattern)
+    return str(path.relative_to(base)) if path.is_relative_to(base) else path.name
+
+
 def _parquet_rows(pattern: str) -> dict[str, tuple[Any, int | None]]:
-    """key -> (the row's image cell, label or None) of every Parquet file a path names; the cells are decoded
-    when scored."""
+    """key -> (the row's image cell, label or None) of every Parquet file a path or bucket prefix names (the data
+    stage's own listing and fetch); the cells are decoded when scored."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        files = parquet_files(pattern)
+        files = ParquetSource(pattern).files()
     except DataSourceError as exc:
         raise ScoreError(f"score: {exc}") from None
-    base = Path(pattern).parent if len(files) == 1 else Path(pattern)
     rows: dict[str, tuple[Any, int | None]] = {}
-    for path in files:
-        table = pq.read_table(path)
+    for where, data in files:
+        table = pq.read_table(pa.BufferReader(data) if data is not None else where)
         if "image" not in table.column_names:
-            raise ScoreError(f"score: {path} has no 'image' column (PNG bytes or a list of uint8 per row); its "
+            raise ScoreError(f"score: {where} has no 'image' column (PNG bytes or a list of uint8 per row); its "
                              f"columns are {', '.join(table.column_names)}")
         labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * table.num_rows
-        name = str(path.relative_to(base)) if path.is_relative_to(base) else path.name
+        name = _row_file_name(pattern, where, len(files))
         for i, cell in enumerate(table.column("image").to_pylist()):
-            rows[f"{name}#{i}"] = ((cell, row_shape(table, i, f"{path} row {i}")), labels[i])
+            rows[f"{name}#{i}"] = ((cell, row_shape(table, i, f"{where} row {i}")), labels[i])
     return rows
 
 
@@ -79,9 +90,9 @@ def source_rows(source: str) -> dict[str, tuple[Any, int | None]]:
     with _READING:
         if source not in _ROWS:
             location = source.split(":", 1)[1]
-            if "://" in location:
-                raise ScoreError(f"score: {source}: idx: and parquet: sources are scored from disk; copy them "
-                                 "here, or write their images as files under images:")
+            if "://" in location and source.startswith("idx:"):
+                raise ScoreError(f"score: {source}: idx: sources are read from disk (as the data stage reads them); "
+                                 "copy the files here, or use parquet: or images: on a bucket")
             _ROWS[source] = _idx_rows(Path(location)) if source.startswith("idx:") else _parquet_rows(location)
         return _ROWS[source]
 
