@@ -391,6 +391,7 @@ def fit(trainer: Trainer, early_stopping: EarlyStopping, run_dir: Path,
         side_work.wait()
     finally:
         side_work.close()
+        writer.close()  # flushed and its file closed now, not whenever the garbage collector gets to it
     restore = early_stopping.weights_to_restore()
     if restore is not None:
         trainer.model.set_weights(restore)
