@@ -126,3 +126,16 @@ def write_user_project(root: Path) -> tuple[Path, Path]:
     (project / "lonely.py").write_text("import tapeline_missing_helpers\n\n\ndef build(input_shape, num_classes):\n"
                                        "    return None\n")
     return project, helpers
+
+
+def sweep_processes(artifacts: Path) -> list[int]:
+    """The trial processes and warm workers working on `artifacts` (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if (b"sweeps.trial" in cmdline or b"sweeps.worker" in cmdline) and str(artifacts).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -28,6 +28,7 @@ from tapeline.config import PipelineConfig, load_config
 from tapeline.errors import ConfigError, TrainingPaused
 from tapeline.store import open_store
 from tapeline.testing import tiny_config
+from tests.helpers import sweep_processes
 
 LR = "sweep.space.train.learning_rate={float: [0.001, 0.02], log: true}"
 UNITS = "sweep.space.model.dense_units={choice: [8, 16]}"
@@ -449,19 +450,6 @@ def test_warm_workers_train_each_trial_as_a_run_alone_would(idx_dir: Path, tmp_p
             [(r["loss"], r["val_accuracy"]) for r in swept], record.params
 
 
-def worker_pids(artifacts: Path) -> list[int]:
-    """The warm workers working on `artifacts` (from /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if b"sweeps.worker" in cmdline and str(artifacts).encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.slow
 def test_a_worker_past_its_memory_bound_is_replaced_and_a_killed_one_is_a_resumed_trial(
         idx_dir: Path, tmp_path: Path) -> None:
@@ -480,7 +468,7 @@ def test_a_worker_past_its_memory_bound_is_replaced_and_a_killed_one_is_a_resume
     while time.monotonic() < deadline and not ((trial := files.trial(0)) and trial.epochs >= 1 and
                                                trial.state == "running"):
         time.sleep(0.05)
-    [pid] = worker_pids(artifacts)
+    [pid] = sweep_processes(artifacts)
     os.kill(pid, signal.SIGKILL)  # mid-trial, an epoch checkpointed
     driver.join(timeout=600)
     [result] = outcome
@@ -488,7 +476,7 @@ def test_a_worker_past_its_memory_bound_is_replaced_and_a_killed_one_is_a_resume
     assert result.records[0].attempts == 2  # the killed worker's attempt, then a fresh worker's
     leaving = (artifacts / "sweeps" / result.name / "logs" / "workers.log").read_text().count("worker leaves after 1")
     assert leaving == 2  # each worker grew past 0.001 MiB on its first trial and left: a fresh one per trial
-    assert worker_pids(artifacts) == []  # none left behind
+    assert sweep_processes(artifacts) == []  # none left behind
     from stages.pipeline import run_data, run_model, run_train
 
     config = trial_config(base, result.records[0].params)  # the resumed trial ends as one run alone does

@@ -19,6 +19,7 @@ from sweeps.study import best_trial
 from tapeline.config import PipelineConfig, load_config
 from tapeline.store import open_store
 from tapeline.testing import tiny_overrides
+from tests.helpers import sweep_processes
 
 pytestmark = pytest.mark.slow
 DRIVER = "import sys; from sweeps.driver import run_sweep; from tapeline.config import load_config; " \
@@ -49,19 +50,6 @@ def wait_for(files: SweepFiles, condition, process: subprocess.Popen, timeout: f
     raise AssertionError("the sweep never got there")
 
 
-def trial_pids(artifacts: Path) -> list[int]:
-    """The trial processes and warm workers working on `artifacts` (from /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if (b"sweeps.trial" in cmdline or b"sweeps.worker" in cmdline) and str(artifacts).encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 def total_epochs(records: list[TrialRecord]) -> int:
     return sum(sum(r.trained.values()) for r in records)
 
@@ -85,9 +73,9 @@ def test_kill_the_driver_or_a_trial_then_rerun(idx_dir: Path, tmp_path: Path) ->
     driver.kill()
     driver.wait()
     deadline = time.monotonic() + 10
-    while trial_pids(killed) and time.monotonic() < deadline:
+    while sweep_processes(killed) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert trial_pids(killed) == []
+    assert sweep_processes(killed) == []
     before = {r.number: r for r in files.trials()}
     assert before[0].state in ("complete", "pruned") and before[1].state == "running"
     resumed = run_sweep(config, killed)
@@ -102,7 +90,7 @@ def test_kill_the_driver_or_a_trial_then_rerun(idx_dir: Path, tmp_path: Path) ->
     files = SweepFiles(open_store(trial_killed), sweep_name(config))
     driver = start_driver(trial_killed, args)
     wait_for(files, in_progress, driver)
-    for pid in trial_pids(trial_killed):
+    for pid in sweep_processes(trial_killed):
         os.kill(pid, signal.SIGKILL)
     assert driver.wait(timeout=300) == 0, driver.stderr.read().decode()[-3000:]
     after = files.trials()
