@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Any, Protocol
 
 import yaml
@@ -121,7 +121,7 @@ class Worker:
     """A warm worker process, the lines it has answered (read by a thread), the trial it runs."""
 
     process: subprocess.Popen
-    answers: queue.Queue[str | None]
+    answers: Queue[str | None]
     busy: int | None = None
 
 
@@ -134,7 +134,7 @@ class WarmTrial:
     log_path: Path
 
 
-def _pump(stream: Any, answers: queue.Queue[str | None]) -> None:
+def _pump(stream: Any, answers: Queue[str | None]) -> None:
     """Every line a worker writes, then None at its end."""
     for line in stream:
         answers.put(line.strip())
@@ -164,7 +164,7 @@ class WarmLauncher:
                 [sys.executable, "-m", "sweeps.worker", self.artifacts, self.name, self.invocation,
                  str(self.trials_per_worker), str(self.max_growth_mib), str(self.log_dir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True, bufsize=1)
-        answers: queue.Queue[str | None] = queue.Queue()
+        answers: Queue[str | None] = Queue()
         threading.Thread(target=_pump, args=(process.stdout, answers), name="sweep-worker-answers",
                          daemon=True).start()
         worker = Worker(process, answers)
@@ -186,7 +186,7 @@ class WarmLauncher:
         while True:
             for number, trial in running.items():
                 worker = trial.worker
-                with contextlib.suppress(queue.Empty):
+                with contextlib.suppress(Empty):
                     answer = worker.answers.get(timeout=0.05 if worker.process.poll() is None else 5)
                     worker.busy = None
                     if answer is not None:

@@ -196,7 +196,8 @@ def _this_host() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether a process of this machine is alive (a zombie counts as dead)."""
+    """Whether a process of this machine is alive: a zombie, or one already exiting (its memory released, so its
+    command line reads empty: a killed TensorFlow process takes a moment to finish exiting), counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -204,7 +205,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     with contextlib.suppress(OSError, IndexError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+        if Path(f"/proc/{pid}/cmdline").read_bytes() == b"":
             return False
     return True
 

@@ -11,13 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from stages.train.outputs import HISTORY_COLUMNS
 from sweeps.state import SweepFiles, TrialRecord
+from sweeps.trial import read_history
 from tapeline.config import PipelineConfig, SweepConfig
 from tapeline.store import Store
 
 FOLDER = "tensorboard"
 STATES = ("complete", "pruned", "failed", "running")
-HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+HISTORY_METRICS = tuple(c for c in HISTORY_COLUMNS if c not in ("epoch", "seconds", "images_per_second"))
 
 
 def hparam_domains(records: list[TrialRecord]) -> dict[str, Any]:
@@ -45,13 +47,9 @@ def hparam_value(value: Any) -> Any:
 
 def trial_history(store: Store, record: TrialRecord) -> list[dict[str, Any]]:
     """The rows of the trial's train history when its train output is in the store, else none."""
-    import pyarrow.parquet as pq
-
     if record.train_fingerprint is None or store.problem("train", record.train_fingerprint) is not None:
         return []
-    _, local = store.fetch("train", record.train_fingerprint)
-    history = local / "history.parquet"
-    return pq.read_table(history).to_pylist() if history.is_file() else []
+    return read_history(store.fetch("train", record.train_fingerprint)[1])
 
 
 def write_trial(directory: Path, record: TrialRecord, sweep: SweepConfig, domains: dict[str, Any],
