@@ -123,6 +123,7 @@ class Worker:
     process: subprocess.Popen
     answers: Queue[str | None]
     busy: int | None = None
+    leaving: bool = False  # it said so with its last answer: it reads no more trials
 
 
 @dataclass
@@ -173,8 +174,8 @@ class WarmLauncher:
 
     def start(self, number: int) -> WarmTrial:
         """Give trial `number` to an idle live worker, or to a fresh one."""
-        self.workers = [w for w in self.workers if w.process.poll() is None]
-        worker = next((w for w in self.workers if w.busy is None), None) or self._spawn()
+        self.workers = [w for w in self.workers if w.process.poll() is None]  # a leaving one is waited for at close
+        worker = next((w for w in self.workers if w.busy is None and not w.leaving), None) or self._spawn()
         worker.busy = number
         assert worker.process.stdin is not None
         worker.process.stdin.write(f"{number}\n")
@@ -190,7 +191,9 @@ class WarmLauncher:
                     answer = worker.answers.get(timeout=0.05 if worker.process.poll() is None else 5)
                     worker.busy = None
                     if answer is not None:
-                        return number, int(answer.split()[1])
+                        fields = answer.split()
+                        worker.leaving = "leaving" in fields[2:]
+                        return number, int(fields[1])
                     worker.process.wait()
                     return number, worker.process.returncode or 1  # it ended before it answered
 

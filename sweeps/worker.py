@@ -2,11 +2,13 @@
 spawned by the driver, never forked from a process that imported TensorFlow) that runs trials one after another,
 TensorFlow and tapeline imported once. The driver writes a trial number per line on its stdin; the worker answers
 `<number> <status>` on its stdout when the trial's record holds its outcome (status 0, or 75 when another live copy
-holds the trial). Before each trial Keras's session is cleared and the garbage collected (the trial's stages set
-the seeds, as `tapeline run` does); each trial logs to its own file. The worker leaves after `TRIALS` trials, or
-once its resident memory has grown by more than `MAX_GROWTH_MIB` since its first trial (TensorFlow keeps memory
-across `fit`s even with the session cleared: tensorflow#61791): the driver starts a fresh one for the next trial.
-A worker dies with its driver, and a killed worker is a killed trial, resumed from its checkpoint by a fresh one."""
+holds the trial), followed by ` leaving` when it leaves after that trial. Before each trial Keras's session is
+cleared, the gradient functions TensorFlow registered for the last trial's traced steps are dropped, and the garbage
+collected (the trial's stages set the seeds, as `tapeline run` does); each trial logs to its own file. The worker
+leaves after `TRIALS` trials, or once its resident memory has grown by more than `MAX_GROWTH_MIB` since the end of
+its first trial (the first trial's end holds the working set: TensorFlow's runtime, the training split in memory):
+the driver starts a fresh one for the next trial. A worker dies with its driver, and a killed worker is a killed
+trial, resumed from its checkpoint by a fresh one."""
 
 from __future__ import annotations
 
@@ -54,20 +56,50 @@ def trial_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def fresh_session() -> None:
-    """What Keras Tuner does before each build, a cleared Keras session and a garbage collection; then the freed
-    heap handed back to the system (glibc keeps it otherwise, and a worker's resident memory would only grow)."""
+def registered_gradients() -> set[str]:
+    """The names in TensorFlow's global gradient registry now (private API; empty where it is not there)."""
+    from tensorflow.python.framework import ops
+
+    return set(getattr(getattr(ops, "_gradient_registry", None), "_registry", {}))
+
+
+def forget_traced_gradients(keep: set[str]) -> int:
+    """Drop the graph-mode custom gradients registered since `keep` was taken; how many were dropped.
+
+    Tracing a train step under a tf.distribute strategy registers a `CustomGradient-N` in TensorFlow's global
+    gradient registry (`ReplicaContext.all_reduce`'s gradient), and the entry holds the traced graph forever: about
+    7 to 13 MiB a trial, with Keras's `fit` as with tapeline's step (tensorflow#61791). Once the trial's models and
+    functions are gone nothing can ask for those gradients again."""
+    from tensorflow.python.framework import ops
+
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    if not isinstance(registry, dict):
+        return 0
+    stale = [name for name in registry if name.startswith("CustomGradient-") and name not in keep]
+    for name in stale:
+        del registry[name]
+    return len(stale)
+
+
+def fresh_session(keep_gradients: set[str] | None = None) -> None:
+    """What Keras Tuner does before each build, a cleared Keras session and a garbage collection, with the last
+    trial's traced gradients dropped (when `keep_gradients` is given); then the freed heap handed back to the system
+    (glibc keeps it otherwise, and a worker's resident memory would only grow)."""
     import keras
 
     keras.backend.clear_session(free_memory=True)
+    if keep_gradients is not None:
+        forget_traced_gradients(keep_gradients)
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def should_leave(trials_done: int, trials_per_worker: int, first_rss: float, max_growth_mib: float) -> bool:
-    """Whether the worker has run its share of trials, or its memory has grown past the bound."""
-    return trials_done >= trials_per_worker or resident_mib() - first_rss > max_growth_mib
+def should_leave(trials_done: int, trials_per_worker: int, first_rss: float, rss: float, max_growth_mib: float
+                 ) -> bool:
+    """Whether the worker has run its share of trials, or its resident memory `rss` has grown past the bound since
+    its first trial's end (`first_rss`)."""
+    return trials_done >= trials_per_worker or rss - first_rss > max_growth_mib
 
 
 def serve(commands: TextIO, answers: TextIO, artifacts: str, name: str, invocation: str, trials_per_worker: int,
@@ -76,10 +108,10 @@ def serve(commands: TextIO, answers: TextIO, artifacts: str, name: str, invocati
     store = open_store(artifacts)
     files = SweepFiles(store, name)
     done, first_rss = 0, 0.0
+    keep = registered_gradients()
     for line in commands:
         number = int(line)
-        fresh_session()
-        first_rss = first_rss or resident_mib()
+        fresh_session(keep)
         status = 0
         with trial_log(log_dir / f"trial-{number:05d}.log"):
             try:
@@ -89,12 +121,16 @@ def serve(commands: TextIO, answers: TextIO, artifacts: str, name: str, invocati
                 log.info("%s; leaving it to that process", exc)
                 status = CLAIMED
         done += 1
-        log.info("trial %d done in this worker (%d so far); resident memory %.0f MiB", number, done, resident_mib())
-        answers.write(f"{number} {status}\n")
+        fresh_session(keep)  # the trial's memory released before it is measured
+        rss = resident_mib()
+        first_rss = first_rss or rss
+        log.info("trial %d done in this worker (%d so far); resident memory %.0f MiB", number, done, rss)
+        leaving = should_leave(done, trials_per_worker, first_rss, rss, max_growth_mib)
+        answers.write(f"{number} {status}{' leaving' if leaving else ''}\n")  # the driver gives it nothing more
         answers.flush()
-        if should_leave(done, trials_per_worker, first_rss, max_growth_mib):
-            log.info("worker leaves after %d trials (resident memory %.0f MiB, %.0f at its first)", done,
-                     resident_mib(), first_rss)
+        if leaving:
+            log.info("worker leaves after %d trials (resident memory %.0f MiB, %.0f after its first)", done, rss,
+                     first_rss)
             break
     return done
 
@@ -105,6 +141,7 @@ def main(argv: list[str]) -> int:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print never reaches the driver's protocol
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # tf.data logs each epoch's sharding callback at INFO
     serve(sys.stdin, answers, artifacts, name, invocation, int(trials), float(growth), Path(log_dir))
     return 0
 

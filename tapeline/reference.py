@@ -3,6 +3,7 @@ cannot drift: `python -m tapeline.reference docs/configuration.md` writes it, `-
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -94,15 +95,18 @@ def configuration_page() -> str:
 
 def main(argv: list[str]) -> int:
     """Write the page to the path given, or with `--check` exit 1 when the file there differs."""
-    check = "--check" in argv
-    target = Path(next(a for a in argv if a != "--check"))
+    parser = argparse.ArgumentParser(prog="python -m tapeline.reference",
+                                     description="Write the configuration reference page (docs/configuration.md).")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the page there is stale; write nothing")
+    parser.add_argument("page", type=Path, help="the page to write or check, e.g. docs/configuration.md")
+    args = parser.parse_args(argv)
     page = configuration_page()
-    if check:
-        if not target.is_file() or target.read_text() != page:
-            print(f"{target} is stale: run `python -m tapeline.reference {target}`", file=sys.stderr)
+    if args.check:
+        if not args.page.is_file() or args.page.read_text() != page:
+            print(f"{args.page} is stale: run `python -m tapeline.reference {args.page}`", file=sys.stderr)
             return 1
         return 0
-    target.write_text(page)
+    args.page.write_text(page)
     return 0
 
 

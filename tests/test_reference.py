@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tapeline.config import config_keys
 from tapeline.reference import configuration_page, main
 
@@ -29,3 +31,15 @@ def test_check_mode_says_when_the_page_is_stale(tmp_path: Path) -> None:
     assert main([str(target)]) == 0 and main(["--check", str(target)]) == 0
     target.write_text(target.read_text() + "edited\n")
     assert main(["--check", str(target)]) == 1
+
+
+def test_help_prints_usage_and_writes_no_file_named_after_an_option(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "usage: python -m tapeline.reference" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--chek", "page.md"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --chek" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

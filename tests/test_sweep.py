@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -450,16 +451,95 @@ def test_warm_workers_train_each_trial_as_a_run_alone_would(idx_dir: Path, tmp_p
             [(r["loss"], r["val_accuracy"]) for r in swept], record.params
 
 
+def test_a_worker_leaves_after_its_share_of_trials_or_past_its_memory_bound() -> None:
+    from sweeps.worker import should_leave
+
+    assert not should_leave(1, 8, first_rss=900, rss=900, max_growth_mib=256)  # the first trial sets the base
+    assert should_leave(8, 8, first_rss=900, rss=900, max_growth_mib=256)
+    assert not should_leave(3, 8, first_rss=900, rss=1156, max_growth_mib=256)
+    assert should_leave(3, 8, first_rss=900, rss=1156.5, max_growth_mib=256)
+
+
+def _traced_keras_train_step() -> weakref.ref:
+    """A weak reference to the graph of a traced Keras train step whose model and optimizer are gone."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+
+    def step(x: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model(x) ** 2)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return loss
+
+    return weakref.ref(tf.function(step, autograph=False).get_concrete_function(tf.TensorSpec([None, 4])).graph)
+
+
+def test_a_traced_train_step_s_registered_gradients_are_forgotten_and_its_graph_freed() -> None:
+    import gc
+
+    import keras
+
+    from sweeps.worker import forget_traced_gradients, registered_gradients
+
+    keep = registered_gradients()
+    graph = _traced_keras_train_step()
+    added = registered_gradients() - keep
+    assert added and all(name.startswith("CustomGradient-") for name in added)  # what holds the graph (TF's leak)
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
+    assert graph() is not None  # still held by TensorFlow's global gradient registry
+    assert forget_traced_gradients(keep) == len(added)
+    gc.collect()
+    assert registered_gradients() == keep and graph() is None
+
+
+def test_a_worker_that_says_it_leaves_gets_no_further_trial_though_it_still_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from queue import Queue
+
+    from sweeps.driver import WarmLauncher, Worker, _pump
+
+    # a stand-in worker: answers its trial with "leaving", then takes its time to exit, as a worker holding a
+    # gigabyte does; a trial written to it now would be lost
+    script = "import sys, time; n = sys.stdin.readline().strip(); print(n, 0, 'leaving', flush=True); time.sleep(2)"
+    launcher = WarmLauncher("unused", "unused", "unused", 1, tmp_path, 8, 256.0)
+    spawned: list[Worker] = []
+
+    def spawn() -> Worker:
+        process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, bufsize=1)
+        answers: Queue[str | None] = Queue()
+        threading.Thread(target=_pump, args=(process.stdout, answers), daemon=True).start()
+        spawned.append(Worker(process, answers))
+        launcher.workers.append(spawned[-1])
+        return spawned[-1]
+
+    monkeypatch.setattr(launcher, "_spawn", spawn)
+    first = launcher.start(0)
+    assert launcher.wait_any({0: first}) == (0, 0)
+    assert first.worker.process.poll() is None and first.worker.leaving  # still exiting
+    second = launcher.start(1)
+    assert second.worker is not first.worker and len(spawned) == 2
+    launcher.close()
+    assert all(w.process.poll() is not None for w in spawned)
+
+
 @pytest.mark.slow
-def test_a_worker_past_its_memory_bound_is_replaced_and_a_killed_one_is_a_resumed_trial(
+def test_a_worker_is_replaced_after_its_trials_and_a_killed_one_is_a_resumed_trial(
         idx_dir: Path, tmp_path: Path) -> None:
     import signal
     import threading
 
     artifacts = tmp_path / "artifacts"
-    base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8, 12]}", "sweep.sampler=grid",
-                        "sweep.trials=2", "sweep.pruner=none", "sweep.trials_per_worker=10",
-                        "sweep.worker_max_growth_mib=0.001", "train.max_epochs=4", "train.patience=10")
+    base = sweep_config(idx_dir, "sweep.space.model.dense_units={choice: [8, 12, 16]}", "sweep.sampler=grid",
+                        "sweep.trials=3", "sweep.pruner=none", "sweep.trials_per_worker=2",
+                        "train.max_epochs=4", "train.patience=10")
     files = SweepFiles(open_store(artifacts), sweep_name(base))
     outcome: list = []
     driver = threading.Thread(target=lambda: outcome.append(run_sweep(base, artifacts)))
@@ -472,10 +552,12 @@ def test_a_worker_past_its_memory_bound_is_replaced_and_a_killed_one_is_a_resume
     os.kill(pid, signal.SIGKILL)  # mid-trial, an epoch checkpointed
     driver.join(timeout=600)
     [result] = outcome
-    assert [r.state for r in result.records] == ["complete", "complete"]
-    assert result.records[0].attempts == 2  # the killed worker's attempt, then a fresh worker's
-    leaving = (artifacts / "sweeps" / result.name / "logs" / "workers.log").read_text().count("worker leaves after 1")
-    assert leaving == 2  # each worker grew past 0.001 MiB on its first trial and left: a fresh one per trial
+    assert [r.state for r in result.records] == ["complete"] * 3
+    # the killed worker's attempt, then a fresh worker's; trials 1 and 2 each trained once: no trial is handed to
+    # a worker that has said it leaves
+    assert [r.attempts for r in result.records] == [2, 1, 1]
+    workers_log = (artifacts / "sweeps" / result.name / "logs" / "workers.log").read_text()
+    assert workers_log.count("worker leaves after 2 trials") == 1  # trials 0 and 1; trial 2 in a fresh worker
     assert sweep_processes(artifacts) == []  # none left behind
     from stages.pipeline import run_data, run_model, run_train
 
