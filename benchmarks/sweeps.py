@@ -1,10 +1,13 @@
-"""Sweeps side by side: tapeline's sweep (TPE + ASHA inside the tape loop, one process per trial) against Keras
-Tuner's `Hyperband` (`model.fit` with `EarlyStopping`) on the same search space, the same Fashion-MNIST data, the
-same maximum epochs per trial and the same budget in epochs (tapeline stops proposing once it has trained as many
-epochs as Hyperband did); then the rerun of the finished sweep (zero epochs, its wall time through `tapeline
-sweep`). Each contender runs in a process of its own; the data is built once before either starts.
+"""Sweeps side by side: tapeline's sweep (TPE with ASHA or Hyperband inside the tape loop, warm trial workers)
+against Keras Tuner's `Hyperband` (`model.fit` with `EarlyStopping`) on the same search space, the same
+Fashion-MNIST data, the same maximum epochs per trial and the same budget in epochs (tapeline stops proposing once
+it has trained as many epochs as Hyperband did), one round per seed (Keras Tuner's `seed` and `sweep.seed` alike),
+medians over the rounds; then the rerun of the finished sweep (zero epochs, its wall time through `tapeline
+sweep`). Each contender runs in a process of its own, each tapeline round in a store of its own (no trial is a
+cache hit of another round's); the data is built before the clock starts.
 
-    python -m benchmarks.sweeps --limit 20000 --max-epochs 6 --json benchmarks/results/sweeps.json
+    python -m benchmarks.sweeps --limit 0 --max-epochs 6 --seeds 0,1,2 --pruners asha,hyperband \
+        --json benchmarks/results/sweeps_full_seeds.json
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,8 @@ class BudgetSpent(Exception):  # noqa: N818 - a stop signal, not an error
     """Raised from the trial-end callback once tapeline has trained Keras Tuner's number of epochs."""
 
 
-def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, trials: int) -> dict[str, Any]:
+def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, trials: int, seed: int = 0,
+                    pruner: str = "asha") -> dict[str, Any]:
     """tapeline's sweep of at most `trials` until it has trained `budget_epochs`, then the best trial's evaluate
     stage (the test split, once). Returns timings, trials and accuracies. (`trials` also sets TPE's random start:
     a quarter of them, at least 2.)"""
@@ -52,7 +57,8 @@ def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, t
     from tapeline.store import open_store
 
     config = load_config(None, [*overrides, f"sweep.space={json.dumps(SPACE)}", f"sweep.trials={trials}",
-                                "sweep.min_epochs=2", "sweep.reduction_factor=3", "sweep.seed=0"])
+                                "sweep.min_epochs=2", "sweep.reduction_factor=3", f"sweep.seed={seed}",
+                                f"sweep.pruner={pruner}"])
     spent = [0]
 
     def count(record: Any) -> None:
@@ -79,7 +85,7 @@ def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, t
 
 
 def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patience: int, epoch_log: Path | None = None,
-                       overwrite: bool = True) -> dict[str, Any]:
+                       overwrite: bool = True, seed: int = 0) -> dict[str, Any]:
     """Keras Tuner's Hyperband on the same space and recipe: the same CNN (tapeline's builder), Adam at a constant
     rate, batch 128, `EarlyStopping` on val_accuracy; then the best model's test accuracy."""
     import keras
@@ -114,7 +120,7 @@ def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patien
         return model
 
     started = time.perf_counter()
-    tuner = kt.Hyperband(build, objective="val_accuracy", max_epochs=max_epochs, factor=3, seed=0,
+    tuner = kt.Hyperband(build, objective="val_accuracy", max_epochs=max_epochs, factor=3, seed=seed,
                          directory=str(directory), project_name="fashion", overwrite=overwrite)
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True)
     tuner.search(*train, validation_data=validation, batch_size=128, callbacks=[stop, CountEpochs()], verbose=0)
@@ -201,13 +207,16 @@ def keras_tuner_kill(data_path: Path, root: Path, max_epochs: int, patience: int
 
 
 def run_worker(*argv: str) -> dict[str, Any]:
-    """Run this script as a worker process; its RESULT line."""
+    """Run this script as a worker process; its RESULT line, with `process_seconds`: the process's whole wall time
+    (Python's start, TensorFlow's import, Keras Tuner's data load; `seconds` starts after them)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benchmarks.sweeps", *argv], env=env, cwd=ROOT,  # noqa: S603
                           capture_output=True, text=True, check=False)
+    seconds = round(time.perf_counter() - started, 1)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return {**json.loads(line[len("RESULT "):]), "process_seconds": seconds}
     raise RuntimeError(f"worker {argv[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
@@ -226,6 +235,45 @@ def rerun_seconds(artifacts: Path, overrides: list[str], rounds: int) -> list[fl
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         assert sum(t["epochs_trained"] for t in summary["trials"]) == 0, summary
     return times
+
+
+def median_summary(rounds: list[dict[str, Any]], contender: str) -> dict[str, float]:
+    """Medians over the rounds of one contender's wall time, epochs, best validation and test accuracy."""
+    return {key: statistics.median(r[contender][key] for r in rounds)
+            for key in ("seconds", "process_seconds", "epochs_trained", "best_val_accuracy", "test_accuracy")}
+
+
+def compare_rounds(data_path: Path, overrides: list[str], common: list[str], seeds: list[int], pruners: list[str]
+                   ) -> dict[str, Any]:
+    """One round per seed: Keras Tuner, then tapeline with each pruner on Keras Tuner's epoch budget, each tapeline
+    sweep in a store of its own holding only the data; every round, then the medians and their ratios."""
+    from stages.pipeline import run_data
+    from tapeline.config import load_config
+
+    rounds = []
+    for seed in seeds:
+        keras_tuner = run_worker("--worker=keras-tuner", f"--artifacts={data_path}", f"--seed={seed}", *common)
+        print(f"seed {seed} keras tuner:", keras_tuner, flush=True)
+        entry: dict[str, Any] = {"seed": seed, "keras_tuner_hyperband": keras_tuner}
+        for pruner in pruners:
+            artifacts = Path(tempfile.mkdtemp(prefix=f"tapeline-sweeps-{seed}-{pruner}-")) / "artifacts"
+            run_data(load_config(None, overrides), artifacts)
+            entry[f"tapeline_{pruner}"] = run_worker(
+                "--worker=tapeline", f"--artifacts={artifacts}", f"--budget={keras_tuner['epochs_trained']}",
+                f"--seed={seed}", f"--pruner={pruner}", *common)
+            print(f"seed {seed} tapeline {pruner}:", entry[f"tapeline_{pruner}"], flush=True)
+        rounds.append(entry)
+    medians = {name: median_summary(rounds, name) for name in ["keras_tuner_hyperband"] +
+               [f"tapeline_{p}" for p in pruners]}
+    kt = medians["keras_tuner_hyperband"]
+    return {"rounds": rounds, "medians": medians, "median_wall_ratio_over_keras_tuner": {
+        name: round(m["seconds"] / kt["seconds"], 3) for name, m in medians.items() if name.startswith("tapeline")},
+        "median_process_wall_ratio_over_keras_tuner": {
+        name: round(m["process_seconds"] / kt["process_seconds"], 3) for name, m in medians.items()
+        if name.startswith("tapeline")},
+        "median_val_accuracy_difference": {
+        name: round(m["best_val_accuracy"] - kt["best_val_accuracy"], 4) for name, m in medians.items()
+        if name.startswith("tapeline")}}
 
 
 def main() -> None:
@@ -247,16 +295,21 @@ def main() -> None:
     parser.add_argument("--parts", default="compare,rerun", help="comma-separated: compare (tapeline against "
                         "Keras Tuner), rerun (a finished sweep again), kill (each contender killed half way, rerun)")
     parser.add_argument("--kill-trials", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0, help="worker: Keras Tuner's seed, tapeline's sweep.seed")
+    parser.add_argument("--pruner", default="asha", help="worker: tapeline's sweep.pruner")
+    parser.add_argument("--seeds", default="0", help="compare: comma-separated seeds, one round each")
+    parser.add_argument("--pruners", default="asha", help="compare: comma-separated sweep.pruner values for "
+                        "tapeline, each a contender of its own")
     args = parser.parse_args()
     overrides = base_overrides(args.source, args.limit, args.max_epochs, args.patience)
     if args.worker == "tapeline":
-        print("RESULT " + json.dumps(tapeline_worker(args.artifacts, overrides, args.budget, args.trials)),
-              flush=True)
+        print("RESULT " + json.dumps(tapeline_worker(args.artifacts, overrides, args.budget, args.trials, args.seed,
+                                                     args.pruner)), flush=True)
         return
     if args.worker == "keras-tuner":
         print("RESULT " + json.dumps(keras_tuner_worker(args.artifacts, args.tuner_dir or args.artifacts.parent / "kt",
                                                         args.max_epochs, args.patience, args.epoch_log,
-                                                        overwrite=not args.keep)), flush=True)
+                                                        overwrite=not args.keep, seed=args.seed)), flush=True)
         return
 
     from stages.pipeline import run_data
@@ -269,15 +322,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     results: dict[str, Any] = {}
     if "compare" in parts:
-        keras_tuner = run_worker("--worker=keras-tuner", f"--artifacts={data.path}", *common)
-        print("keras tuner:", keras_tuner, flush=True)
-        tapeline = run_worker("--worker=tapeline", f"--artifacts={artifacts}",
-                              f"--budget={keras_tuner['epochs_trained']}", *common)
-        print("tapeline:", tapeline, flush=True)
-        results.update({
-            "keras_tuner_hyperband": keras_tuner, "tapeline": tapeline,
-            "wall_ratio_tapeline_over_keras_tuner": round(tapeline["seconds"] / keras_tuner["seconds"], 3),
-            "val_accuracy_difference": round(tapeline["best_val_accuracy"] - keras_tuner["best_val_accuracy"], 4)})
+        results.update(compare_rounds(data.path, overrides, common, [int(x) for x in args.seeds.split(",")],
+                                      args.pruners.split(",")))
     if "rerun" in parts:
         rerun = rerun_seconds(artifacts, overrides, args.rerun_rounds)
         results.update({"rerun_of_a_finished_sweep_seconds": rerun,
