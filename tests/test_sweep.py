@@ -404,13 +404,16 @@ def test_a_claimed_trial_is_refused_to_a_second_copy_on_a_bucket(s3_url: str, id
 
 
 @pytest.mark.slow
-def test_a_driver_waits_for_a_trial_another_process_trains_and_trains_nothing(idx_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["directory", "bucket"])
+def test_a_driver_waits_for_a_trial_another_process_trains_and_trains_nothing(
+        where: str, idx_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     import threading
 
+    from stages.graph import known_fingerprint
     from sweeps.state import TrialClaim
 
-    artifacts = tmp_path / "artifacts"
-    base, files = claimed_trial(str(artifacts), idx_dir)
+    artifacts = str(tmp_path / "artifacts") if where == "directory" else request.getfixturevalue("s3_url")
+    base, files = claimed_trial(artifacts, idx_dir)
     claim = TrialClaim(files, 0, 60)
     claim.__enter__()  # a work pool's flow run, say, trains trial 0 now
 
@@ -425,7 +428,8 @@ def test_a_driver_waits_for_a_trial_another_process_trains_and_trains_nothing(id
     other.join()
     [record] = outcome.records
     assert (record.state, record.value, record.epochs_trained_in(outcome.invocation)) == ("complete", 0.5, 0)
-    assert not (artifacts / "train").exists()  # nothing trained here: the holder's outcome is the trial's
+    train = known_fingerprint("train", trial_config(base, record.params), artifacts)
+    assert open_store(artifacts).manifest("train", train) is None  # nothing trained here: the holder's outcome
 
 
 # --- warm workers ---------------------------------------------------------------------------------------------------
