@@ -165,16 +165,24 @@ def tapeline_kill(root: Path, overrides: list[str], trials: int) -> dict[str, An
     args = [*overrides, f"sweep.space={json.dumps(SPACE)}", f"sweep.trials={trials}", "sweep.min_epochs=2",
             "sweep.seed=3"]
     config = load_config(None, args)
+    started = time.perf_counter()
     reference = run_sweep(config, root / "uninterrupted")
+    uninterrupted_seconds = time.perf_counter() - started
     total = epochs_recorded(root / "uninterrupted", config)
     killed = root / "killed"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     driver = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, str(killed), *args], env=env,  # noqa: S603
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.perf_counter()
     kill_when(driver, lambda: epochs_recorded(killed, config), total // 2)
+    killed_after = time.perf_counter() - started
     before = epochs_recorded(killed, config)
+    started = time.perf_counter()
     resumed = run_sweep(config, killed)
-    return {"uninterrupted_epochs": total, "epochs_before_the_kill": before,
+    resumed_seconds = time.perf_counter() - started
+    return {"uninterrupted_seconds": round(uninterrupted_seconds, 1), "killed_after_seconds": round(killed_after, 1),
+            "resumed_seconds": round(resumed_seconds, 1),
+            "uninterrupted_epochs": total, "epochs_before_the_kill": before,
             "epochs_in_all": epochs_recorded(killed, config),
             "same_trials": [r.params for r in resumed.records] == [r.params for r in reference.records],
             "best": [reference.best.number, resumed.best.number],
