@@ -570,3 +570,15 @@ def test_a_worker_is_replaced_after_its_trials_and_a_killed_one_is_a_resumed_tri
     alone = run_train(config, data, run_model(config, data, tmp_path / "alone"), tmp_path / "alone")
     swept = open_store(artifacts).fetch("train", result.records[0].train_fingerprint)[1]
     assert [r["val_loss"] for r in read_history(alone.path)] == [r["val_loss"] for r in read_history(swept)]
+
+
+EXAMPLE_SWEEPS = sorted((Path(__file__).resolve().parents[1] / "examples" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLE_SWEEPS, ids=lambda path: path.name)
+def test_each_example_sweep_is_a_valid_config_with_a_valid_space(example: Path) -> None:
+    config = load_config(example)
+    check_space(config)  # raises ConfigError naming the key
+    assert config.sweep.space and config.sweep.trials >= 8
+    for params in shaping_trials(config.sweep.space):  # every config at the ends of the shaping keys is valid
+        trial_config(config, params)
