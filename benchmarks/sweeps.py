@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.lib import ROOT, machine
+from benchmarks.warm_workers import epoch_ends
 
 SPACE = {
     "train.learning_rate": {"float": [0.0003, 0.01], "log": True},
@@ -73,6 +74,8 @@ def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, t
         pass
     search_seconds = time.perf_counter() - started
     records = SweepFiles(open_store(artifacts), sweep_name(config)).trials()
+    logs = artifacts / "sweeps" / sweep_name(config) / "logs"
+    training = sum(seconds for log in logs.glob("trial-*.log") for _at, _epoch, seconds in epoch_ends(log))
     best = best_trial(config.sweep, records)
     best_config = validate_config(best.config)
     results: dict[str, Any] = {}
@@ -81,7 +84,8 @@ def tapeline_worker(artifacts: Path, overrides: list[str], budget_epochs: int, t
     return {"seconds": round(time.perf_counter() - started, 1), "search_seconds": round(search_seconds, 1),
             "trials": len(records), "states": [r.state for r in records],
             "epochs_trained": sum(sum(r.trained.values()) for r in records), "best_val_accuracy": best.value,
-            "best_params": best.params, "test_accuracy": results["evaluate"].test_accuracy}
+            "training_seconds": round(training, 1), "best_params": best.params,
+            "test_accuracy": results["evaluate"].test_accuracy}
 
 
 def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patience: int, epoch_log: Path | None = None,
@@ -102,8 +106,17 @@ def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patien
     test = load_split(data_path, "test", normalize=True)
     spec = InputSpec(shape=train[0].shape[1:], class_names=tuple(str(i) for i in range(10)))
     epochs = [0]
+    training = {"seconds": 0.0, "since": None}
 
     class CountEpochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, _epoch: int, _logs: Any = None) -> None:
+            training["since"] = time.perf_counter()
+
+        def on_test_begin(self, _logs: Any = None) -> None:  # fit's validation: the epoch's training has ended
+            if training["since"] is not None:
+                training["seconds"] += time.perf_counter() - training["since"]
+                training["since"] = None
+
         def on_epoch_end(self, _epoch: int, _logs: Any = None) -> None:
             epochs[0] += 1
             if epoch_log is not None:
@@ -130,6 +143,7 @@ def keras_tuner_worker(data_path: Path, directory: Path, max_epochs: int, patien
     logits = best_model.predict(test[0], batch_size=1024, verbose=0)
     return {"seconds": round(time.perf_counter() - started, 1), "search_seconds": round(search_seconds, 1),
             "trials": len(tuner.oracle.trials), "epochs_trained": epochs[0],
+            "training_seconds": round(training["seconds"], 1),
             "best_val_accuracy": float(best_trial.score), "best_params": best_trial.hyperparameters.values,
             "test_accuracy": float((np.argmax(logits, axis=1) == test[1]).mean())}
 
@@ -248,7 +262,8 @@ def rerun_seconds(artifacts: Path, overrides: list[str], rounds: int) -> list[fl
 def median_summary(rounds: list[dict[str, Any]], contender: str) -> dict[str, float]:
     """Medians over the rounds of one contender's wall time, epochs, best validation and test accuracy."""
     return {key: statistics.median(r[contender][key] for r in rounds)
-            for key in ("seconds", "process_seconds", "epochs_trained", "best_val_accuracy", "test_accuracy")}
+            for key in ("seconds", "process_seconds", "training_seconds", "epochs_trained", "best_val_accuracy",
+                        "test_accuracy")}
 
 
 def compare_rounds(data_path: Path, overrides: list[str], common: list[str], seeds: list[int], pruners: list[str]
