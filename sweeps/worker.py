@@ -2,8 +2,8 @@
 spawned by the driver, never forked from a process that imported TensorFlow) that runs trials one after another,
 TensorFlow and tapeline imported once. The driver writes a trial number per line on its stdin; the worker answers
 `<number> <status>` on its stdout when the trial's record holds its outcome (status 0, or 75 when another live copy
-holds the trial), followed by ` leaving` when it leaves after that trial. Before each trial Keras's session is
-cleared, the gradient functions TensorFlow registered for the last trial's traced steps are dropped, and the garbage
+holds the trial), followed by ` leaving` when it leaves after that trial. After each trial Keras's session is
+cleared, the gradient functions TensorFlow registered for the trial's traced steps are dropped, and the garbage
 collected (the trial's stages set the seeds, as `tapeline run` does); each trial logs to its own file. The worker
 leaves after `TRIALS` trials, or once its resident memory has grown by more than `MAX_GROWTH_MIB` since the end of
 its first trial (the first trial's end holds the working set: TensorFlow's runtime, the training split in memory):
@@ -110,8 +110,7 @@ def serve(commands: TextIO, answers: TextIO, artifacts: str, name: str, invocati
     done, first_rss = 0, 0.0
     keep = registered_gradients()
     for line in commands:
-        number = int(line)
-        fresh_session(keep)
+        number = int(line)  # the session is fresh: cleared after the last trial (or none ran here yet)
         status = 0
         with trial_log(log_dir / f"trial-{number:05d}.log"):
             try:
@@ -121,7 +120,7 @@ def serve(commands: TextIO, answers: TextIO, artifacts: str, name: str, invocati
                 log.info("%s; leaving it to that process", exc)
                 status = CLAIMED
         done += 1
-        fresh_session(keep)  # the trial's memory released before it is measured
+        fresh_session(keep)  # for the next trial, and the memory released before it is measured
         rss = resident_mib()
         first_rss = first_rss or rss
         log.info("trial %d done in this worker (%d so far); resident memory %.0f MiB", number, done, rss)
