@@ -67,9 +67,9 @@ def forget_traced_gradients(keep: set[str]) -> int:
     """Drop the graph-mode custom gradients registered since `keep` was taken; how many were dropped.
 
     Tracing a train step under a tf.distribute strategy registers a `CustomGradient-N` in TensorFlow's global
-    gradient registry (`ReplicaContext.all_reduce`'s gradient), and the entry holds the traced graph forever: about
-    7 to 13 MiB a trial, with Keras's `fit` as with tapeline's step (tensorflow#61791). Once the trial's models and
-    functions are gone nothing can ask for those gradients again."""
+    gradient registry (`ReplicaContext.all_reduce`'s gradient), and the entry holds the traced graph forever
+    (tensorflow#27492, #97697; still so in TF 2.21): about 7 to 13 MiB a trial, with Keras's `fit` as with
+    tapeline's step. Once the trial's models and functions are gone nothing can ask for those gradients again."""
     from tensorflow.python.framework import ops
 
     registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
