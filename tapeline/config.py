@@ -415,12 +415,12 @@ class SweepConfig(Section):
     deployment: str | None = runtime(None, pattern=r"^[^/\s]+/[^/\s]+$", description="run each trial as a flow run "
                                      "of this deployment (e.g. training-pipeline/manual) on its work pool's workers, "
                                      "sharing the artifacts store; none: a local process per trial")
-    trials_per_worker: int = runtime(8, ge=1, le=10_000, description="trials one local worker process runs one "
+    trials_per_worker: int = runtime(24, ge=1, le=10_000, description="trials one local worker process runs one "
                                      "after another (TensorFlow imported once) before a fresh one takes over; 1: a "
                                      "process per trial")
     worker_max_growth_mib: float = runtime(256, gt=0, le=1_000_000, description="a worker whose resident memory "
-                                           "has grown by more than this since its first trial leaves after the trial "
-                                           "it runs")
+                                           "has grown by more than this since the end of its first trial leaves "
+                                           "after the trial it runs")
     trial_retries: int = runtime(1, ge=0, le=10, description="times a trial whose process died is resumed before it "
                                  "counts as failed")
     lease_seconds: float = runtime(60, gt=0, le=86_400, description="a driver silent this long is dead: another may "
