@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import redirect_stdout
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +362,18 @@ class Worker:
 def overrides_argv(overrides: list[str] | None) -> list[str]:
     """The worker's --set arguments (none: the tutorial loop)."""
     return ["--tutorial-loop"] if overrides is None else [f"--set={o}" for o in overrides]
+
+
+# an epoch line of a trial log (sweeps/<name>/logs/trial-NNNNN.log): when, which epoch, its seconds
+TRIAL_EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) trial tapeline\.train INFO "
+                              r"epoch (\d+): .*\(([0-9.]+) s, ")
+
+
+def epoch_ends(log: Path) -> list[tuple[float, int, float]]:
+    """(time the epoch's line was logged, epoch, its seconds) of every epoch line of a trial's log."""
+    rows = []
+    for line in log.read_text(errors="replace").splitlines():
+        if match := TRIAL_EPOCH_LINE.match(line):
+            at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            rows.append((at, int(match.group(2)), float(match.group(3))))
+    return rows

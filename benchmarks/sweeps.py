@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lib import ROOT, machine
-from benchmarks.warm_workers import epoch_ends
+from benchmarks.lib import ROOT, epoch_ends, machine
 
 SPACE = {
     "train.learning_rate": {"float": [0.0003, 0.01], "log": True},

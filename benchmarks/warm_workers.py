@@ -16,24 +16,12 @@ import re
 import statistics
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lib import ROOT, machine
+from benchmarks.lib import ROOT, epoch_ends, machine
 
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) trial tapeline\.train INFO epoch (\d+): .*\(([0-9.]+) s, ")
 MEMORY = re.compile(r"trial (\d+) done in this worker \((\d+) so far\); resident memory (\d+) MiB")
-
-
-def epoch_ends(log: Path) -> list[tuple[float, int, float]]:
-    """(time the epoch's line was logged, epoch, its seconds) of every epoch line of a trial's log."""
-    rows = []
-    for line in log.read_text(errors="replace").splitlines():
-        if match := STAMP.match(line):
-            at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            rows.append((at, int(match.group(2)), float(match.group(3))))
-    return rows
 
 
 def gaps(logs: Path, trials: int) -> list[float]:
