@@ -56,11 +56,17 @@ def trial_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def registered_gradients() -> set[str]:
-    """The names in TensorFlow's global gradient registry now (private API; empty where it is not there)."""
+def _gradient_registry() -> dict[str, object] | None:
+    """TensorFlow's global gradient registry (a private API: None where it is not there)."""
     from tensorflow.python.framework import ops
 
-    return set(getattr(getattr(ops, "_gradient_registry", None), "_registry", {}))
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    return registry if isinstance(registry, dict) else None
+
+
+def registered_gradients() -> set[str]:
+    """The names in TensorFlow's global gradient registry now (empty where it cannot be read)."""
+    return set(_gradient_registry() or {})
 
 
 def forget_traced_gradients(keep: set[str]) -> int:
@@ -70,10 +76,8 @@ def forget_traced_gradients(keep: set[str]) -> int:
     gradient registry (`ReplicaContext.all_reduce`'s gradient), and the entry holds the traced graph forever
     (tensorflow#27492, #97697; still so in TF 2.21): about 7 to 13 MiB a trial, with Keras's `fit` as with
     tapeline's step. Once the trial's models and functions are gone nothing can ask for those gradients again."""
-    from tensorflow.python.framework import ops
-
-    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
-    if not isinstance(registry, dict):
+    registry = _gradient_registry()
+    if registry is None:
         return 0
     stale = [name for name in registry if name.startswith("CustomGradient-") and name not in keep]
     for name in stale:
