@@ -34,6 +34,7 @@ from sweeps.state import SweepFiles, TrialTicket
 from sweeps.trial import run_trial
 from tapeline.config import PipelineConfig
 from tapeline.errors import DownloadError, StoreConnectionError, TapelineError, ValidationError
+from tapeline.interrupts import pending_interrupt
 from tapeline.results import Promotion, StageResult, ValidateResult
 from tapeline.store import is_remote, normalize_root, open_store
 
@@ -92,6 +93,11 @@ def _stage_or_failure(name: str, config: PipelineConfig, artifacts: Artifacts, u
         raise
     except TapelineError as exc:
         return expected_failure(exc)
+    except Exception as exc:
+        interrupt = pending_interrupt()  # a signal that native code turned into another exception on its way out
+        if interrupt is None:
+            raise
+        raise interrupt from exc
 
 
 def _stage_body(name: str, config: PipelineConfig, artifacts: Artifacts, upstream: Mapping[str, StageResult],

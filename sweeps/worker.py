@@ -85,15 +85,14 @@ def forget_traced_gradients(keep: set[str]) -> int:
     return len(stale)
 
 
-def fresh_session(keep_gradients: set[str] | None = None) -> None:
-    """What Keras Tuner does before each build, a cleared Keras session and a garbage collection, with the last
-    trial's traced gradients dropped (when `keep_gradients` is given); then the freed heap handed back to the system
-    (glibc keeps it otherwise, and a worker's resident memory would only grow)."""
+def fresh_session(keep_gradients: set[str]) -> None:
+    """What Keras Tuner does before each build, a cleared Keras session and a garbage collection, with the
+    gradients TensorFlow registered since `keep_gradients` was taken dropped; then the freed heap handed back to the
+    system (glibc keeps it otherwise, and a worker's resident memory would only grow)."""
     import keras
 
     keras.backend.clear_session(free_memory=True)
-    if keep_gradients is not None:
-        forget_traced_gradients(keep_gradients)
+    forget_traced_gradients(keep_gradients)
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

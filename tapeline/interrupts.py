@@ -83,6 +83,16 @@ class InterruptHandler:
         self.force_exit(128 + signum)
 
 
+def pending_interrupt() -> Interrupted | None:
+    """The `Interrupted` of a signal this command received, or None. An exception raised by the handler inside a
+    Python callback of native code (TensorFlow tracing a tf.data function, say) comes out of it as another
+    exception, a RuntimeError from pybind11: whoever catches that asks here whether it was an interrupt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, InterruptHandler) and handler.received is not None:
+        return Interrupted(handler.received)
+    return None
+
+
 @contextlib.contextmanager
 def interruptible(handler: InterruptHandler | None = None) -> Iterator[InterruptHandler]:
     """Within the block, SIGINT and SIGTERM are handled by `handler` (main thread only; elsewhere nothing is

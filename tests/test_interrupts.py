@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tapeline.interrupts import MESSAGE, Interrupted, InterruptHandler, interruptible
+from tapeline.interrupts import MESSAGE, Interrupted, InterruptHandler, interruptible, pending_interrupt
 
 
 class Exited(Exception):
@@ -64,3 +64,28 @@ def test_interruptible_restores_the_handlers_unless_a_signal_came() -> None:
     with interruptible() as handler:
         assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is handler
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_that_native_code_turned_into_another_exception_ends_the_stage_as_an_interrupt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.training as training
+
+    def traced_by_tensorflow(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized active exception types")
+
+    monkeypatch.setattr(training, "run_stage", traced_by_tensorflow)
+    monkeypatch.setattr(training, "progress_reporter", lambda: None)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with interruptible(recording_handler()[0]) as handler:
+            assert pending_interrupt() is None
+            with pytest.raises(RuntimeError, match="pybind11"):  # no signal came: the error is the error
+                training._stage_or_failure("train", None, "unused", {}, False)
+            handler.received = signal.SIGINT  # as the handler records it before it raises
+            with pytest.raises(Interrupted) as caught:
+                training._stage_or_failure("train", None, "unused", {}, False)
+        assert caught.value.status == 130 and isinstance(caught.value.__cause__, RuntimeError)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert pending_interrupt() is None
