@@ -7,7 +7,7 @@ import itertools
 import json
 from typing import Any
 
-from tapeline.config import PipelineConfig, validate_config
+from tapeline.config import PipelineConfig, TrainConfig, epoch_limit, validate_config
 from tapeline.errors import ConfigError
 
 GRID_LIMIT = 100_000
@@ -111,6 +111,19 @@ def _extremes(spec: dict[str, Any]) -> list[Any]:
         return list(spec["choice"])
     kind = "int" if "int" in spec else "float"
     return list(spec[kind])
+
+
+SCHEDULE_KEYS = ("max_epochs", "decay_epochs", "lr_schedule")  # the train keys that set where training ends
+
+
+def longest_schedule(space: dict[str, dict[str, Any]], train: TrainConfig) -> int:
+    """The most epochs a trial of the sweep can train (`epoch_limit`) over the values the space can give the
+    schedule's keys (a range by its ends: the limit never falls as max_epochs or decay_epochs grows); `train` is
+    any trial's train section (the keys not searched are the base's)."""
+    options = [_extremes(space[f"train.{key}"]) if f"train.{key}" in space else [getattr(train, key)]
+               for key in SCHEDULE_KEYS]
+    return max(epoch_limit(train.model_copy(update=dict(zip(SCHEDULE_KEYS, point, strict=True))))
+               for point in itertools.product(*options))
 
 
 def check_space(base: PipelineConfig) -> None:

@@ -88,8 +88,12 @@ def _base_of(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _search_of(config: PipelineConfig) -> dict[str, Any]:
-    """The sweep's search settings (`SEARCH_SETTINGS`)."""
-    return config.sweep.model_dump(mode="json", include=SEARCH_SETTINGS)
+    """The sweep's search settings (`SEARCH_SETTINGS`; `rungs` only when not `epochs`, so that the sweeps written
+    before the key existed keep their names and definitions)."""
+    settings = config.sweep.model_dump(mode="json", include=SEARCH_SETTINGS)
+    if config.sweep.rungs != "epochs":
+        settings["rungs"] = config.sweep.rungs
+    return settings
 
 
 class SweepFiles:

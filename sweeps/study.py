@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sweeps.space import all_grid_points, choice_label, distributions, from_optuna, to_optuna
+from sweeps.space import all_grid_points, choice_label, distributions, from_optuna, longest_schedule, to_optuna
 from sweeps.state import TrialRecord
-from tapeline.config import SweepConfig
+from tapeline.config import SweepConfig, TrainConfig, epoch_limit
 
 FINISHED = ("complete", "pruned", "failed")
 
@@ -78,13 +78,29 @@ def _record_hyperband(sweep: SweepConfig) -> Any:
                            reduction_factor=sweep.reduction_factor)
 
 
-def _rung_attrs(intermediate: dict[int, float], sweep: SweepConfig, first_rate: int = 0) -> dict[str, Any]:
-    """ASHA's bookkeeping for a trial that never met the pruner (a cache hit): the value at each rung it reached,
-    what Optuna's SuccessiveHalvingPruner records when it is asked after every epoch (rungs at min_epochs ×
-    factor^(first_rate + k); a Hyperband bracket b starts at rate b)."""
+def schedule_step(epoch: int, length: int, longest: int) -> int:
+    """Epoch `epoch` of a trial whose schedule ends at epoch `length`, counted in epochs of the sweep's longest
+    schedule (`longest`): the same fraction of any two schedules is the same step."""
+    return epoch * max(longest, length) // length
+
+
+def pruner_steps(record: TrialRecord, sweep: SweepConfig) -> dict[int, float]:
+    """The record's reports as the pruner sees them: by epoch, or (`sweep.rungs: schedule`) by the fraction of its
+    schedule each epoch ends, as `schedule_step` counts it."""
+    if sweep.rungs == "epochs" or not record.intermediate:
+        return dict(record.intermediate)
+    train = TrainConfig.model_validate(record.config["train"])
+    length, longest = epoch_limit(train), longest_schedule(sweep.space, train)
+    return {schedule_step(epoch, length, longest): value for epoch, value in record.intermediate.items()}
+
+
+def _rung_attrs(steps: dict[int, float], sweep: SweepConfig, first_rate: int = 0) -> dict[str, Any]:
+    """ASHA's bookkeeping for a trial that never met the pruner (a cache hit): at each rung it reached, the value
+    of its first report at or past the rung, what Optuna's SuccessiveHalvingPruner records when it is asked after
+    every report (rungs at min_epochs × factor^(first_rate + k); a Hyperband bracket b starts at rate b)."""
     attrs, rung = {}, 0
-    while (step := sweep.min_epochs * sweep.reduction_factor ** (first_rate + rung)) in intermediate:
-        attrs[f"completed_rung_{rung}"] = intermediate[step]
+    while reached := [s for s in steps if s >= sweep.min_epochs * sweep.reduction_factor ** (first_rate + rung)]:
+        attrs[f"completed_rung_{rung}"] = steps[min(reached)]
         rung += 1
     return attrs
 
@@ -118,11 +134,11 @@ def frozen(record: TrialRecord, sweep: SweepConfig, dists: dict[str, Any], state
     value = record.value if state == "complete" and record.value is not None and math.isfinite(record.value) else None
     if state == "complete" and value is None:
         optuna_state = TrialState.FAIL
-    derived = {}
+    steps, derived = pruner_steps(record, sweep), {}
     if state != "running" and (sweep.pruner == "asha" or bracket is not None):
-        derived = _rung_attrs(record.intermediate, sweep, bracket or 0)
+        derived = _rung_attrs(steps, sweep, bracket or 0)
     return create_trial(state=optuna_state, value=value, params=to_optuna(sweep.space, record.params),
-                        distributions=dists, intermediate_values=dict(record.intermediate),
+                        distributions=dists, intermediate_values=steps,
                         system_attrs=dict(record.system_attrs) or derived, user_attrs={"number": record.number})
 
 

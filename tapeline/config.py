@@ -406,9 +406,14 @@ class SweepConfig(Section):
         "asha", description="stop poor trials early: asha (successive halving at rungs), hyperband (brackets of "
         "successive halving, some judging late), median, none")
     min_epochs: int = runtime(1, ge=1, le=100_000, description="pruning: the first rung (epochs a trial always "
-                              "gets)")
+                              "gets; with sweep.rungs=schedule, epochs of the longest schedule)")
     reduction_factor: int = runtime(3, ge=2, le=100, description="asha and hyperband: rungs at min_epochs × "
                                     "factor^k; the top 1/factor of a rung goes on")
+    rungs: Literal["epochs", "schedule"] = runtime(
+        "epochs", description="where pruning compares trials: epochs: at the same epoch; schedule: at the same "
+        "fraction of each trial's schedule (its last epoch: train.decay_epochs under cosine, train.max_epochs "
+        "capping it), counted in epochs of the longest schedule the space allows, so a trial with a longer schedule "
+        "is judged where its learning rate has fallen as far as a shorter one's")
     name: str | None = runtime(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="the sweep's "
                                "directory under sweeps/; default: a hash of the space, the search settings and the "
                                "base config")
@@ -482,6 +487,12 @@ with warnings.catch_warnings():
         def _consistent(self) -> PipelineConfig:
             _check_consistency(self)
             return self
+
+
+def epoch_limit(train: TrainConfig) -> int:
+    """The last epoch training may run: `max_epochs`, and under the cosine schedule no further than
+    `decay_epochs`, where the rate is at its floor."""
+    return min(train.max_epochs, train.decay_epochs) if train.lr_schedule == "cosine" else train.max_epochs
 
 
 def expand_preset(tree: dict[str, Any]) -> dict[str, Any]:

@@ -364,6 +364,59 @@ def test_hyperband_judges_a_trial_in_its_own_bracket_the_same_way_every_time() -
         assert decisions == {expected}, (number, decisions)
 
 
+def schedule_sweep(*more: str) -> PipelineConfig:
+    """A base config searching the cosine schedule's length (20 or 30 epochs) under ASHA with rungs at 4 and 12."""
+    return load_config(None, ["train.max_epochs=30", "sweep.space.train.decay_epochs={choice: [20, 30]}",
+                              "sweep.pruner=asha", "sweep.min_epochs=4", "sweep.reduction_factor=3", *more])
+
+
+def test_schedule_steps_count_each_trial_in_epochs_of_the_longest_schedule() -> None:
+    from sweeps.space import longest_schedule
+    from sweeps.study import schedule_step
+
+    assert [schedule_step(e, 20, 30) for e in (1, 2, 3, 8, 20)] == [1, 3, 4, 12, 30]
+    assert [schedule_step(e, 30, 30) for e in range(1, 31)] == list(range(1, 31))
+    base = schedule_sweep()
+    assert longest_schedule(base.sweep.space, base.train) == 30
+    assert longest_schedule(base.sweep.space, base.model_copy(deep=True).train.model_copy(
+        update={"max_epochs": 25})) == 25  # max_epochs caps the longest choice
+    plateau = schedule_sweep("sweep.space.train.lr_schedule={choice: [cosine, plateau]}",
+                             "sweep.space.train.max_epochs={int: [10, 40]}")
+    assert longest_schedule(plateau.sweep.space, plateau.train) == 40  # plateau runs to max_epochs' top
+
+
+@pytest.mark.parametrize(("rungs", "pruned"), [("epochs", True), ("schedule", False)])
+def test_schedule_rungs_judge_a_longer_schedule_where_its_rate_has_fallen_as_far(rungs: str, pruned: bool) -> None:
+    from sweeps.space import distributions
+    from sweeps.study import frozen, prune_decision
+
+    base = schedule_sweep(f"sweep.rungs={rungs}")
+    sweep = base.sweep
+
+    def record(number: int, decay: int, state: str, intermediate: dict[int, float]) -> TrialRecord:
+        params = {"train.decay_epochs": decay}
+        return TrialRecord(number=number, params=params, config=trial_config(base, params).model_dump(mode="json"),
+                           state=state, value=intermediate[max(intermediate)], intermediate=intermediate)
+
+    # Three complete 20-epoch trials: 0.815 + n/1000 at epoch 3 (the first at 4/30 of their schedule), 0.820 + n/1000
+    # at epoch 4. A 30-epoch trial at its epoch 4 (4/30 of its schedule) has 0.818: behind them at the same epoch,
+    # ahead of them at the same fraction.
+    done = [record(n, 20, "complete", {e: 0.800 + 0.005 * e + 0.001 * n for e in range(1, 21)}) for n in range(3)]
+    long = record(3, 30, "running", {e: 0.802 + 0.004 * e for e in range(1, 5)})
+    assert prune_decision(sweep, done, long)[0] is pruned
+    rung_values = frozen(done[0], sweep, distributions(sweep.space)).system_attrs
+    at_epochs = (3, 8) if rungs == "schedule" else (4, 12)  # steps 4 and 12: epochs 3 and 8 of 20 by the schedule
+    assert rung_values == {f"completed_rung_{k}": done[0].intermediate[e] for k, e in enumerate(at_epochs)}
+
+
+def test_schedule_rungs_name_a_new_sweep_and_epoch_rungs_keep_the_old_names() -> None:
+    from sweeps.state import _search_of
+
+    assert "rungs" not in _search_of(schedule_sweep())  # sweeps written before sweep.rungs existed keep their names
+    assert _search_of(schedule_sweep("sweep.rungs=schedule"))["rungs"] == "schedule"
+    assert sweep_name(schedule_sweep()) != sweep_name(schedule_sweep("sweep.rungs=schedule"))
+
+
 # --- one copy of a trial trains ------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ from stages.train.outputs import epoch_log_line
 from stages.train.step import EpochMetrics, StepFunctions, make_step_functions
 from stages.train.warm_start import warm_start
 from tapeline.cluster import Cluster, worker_failure
-from tapeline.config import PipelineConfig, TrainConfig
+from tapeline.config import PipelineConfig, TrainConfig, epoch_limit
 from tapeline.errors import ConfigError, TrainingError, TrainingPaused
 from tapeline.results import DataResult, EpochCallback, ModelResult, StopCheck
 
@@ -62,12 +62,6 @@ def learning_rate_for(config: TrainConfig, steps_per_epoch: int) -> Any:
         warmup_target=config.learning_rate if warmup else None,
         warmup_steps=warmup,
     )
-
-
-def epoch_limit(config: TrainConfig) -> int:
-    """The last epoch training may run: `max_epochs`, and under the cosine schedule no further than
-    `decay_epochs`, where the rate is at its floor."""
-    return min(config.max_epochs, config.decay_epochs) if config.lr_schedule == "cosine" else config.max_epochs
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int, precision: str) -> Any:
